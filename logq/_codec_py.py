@@ -1,0 +1,173 @@
+"""The pure-Python codec: the reference for ``native/logq_native.c``.
+
+Every function here has a native twin of the same name and contract in
+``logq._native`` (see :mod:`logq._codec`); the tests check that both give
+byte-identical output and identical scan results on any input.
+
+``buf`` arguments are writable (encode) or readable (scan) buffers such as an
+``mmap`` or ``bytearray``; ``handle(buf)`` turns one into what the functions
+take (the buffer itself here, a cffi pointer in the native twin).
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from typing import Any
+
+import crcmod.predefined
+
+from logq import _format as F
+
+NAME = "pure"
+
+_crc32c = crcmod.predefined.mkCrcFun("crc-32c")
+_ZERO_HEADER = bytes(F.RECORD_HEADER_SIZE)
+_HDR = F.RECORD_HEADER_SIZE
+_pack_body = F.RECORD_BODY.pack_into
+_unpack_header = F.RECORD_HEADER.unpack_from
+_pack_u32 = struct.Struct("<I").pack_into
+_u64 = struct.Struct("<Q")
+
+
+def crc32c(data: Any, crc: int = 0) -> int:
+    """CRC32C of ``data``, continuing from ``crc`` (0 to start)."""
+    return _crc32c(bytes(data), crc) if not isinstance(data, bytes) else _crc32c(data, crc)
+
+
+def handle(buf: Any) -> Any:
+    return buf
+
+
+def release(h: Any) -> None:
+    pass
+
+
+def _put(buf: Any, pos: int, offset: int, ts: int, payload: Any,
+         priority: int, flags: int, meta: bytes) -> int:
+    n = len(payload)
+    mlen = len(meta)
+    body = pos + _HDR
+    _pack_body(buf, pos + 4, n, offset, ts, mlen, priority, flags)
+    if mlen:
+        buf[body:body + mlen] = meta
+    end = body + mlen + n
+    buf[body + mlen:end] = payload
+    _pack_u32(buf, pos, F.mask_crc(_crc32c(bytes(buf[pos + 4:end]))))
+    return end
+
+
+def encode(buf: Any, pos: int, end: int, offset: int, ts: int, payload: Any,
+           priority: int = 0, flags: int = F.RECORD_MARK, meta: bytes = b"") -> int:
+    """Write one record at ``pos``; the new position, or -1 if it does not fit
+    before ``end`` (nothing is written then)."""
+    if pos + _HDR + len(meta) + len(payload) > end:
+        return -1
+    return _put(buf, pos, offset, ts, payload, priority, flags, meta)
+
+
+def encode_batch(buf: Any, pos: int, end: int, first_offset: int, ts: int,
+                 joined: Any, lengths: Any, priority: int = 0) -> int:
+    """Write ``len(lengths)`` records whose payloads are consecutive slices of
+    ``joined``, with offsets from ``first_offset``; the new position, or -1
+    if they do not all fit before ``end`` (nothing is written then)."""
+    if pos + _HDR * len(lengths) + len(joined) > end:
+        return -1
+    src = memoryview(joined)
+    at = 0
+    for i, n in enumerate(lengths):
+        pos = _put(buf, pos, first_offset + i, ts, src[at:at + n], priority, F.RECORD_MARK, b"")
+        at += n
+    return pos
+
+
+def append(buf: Any, pos: int, end: int, offset: int, payload: bytes, ctl: Any = None) -> int:
+    """The put hot path: ``encode`` with the current time, priority 0, no meta.
+
+    With a control block ``ctl``: returns -2 without writing while its WANT
+    word is nonzero (another process waits for the append lock), and after
+    writing publishes the new tail position and next offset in it."""
+    if ctl is not None and _u64.unpack_from(ctl, F.CTL_WANT)[0]:
+        return -2
+    if pos + _HDR + len(payload) > end:
+        return -1
+    pos = _put(buf, pos, offset, time.time_ns(), payload, 0, F.RECORD_MARK, b"")
+    if ctl is not None:
+        _u64.pack_into(ctl, F.CTL_TAIL_POS, pos)
+        _u64.pack_into(ctl, F.CTL_TAIL_NEXT, offset + 1)
+    return pos
+
+
+def _check(buf: Any, pos: int, end: int, expected: int | None) -> tuple[int, int, tuple]:
+    """(status, size, header) of the record at ``pos``.  ``expected`` None
+    accepts any offset.  Status SCAN_OK means valid."""
+    left = end - pos
+    if left < _HDR:
+        return (F.SCAN_END if buf[pos:end] == bytes(left) else F.SCAN_TRUNCATED), 0, ()
+    if buf[pos:pos + _HDR] == _ZERO_HEADER:
+        return F.SCAN_END, 0, ()
+    h = _unpack_header(buf, pos)
+    crc, length, off, ts, mlen, prio, flags = h
+    if length > F.MAX_PAYLOAD or not F.meta_valid(flags, mlen):
+        return F.SCAN_BAD_HEADER, 0, h
+    size = _HDR + mlen + length
+    if size > left:
+        return F.SCAN_TRUNCATED, 0, h
+    if F.mask_crc(_crc32c(bytes(buf[pos + 4:pos + size]))) != crc:
+        return F.SCAN_BAD_CRC, 0, h
+    if expected is not None and off != expected:
+        return F.SCAN_BAD_OFFSET, size, h
+    return F.SCAN_OK, size, h
+
+
+def scan(buf: Any, start: int, end: int, expected_offset: int, max_records: int,
+         fields: bool = False) -> tuple[int, int, int, list[int] | None]:
+    """Validate records from ``start`` while they carry ``expected_offset``,
+    ``expected_offset + 1``, …, at most ``max_records`` of them.
+
+    Returns ``(count, stop, status, out)``: ``stop`` is the position after the
+    last valid record, ``status`` why the scan stopped (``SCAN_OK`` when it
+    reached ``max_records``), ``out`` the SCAN_FIELDS integers per record when
+    ``fields`` is true, else None."""
+    out: list[int] | None = [] if fields else None
+    pos, n, status = start, 0, F.SCAN_OK
+    while n < max_records:
+        if pos >= end:
+            status = F.SCAN_END
+            break
+        status, size, h = _check(buf, pos, end, expected_offset + n)
+        if status != F.SCAN_OK:
+            break
+        if out is not None:
+            mlen = h[4]
+            out += (pos, pos + _HDR + mlen, h[1], h[3], mlen | h[5] << 16 | h[6] << 24)
+        pos += size
+        n += 1
+    return n, pos, status, out
+
+
+def find_next(buf: Any, start: int, end: int, min_offset: int, max_offset: int) -> int:
+    """The first position ``p >= start`` where an intact record with
+    ``min_offset <= offset <= max_offset`` lies wholly before ``end``; -1 if
+    there is none.  Used to resynchronise after damage."""
+    if min_offset > max_offset:
+        return -1
+    best = -1
+    # An intact record's offset field (bytes 8..15) holds its offset, so its
+    # top five bytes are one of the few values the wanted range allows.
+    for high in range(min_offset >> 24, (max_offset >> 24) + 1):
+        pattern = high.to_bytes(5, "little")
+        at = start + 11
+        limit = end if best < 0 else min(end, best + 15)
+        while True:
+            hit = buf.find(pattern, at, limit)
+            if hit < 0:
+                break
+            p = hit - 11
+            if p + _HDR <= end:
+                status, _, h = _check(buf, p, end, None)
+                if status == F.SCAN_OK and min_offset <= h[2] <= max_offset:
+                    best = p
+                    break
+            at = hit + 1
+    return best

@@ -1,0 +1,248 @@
+"""The logq on-disk format, version 1.  This docstring is the specification.
+
+Every other module takes its sizes and offsets from the constants below;
+``native/logq_native.h`` mirrors them and ``tests/test_codec.py`` checks that
+the two agree.  All integers are little-endian.
+
+Queue directory
+===============
+::
+
+    queue/
+      logq.meta                  identity file: magic, format version, queue id
+      00000000000000000000.log   segment files, named {base_offset:020d}.log
+      00000000000000012345.log
+      index/                     LMDB environment (derived state + group state)
+      control                    shared-memory coordination between live
+                                 processes (never trusted after a reboot)
+      append.lock, open.lock     flock(2) files
+      quarantine/                damaged bytes and broken index files, kept aside
+
+``logq.meta`` is a small text file, written once at creation and fsynced
+together with its directory::
+
+    logq-queue
+    version 1
+    id 3f2c...          (32 hex digits: the stable queue identity)
+
+An unknown ``version`` in ``logq.meta`` or in a segment header is refused
+with :class:`logq.FormatVersionError`, naming the version found.
+
+Segment file
+============
+A segment starts with a 32-byte header, followed by records packed back to
+back (no padding).  Segment files are preallocated to ``segment_bytes`` and
+their size never changes while the queue is open; the unused tail is zero.
+
+=====  ====  ==================================================================
+off    size  field
+=====  ====  ==================================================================
+0      8     magic ``b"LOGQSEG\\x00"``
+8      2     format version (1)
+10     2     header size (32)
+12     4     reserved, zero
+16     8     base offset: the offset of the first record in this segment
+24     4     reserved, zero
+28     4     masked CRC32C of bytes 0..27
+=====  ====  ==================================================================
+
+Record
+======
+=====  ====  ==================================================================
+off    size  field
+=====  ====  ==================================================================
+0      4     crc: masked CRC32C of every byte after this field, up to the end
+             of the payload (bytes 4..27 of the header, the meta, the payload)
+4      4     length: payload length in bytes, at most MAX_PAYLOAD
+8      8     offset: the record's logical offset
+16     8     timestamp: nanoseconds since the UNIX epoch, writer's clock
+24     2     meta_len: bytes of metadata between header and payload
+26     1     priority: 0..255 (0 is the default)
+27     1     flags: bit 7 (RECORD_MARK) is always set; bit 0 HAS_DELIVER_AT;
+             bit 1 HAS_KEY; the other bits must be zero
+28     ...   meta (meta_len bytes), then the payload (length bytes)
+=====  ====  ==================================================================
+
+The meta block holds, in this order: the delivery time (u64 nanoseconds since
+the epoch) when HAS_DELIVER_AT is set, then the idempotency key (the rest of
+the meta, at least one byte) when HAS_KEY is set.  So ``meta_len`` is exactly
+``8 * HAS_DELIVER_AT + len(key)``, and zero when neither flag is set.
+
+The CRC is CRC32C (Castagnoli, reflected, init and final xor 0xFFFFFFFF;
+``crc32c(b"123456789") == 0xE3069283``), masked as in LevelDB so that a CRC
+stored inside data does not reproduce itself::
+
+    masked = (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+Offsets are dense: the records of segment ``B`` carry offsets ``B, B+1, …``
+and the next segment's base is the offset after this segment's last record.
+
+Why it reads safely after a crash
+---------------------------------
+* A header of 28 zero bytes means "no record here": the end of the data in a
+  preallocated segment.  It can never validate, because RECORD_MARK is unset.
+* A torn record (the writer died mid-copy, or a power cut kept only some of
+  its pages) fails its CRC or runs past the end of the file.
+* Garbage fails RECORD_MARK, the flag/meta rules, the length bound, the CRC,
+  or the offset check: a record is only accepted when its offset field equals
+  the offset the reader expects next, so a stale but intact record left from
+  an earlier write at that position is not taken for a new one.
+* Every length is checked against the bytes left and MAX_PAYLOAD before any
+  slice is taken.
+
+Scanning a region stops at the first record that does not validate and says
+why (the ``SCAN_*`` status codes).  What the stop means is decided by the
+caller: at the tail of the active segment it is the end of the log (a torn
+tail is truncated); inside a sealed segment it is damage, and the reader
+resynchronises by searching for the next intact record whose offset is
+higher (:func:`logq._codec.find_next`).
+
+Worked example
+==============
+Record at offset 5, timestamp 1_700_000_000_000_000_000 ns, priority 0, no
+meta, payload ``b"hi"``: 30 bytes ::
+
+    86 53 5d 07   02 00 00 00   05 00 00 00 00 00 00 00
+    00 00 2a 36 fe 9c 97 17   00 00   00   80   68 69
+
+``86 53 5d 07`` is the masked CRC32C of the 26 bytes that follow it
+(``tests/test_format.py`` checks this example).
+"""
+
+from __future__ import annotations
+
+import struct
+
+FORMAT_VERSION = 1
+
+# --- directory -----------------------------------------------------------
+META_FILE = "logq.meta"
+META_MAGIC = "logq-queue"
+INDEX_DIR = "index"
+CONTROL_FILE = "control"
+APPEND_LOCK_FILE = "append.lock"
+OPEN_LOCK_FILE = "open.lock"
+QUARANTINE_DIR = "quarantine"
+SEGMENT_SUFFIX = ".log"
+
+
+def segment_name(base: int) -> str:
+    """The file name of the segment whose first offset is ``base``."""
+    return f"{base:020d}{SEGMENT_SUFFIX}"
+
+
+def parse_segment_name(name: str) -> int | None:
+    """The base offset named by ``name``, or None if it is not a segment file."""
+    if len(name) != 20 + len(SEGMENT_SUFFIX) or not name.endswith(SEGMENT_SUFFIX):
+        return None
+    stem = name[:20]
+    return int(stem) if stem.isdigit() else None
+
+
+# --- segment header ------------------------------------------------------
+SEGMENT_MAGIC = b"LOGQSEG\x00"
+SEGMENT_HEADER_SIZE = 32
+SEGMENT_HEADER = struct.Struct("<8sHHIQI")  # magic, version, hsize, 0, base, 0
+SEGMENT_HEADER_CRC_AT = 28
+
+# --- record header -------------------------------------------------------
+RECORD_HEADER_SIZE = 28
+RECORD_HEADER = struct.Struct("<IIQQHBB")  # crc, length, offset, ts, meta_len, prio, flags
+RECORD_BODY = struct.Struct("<IQQHBB")     # the header after the crc field
+RECORD_CRC_START = 4                       # the CRC covers bytes from here on
+RECORD_MARK = 0x80
+FLAG_DELIVER_AT = 0x01
+FLAG_KEY = 0x02
+FLAGS_KNOWN = RECORD_MARK | FLAG_DELIVER_AT | FLAG_KEY
+DELIVER_AT_SIZE = 8
+MAX_PAYLOAD = 1 << 30        # hard limit of the format; max_message_bytes is lower
+MAX_META = 0xFFFF
+MAX_KEY = MAX_META - DELIVER_AT_SIZE
+
+CRC_MASK_DELTA = 0xA282EAD8
+
+# --- scan status codes (shared with native/logq_native.h) ----------------
+SCAN_OK = 0          # stopped after max_records records, all valid
+SCAN_END = 1         # reached the end of the region, or a header of zeros
+SCAN_TRUNCATED = 2   # a record runs past the end of the region (torn)
+SCAN_BAD_HEADER = 3  # mark, flags, meta or length rules broken
+SCAN_BAD_CRC = 4
+SCAN_BAD_OFFSET = 5  # intact record, but not the offset expected next
+
+SCAN_REASONS = {
+    SCAN_OK: "ok",
+    SCAN_END: "end of data",
+    SCAN_TRUNCATED: "record runs past the end of the data (torn)",
+    SCAN_BAD_HEADER: "invalid record header",
+    SCAN_BAD_CRC: "CRC mismatch",
+    SCAN_BAD_OFFSET: "unexpected record offset",
+}
+
+# Each record found by a scan is reported as SCAN_FIELDS integers:
+# record position, payload position, payload length, timestamp, attrs,
+# where attrs = meta_len | priority << 16 | flags << 24.
+SCAN_FIELDS = 5
+
+# --- control block: shared memory between live processes ---------------
+# The ``control`` file is mapped by every process that has the queue open.
+# It coordinates the append lock and publishes the tail; it is rebuilt from
+# the log whenever a process opens the queue while no other has it open, so
+# nothing in it needs to survive a power cut.
+CONTROL_SIZE = 4096
+CONTROL_MAGIC = b"LOGQCTL\x01"
+CTL_TAIL_BASE = 8    # u64: base offset of the active segment
+CTL_TAIL_POS = 16    # u64: position after the last complete record in it
+CTL_TAIL_NEXT = 24   # u64: the next offset to be written
+CTL_WANT = 32        # u64: nonzero while another process waits for the append lock
+CTL_HOLDER = 40      # u64: pid holding the append lock; 0 once released cleanly
+CTL_GENERATION = 48  # u64: bumped each time the append lock changes hands
+CTL_WAITERS = 56     # u32: consumers blocked waiting for new records
+
+# --- index ---------------------------------------------------------------
+SPARSE_STRIDE = 64   # one sparse index entry per this many records
+
+
+def mask_crc(crc: int) -> int:
+    return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + CRC_MASK_DELTA) & 0xFFFFFFFF
+
+
+def unmask_crc(masked: int) -> int:
+    rot = (masked - CRC_MASK_DELTA) & 0xFFFFFFFF
+    return ((rot >> 17) | (rot << 15)) & 0xFFFFFFFF
+
+
+def record_size(payload_len: int, meta_len: int = 0) -> int:
+    return RECORD_HEADER_SIZE + meta_len + payload_len
+
+
+def encode_meta(deliver_at_ns: int | None, key: bytes | None) -> tuple[int, bytes]:
+    """(flags, meta bytes) for the optional attributes of one record."""
+    flags = RECORD_MARK
+    meta = b""
+    if deliver_at_ns is not None:
+        flags |= FLAG_DELIVER_AT
+        meta = struct.pack("<Q", deliver_at_ns)
+    if key:
+        flags |= FLAG_KEY
+        meta += key
+    return flags, meta
+
+
+def decode_meta(flags: int, meta: bytes) -> tuple[int | None, bytes | None]:
+    """(deliver_at_ns, key) from a validated record's flags and meta."""
+    deliver_at = None
+    if flags & FLAG_DELIVER_AT:
+        (deliver_at,) = struct.unpack_from("<Q", meta, 0)
+        meta = meta[DELIVER_AT_SIZE:]
+    key = bytes(meta) if flags & FLAG_KEY else None
+    return deliver_at, key
+
+
+def meta_valid(flags: int, meta_len: int) -> bool:
+    """Whether flags and meta_len obey the format's rules."""
+    if not flags & RECORD_MARK or flags & ~FLAGS_KNOWN & 0xFF:
+        return False
+    need = DELIVER_AT_SIZE if flags & FLAG_DELIVER_AT else 0
+    if flags & FLAG_KEY:
+        return meta_len > need
+    return meta_len == need
