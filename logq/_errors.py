@@ -1,0 +1,62 @@
+"""The exception hierarchy: everything logq raises on purpose is a LogqError,
+or a stdlib type where one fits better (TypeError for a payload that is not
+bytes, ValueError for a bad option)."""
+
+from __future__ import annotations
+
+import queue
+
+
+class LogqError(Exception):
+    """Base class of logq's own errors."""
+
+
+class QueueClosedError(LogqError, ValueError):
+    """The queue was closed; open it again to use it."""
+
+
+class NotAQueueError(LogqError):
+    """The path exists but is not a logq queue directory."""
+
+
+class FormatVersionError(LogqError):
+    """The queue was written by an incompatible version of logq."""
+
+
+class CorruptionError(LogqError):
+    """Stored data failed validation.  ``path``, ``position`` and ``reason``
+    say where and why; logq never returns the damaged bytes as data."""
+
+    def __init__(self, message: str, *, path: str | None = None,
+                 position: int | None = None, reason: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+        self.position = position
+        self.reason = reason
+
+
+class RecordLostError(CorruptionError, LookupError):
+    """The record at ``offset`` was destroyed by damage to its segment; the
+    records around it are still served."""
+
+    def __init__(self, offset: int, message: str, **kw: object) -> None:
+        super().__init__(message, **kw)  # type: ignore[arg-type]
+        self.offset = offset
+
+
+class OffsetError(LogqError, IndexError):
+    """The offset is not in the queue: below the first retained offset, or at
+    or past the next offset."""
+
+
+class QueueFullError(LogqError, queue.Full):
+    """The queue cannot take the message now (its limits, or the disk)."""
+
+
+class DiskFullError(QueueFullError, OSError):
+    """The filesystem ran out of space (ENOSPC).  Nothing stored was lost;
+    the put can be retried once space is freed."""
+
+
+class MessageTooLargeError(LogqError, ValueError):
+    """A payload is larger than the queue's ``max_message_bytes``."""

@@ -1,0 +1,473 @@
+"""The log: a directory of segments, the append lock shared by every process
+that has the queue open, the active segment, rolling and recovery.
+
+Who may write
+-------------
+Appends happen only while holding ``append.lock`` (flock).  A process keeps
+the lock between puts (so a put costs no system call) until another process
+asks for it by setting the WANT word of the control block; the holder sees
+that on its next put (the native append checks it) or within a few
+milliseconds when idle (``Queue``'s housekeeper), publishes the tail and
+lets go.  A holder that dies holding the lock leaves its pid in the HOLDER
+word: the next holder validates what the dead one wrote past the published
+tail, keeps the intact records and zeroes the torn one.
+
+Who recovers
+------------
+Recovery runs only in a process that opens the queue while no other process
+has it open (``open.lock`` is held shared by every open queue).  It scans the
+newest segment from the last durable checkpoint, keeps every intact record,
+skips damaged ones when intact records follow, and cuts the file at the end
+of the last intact record (freeing, then preallocating again, everything
+after it, so that no stale bytes survive past the tail).
+"""
+
+from __future__ import annotations
+
+import bisect
+import fcntl
+import logging
+import mmap
+import os
+import struct
+import time
+import uuid
+from array import array
+from dataclasses import dataclass, field
+from typing import Callable
+
+from logq import _codec as C
+from logq import _format as F
+from logq._errors import FormatVersionError, NotAQueueError
+from logq._fsutil import fsync_dir, preallocate
+from logq._segment import Segment, encode_header
+
+log = logging.getLogger("logq")
+
+_U64 = struct.Struct("<Q")
+_PAGE = 4096
+
+
+@dataclass
+class Recovery:
+    """What opening the queue found and did."""
+    clean: bool = True                # the last shutdown was clean
+    scanned_bytes: int = 0
+    truncated_bytes: int = 0          # torn bytes cut from the tail
+    lost: list[tuple[int, int]] = field(default_factory=list)  # [first, end) offsets
+    durable_lost: int = 0             # records below the checkpoint that are gone
+
+
+def _round_up(n: int, to: int = _PAGE) -> int:
+    return (n + to - 1) // to * to
+
+
+def _read_meta(path: str) -> str:
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().split("\n")
+    fields = dict(line.split(" ", 1) for line in lines[1:] if " " in line)
+    if not lines or lines[0] != F.META_MAGIC:
+        raise NotAQueueError(f"{os.path.dirname(path)} is not a logq queue ({path} is not a logq meta file)")
+    version = fields.get("version", "?")
+    if version != str(F.FORMAT_VERSION):
+        raise FormatVersionError(
+            f"{os.path.dirname(path)} is a logq queue in format version {version}; this logq "
+            f"reads version {F.FORMAT_VERSION} only")
+    return fields.get("id", "")
+
+
+def init_dir(qdir: str) -> str:
+    """Create the queue directory if needed; its queue id.  Refuses a file,
+    and a non-empty directory that is not a queue."""
+    if os.path.exists(qdir) and not os.path.isdir(qdir):
+        raise NotAQueueError(f"{qdir} exists and is not a directory")
+    meta = os.path.join(qdir, F.META_FILE)
+    if os.path.exists(meta):
+        return _read_meta(meta)
+    try:
+        os.makedirs(qdir, exist_ok=True)
+    except FileExistsError:
+        raise NotAQueueError(f"{qdir} exists and is not a directory") from None
+    if any(not n.startswith(".") for n in os.listdir(qdir)):
+        if not os.path.exists(meta):
+            raise NotAQueueError(f"{qdir} is not empty and has no {F.META_FILE}: not a logq queue")
+    tmp = f"{meta}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(f"{F.META_MAGIC}\nversion {F.FORMAT_VERSION}\nid {uuid.uuid4().hex}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    try:
+        os.link(tmp, meta)  # fails if another process created it first
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
+    fsync_dir(qdir)
+    parent = os.path.dirname(os.path.abspath(qdir))
+    fsync_dir(parent)
+    return _read_meta(meta)
+
+
+def _flock(fd: int, op: int) -> bool:
+    try:
+        fcntl.flock(fd, op)
+        return True
+    except BlockingIOError:
+        return False
+
+
+class Log:
+    """The segments of one queue directory, and this process's writer state.
+
+    Not thread-safe: the Queue serialises calls under its lock.  The writer
+    fields (``h``, ``pos``, ``end``, ``next``) are read directly by the put
+    fast path; ``end`` is 0 whenever this process does not hold the append
+    lock, so that path falls through to ``prepare``."""
+
+    def __init__(self, qdir: str, *, segment_bytes: int) -> None:
+        self.dir = qdir
+        self.segment_bytes = segment_bytes
+        self.queue_id = init_dir(qdir)
+        self.pid = os.getpid()
+        self.segments: dict[int, Segment] = {}
+        self.bases: list[int] = []
+        self.active: Segment | None = None
+        self.h = None
+        self.pos = 0
+        self.end = 0
+        self.next = 0
+        self.holding = False
+        self.recovery: Recovery | None = None
+        # Where sealed segments' stored sparse indexes come from (the Queue
+        # plugs in its Index): base -> (end, count, positions) or None.
+        self.sparse_source: Callable[[int], tuple[int, int, array] | None] | None = None
+        self._fds: list[int] = []
+        ctl_path = os.path.join(qdir, F.CONTROL_FILE)
+        self.ctl_fd = self._open_fd(ctl_path)
+        self.open_fd = self._open_fd(os.path.join(qdir, F.OPEN_LOCK_FILE))
+        self.append_fd = self._open_fd(os.path.join(qdir, F.APPEND_LOCK_FILE))
+        # The control file's own flock serialises opening and closing.
+        fcntl.flock(self.ctl_fd, fcntl.LOCK_EX)
+        self.alone = _flock(self.open_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if self.alone and os.fstat(self.ctl_fd).st_size != F.CONTROL_SIZE:
+            os.ftruncate(self.ctl_fd, F.CONTROL_SIZE)
+        self.ctl = mmap.mmap(self.ctl_fd, F.CONTROL_SIZE)
+        self.ctl_h = C.handle(self.ctl)
+        self.refresh_bases()
+
+    def _open_fd(self, path: str) -> int:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        self._fds.append(fd)
+        return fd
+
+    def end_open(self) -> None:
+        """Finish opening: from now on other processes may open the queue."""
+        fcntl.flock(self.open_fd, fcntl.LOCK_SH)
+        fcntl.flock(self.ctl_fd, fcntl.LOCK_UN)
+
+    def close_last(self) -> bool:
+        """Stop sharing the queue; whether no other process has it open (the
+        caller then owns the shutdown and must call ``end_close``)."""
+        fcntl.flock(self.ctl_fd, fcntl.LOCK_EX)
+        fcntl.flock(self.open_fd, fcntl.LOCK_UN)
+        return _flock(self.open_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    # -- control block ------------------------------------------------------
+    def ctl_get(self, at: int) -> int:
+        return _U64.unpack_from(self.ctl, at)[0]
+
+    def ctl_set(self, at: int, value: int) -> None:
+        _U64.pack_into(self.ctl, at, value)
+
+    def publish(self) -> None:
+        """Publish this writer's tail for other processes (pos before next)."""
+        self.ctl_set(F.CTL_TAIL_BASE, self.active.base)
+        self.ctl_set(F.CTL_TAIL_POS, self.pos)
+        self.ctl_set(F.CTL_TAIL_NEXT, self.next)
+
+    # -- segments -----------------------------------------------------------
+    def refresh_bases(self) -> None:
+        bases = []
+        for name in os.listdir(self.dir):
+            base = F.parse_segment_name(name)
+            if base is not None:
+                bases.append(base)
+        bases.sort()
+        for gone in set(self.segments) - set(bases):
+            self.segments.pop(gone).close()
+        self.bases = bases
+
+    def segment(self, base: int) -> Segment:
+        seg = self.segments.get(base)
+        if seg is None:
+            seg = self.segments[base] = Segment(os.path.join(self.dir, F.segment_name(base)), base)
+            if self.sparse_source is not None:
+                stored = self.sparse_source(base)
+                if stored is not None:
+                    seg.load_sparse(*stored)
+        return seg
+
+    def _new_segment(self, base: int, need: int) -> Segment:
+        size = max(self.segment_bytes, _round_up(F.SEGMENT_HEADER_SIZE + need))
+        seg = Segment.create(self.dir, base, size)
+        self.segments[base] = seg
+        if not self.bases or self.bases[-1] < base:
+            self.bases.append(base)
+        return seg
+
+    # -- recovery (alone only) ---------------------------------------------
+    def recover(self, checkpoint: tuple[int, int, int] | None, clean: bool) -> Recovery:
+        """Find the tail of the log and make it safe to append after."""
+        assert self.alone
+        rep = Recovery(clean=clean)
+        for name in os.listdir(self.dir):
+            if name.endswith(F.SEGMENT_SUFFIX + ".tmp"):
+                os.unlink(os.path.join(self.dir, name))
+        if not self.bases:
+            rep.clean = True
+            start = checkpoint[2] if checkpoint else 0
+            self._set_active(self._new_segment(start, 0), F.SEGMENT_HEADER_SIZE, start)
+            self.recovery = rep
+            return rep
+        base = self.bases[-1]
+        seg = self.segment(base)
+        if seg.size < F.SEGMENT_HEADER_SIZE:
+            seg = self._rebuild_short(seg, rep)
+        pos, nxt = F.SEGMENT_HEADER_SIZE, base
+        if checkpoint and checkpoint[0] == base and F.SEGMENT_HEADER_SIZE <= checkpoint[1] <= seg.size \
+                and checkpoint[2] >= base:
+            pos, nxt = checkpoint[1], checkpoint[2]
+            if C.scan(seg.h, pos, seg.size, nxt, 0)[2] != F.SCAN_OK:
+                pos, nxt = F.SEGMENT_HEADER_SIZE, base
+        if clean and C.scan(seg.h, pos, seg.size, nxt, 1)[2] == F.SCAN_END:
+            self._set_active(seg, pos, nxt)
+            self.recovery = rep
+            return rep
+        rep.clean = False
+        start = pos
+        pos, nxt, lost = scan_tail(seg, pos, nxt)
+        rep.scanned_bytes = pos - start
+        rep.lost = lost
+        for a, b in lost:
+            seg.lost.append((a, b))
+            log.error("segment %s: %d record(s) lost to damage: offsets %d..%d",
+                      seg.path, b - a, a, b - 1)
+        if checkpoint and checkpoint[2] > nxt:
+            rep.durable_lost = checkpoint[2] - nxt
+            log.error("queue %s: %d record(s) below the durable checkpoint (offset %d) are gone; "
+                      "the log now ends at offset %d", self.dir, rep.durable_lost, checkpoint[2], nxt)
+        rep.truncated_bytes = self._cut_tail(seg, pos)
+        if seg.size < self.segment_bytes:
+            seg.grow(self.segment_bytes)  # a truncated file: room to append again
+        if seg.header_problem:
+            os.pwrite(seg.fd, encode_header(base), 0)
+            os.fsync(seg.fd)
+            seg.header_problem = None
+        self._set_active(seg, pos, nxt)
+        self.recovery = rep
+        return rep
+
+    def _rebuild_short(self, seg: Segment, rep: Recovery) -> Segment:
+        """The newest segment is too short to hold its header (a torn
+        creation or a truncated file): keep its bytes aside, start it anew."""
+        base = seg.base
+        qdir = os.path.join(self.dir, F.QUARANTINE_DIR)
+        os.makedirs(qdir, exist_ok=True)
+        dest = os.path.join(qdir, f"{F.segment_name(base)}.{time.time_ns()}")
+        self.segments.pop(base).close()
+        os.rename(seg.path, dest)
+        fsync_dir(qdir)
+        log.error("segment %s is too short (%d bytes) to be a segment: moved to %s",
+                  seg.path, seg.size, dest)
+        rep.clean = False
+        self.bases.remove(base)
+        return self._new_segment(base, 0)
+
+    def _cut_tail(self, seg: Segment, pos: int) -> int:
+        """Drop every byte after ``pos`` and preallocate the space again, so
+        nothing written before the crash can reappear after the tail."""
+        probe = bytes(seg.mm[pos:min(seg.size, pos + (1 << 16))])
+        torn = len(probe.rstrip(b"\0"))
+        os.ftruncate(seg.fd, pos)
+        preallocate(seg.fd, seg.size, seg.path)
+        os.fsync(seg.fd)
+        if torn:
+            log.warning("segment %s: cut a torn tail at position %d (%d non-zero bytes after it)",
+                        seg.path, pos, torn)
+        return torn
+
+    def _set_active(self, seg: Segment, pos: int, nxt: int) -> None:
+        self.active = seg
+        self.h = seg.h
+        self.pos = pos
+        self.next = nxt
+        if self.alone:
+            self.ctl[:] = bytes(F.CONTROL_SIZE)
+            self.ctl[:8] = F.CONTROL_MAGIC
+            self.publish()
+
+    def attach(self) -> None:
+        """Join a queue that another process has open: adopt its tail."""
+        if bytes(self.ctl[:8]) != F.CONTROL_MAGIC:
+            raise NotAQueueError(f"{self.dir}: control block not initialised by the process that has it open")
+        self._adopt_tail()
+
+    def _adopt_tail(self) -> None:
+        base = self.ctl_get(F.CTL_TAIL_BASE)
+        if base not in self.segments and base not in self.bases:
+            self.refresh_bases()
+        self.active = self.segment(base)
+        self.h = self.active.h
+        self.pos = self.ctl_get(F.CTL_TAIL_POS)
+        self.next = self.ctl_get(F.CTL_TAIL_NEXT)
+
+    # -- the append lock ------------------------------------------------------
+    def acquire(self) -> None:
+        """Take the append lock (blocking) and adopt the current tail."""
+        if self.holding:
+            return
+        if not _flock(self.append_fd, fcntl.LOCK_EX | fcntl.LOCK_NB):
+            pause = 20e-6
+            while True:
+                self.ctl_set(F.CTL_WANT, 1)
+                time.sleep(pause)
+                pause = min(pause * 2, 1e-3)
+                if _flock(self.append_fd, fcntl.LOCK_EX | fcntl.LOCK_NB):
+                    break
+        self.ctl_set(F.CTL_WANT, 0)
+        self._adopt_tail()
+        self.active.refresh_size()
+        self.h = self.active.h
+        dead = self.ctl_get(F.CTL_HOLDER)
+        if dead:
+            self._repair_after(dead)
+        self.ctl_set(F.CTL_HOLDER, self.pid)
+        self.ctl_set(F.CTL_GENERATION, self.ctl_get(F.CTL_GENERATION) + 1)
+        self.end = self.active.size
+        self.holding = True
+
+    def release(self) -> None:
+        """Publish the tail and let other processes append."""
+        if not self.holding:
+            return
+        self.publish()
+        self.ctl_set(F.CTL_HOLDER, 0)
+        self.holding = False
+        self.end = 0
+        fcntl.flock(self.append_fd, fcntl.LOCK_UN)
+
+    def yield_turn(self) -> None:
+        """Release because another process asked, and give it a moment to
+        take the lock before this process asks again."""
+        gen = self.ctl_get(F.CTL_GENERATION)
+        self.release()
+        deadline = time.monotonic() + 0.005
+        while self.ctl_get(F.CTL_GENERATION) == gen and time.monotonic() < deadline:
+            time.sleep(50e-6)
+
+    def wanted(self) -> bool:
+        return self.holding and self.ctl_get(F.CTL_WANT) != 0
+
+    def _repair_after(self, pid: int) -> None:
+        """The previous holder died holding the lock: keep the records it
+        finished past the published tail, zero the one it was writing."""
+        seg = self.active
+        pos, nxt, _ = scan_tail(seg, self.pos, self.next, resync=False)
+        cut = _torn_extent(seg, pos)
+        if cut > pos:
+            seg.mm[pos:cut] = bytes(cut - pos)
+            log.warning("segment %s: process %d died while appending; zeroed %d torn bytes at %d",
+                        seg.path, pid, cut - pos, pos)
+        self.pos, self.next = pos, nxt
+        self.publish()
+
+    # -- appending (holder only) ----------------------------------------------
+    def room(self, need: int) -> None:
+        """Make sure ``need`` bytes fit in the active segment: roll if not,
+        or grow it when it holds no record yet."""
+        if self.pos + need <= self.end:
+            return
+        if self.pos == F.SEGMENT_HEADER_SIZE:
+            self.active.grow(_round_up(F.SEGMENT_HEADER_SIZE + need))
+            self.h = self.active.h
+            self.end = self.active.size
+        else:
+            self.roll(need)
+
+    def roll(self, need: int) -> None:
+        """Seal the active segment (its data is fsynced first) and start a new
+        one at the next offset, durably created before it is published."""
+        old = self.active
+        os.fdatasync(old.fd)
+        seg = self._new_segment(self.next, need)
+        self.active = seg
+        self.h = seg.h
+        self.pos = F.SEGMENT_HEADER_SIZE
+        self.end = seg.size
+        self.publish()
+
+    # -- reading --------------------------------------------------------------
+    def tail(self) -> int:
+        """The offset after the last record visible to this process."""
+        if self.holding:
+            return self.next
+        return max(self.next, self.ctl_get(F.CTL_TAIL_NEXT))
+
+    def locate(self, offset: int) -> tuple[Segment, int] | None:
+        """The segment holding ``offset`` and the first offset after it."""
+        if not self.bases or offset < self.bases[0]:
+            self.refresh_bases()
+            if not self.bases or offset < self.bases[0]:
+                return None
+        tail = self.tail()
+        if offset >= tail:
+            return None
+        newest = self.active.base if self.holding else self.ctl_get(F.CTL_TAIL_BASE)
+        if self.bases[-1] < newest:
+            self.refresh_bases()
+        i = bisect.bisect_right(self.bases, offset) - 1
+        limit = self.bases[i + 1] if i + 1 < len(self.bases) else tail
+        return self.segment(self.bases[i]), limit
+
+    def close(self) -> None:
+        for seg in self.segments.values():
+            seg.close()
+        self.segments.clear()
+        if self.ctl_h is not None:
+            C.release(self.ctl_h)
+            self.ctl_h = None
+        self.ctl.close()
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+
+def scan_tail(seg: Segment, pos: int, nxt: int, *, resync: bool = True
+              ) -> tuple[int, int, list[tuple[int, int]]]:
+    """Scan the newest segment from a known record boundary to its end.
+
+    Returns (position after the last intact record, next offset, lost
+    ranges).  With ``resync``, a bad record followed later by intact records
+    with higher offsets is damage in the middle (its offsets are lost, the
+    scan goes on); a bad record with nothing intact after it is the tail."""
+    lost: list[tuple[int, int]] = []
+    while True:
+        n, stop, status, _ = C.scan(seg.h, pos, seg.size, nxt, 1 << 62)
+        pos, nxt = stop, nxt + n
+        if not resync or stop >= seg.size:
+            return pos, nxt, lost
+        most = nxt + (seg.size - stop) // F.RECORD_HEADER_SIZE
+        found = C.find_next(seg.h, stop, seg.size, nxt, most)
+        if found < 0:
+            return pos, nxt, lost
+        resume = seg.offset_at(found)
+        lost.append((nxt, resume))
+        pos, nxt = found, resume
+
+
+def _torn_extent(seg: Segment, pos: int) -> int:
+    """Where the bytes a dead writer may have left after ``pos`` end."""
+    if pos + F.RECORD_HEADER_SIZE > seg.size:
+        return seg.size
+    _, length, _, _, meta_len, _, _ = F.RECORD_HEADER.unpack_from(seg.mm, pos)
+    return min(seg.size, pos + F.RECORD_HEADER_SIZE + meta_len + min(length, F.MAX_PAYLOAD))

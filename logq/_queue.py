@@ -1,0 +1,492 @@
+"""Queue: put, put_many, flush, read; the durability policy and group commit.
+
+Commit order, in one place (``_sync_to``):
+  1. append: records are copied into the mapped active segment (a page-cache
+     write: it survives the death of the process as soon as it is done);
+  2. fsync the data (``fdatasync`` of the segment; rolls fsync the sealed one);
+  3. commit the LMDB checkpoint that refers to it (at most once per
+     ``checkpoint_interval``: it only bounds how much recovery scans);
+  4. update what this process believes durable, and wake the waiters.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import weakref
+from array import array
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator, Sequence
+
+from logq import _codec as C
+from logq import _format as F
+from logq._errors import (LogqError, MessageTooLargeError, OffsetError, QueueClosedError,
+                          RecordLostError)
+from logq._index import Index
+from logq._log import Log, Recovery
+
+log = logging.getLogger("logq")
+
+FSYNC_POLICIES = ("always", "batch", "never")
+_HDR = F.RECORD_HEADER_SIZE
+_append = C.append
+
+
+@dataclass(frozen=True)
+class Options:
+    """Every tunable of a queue, with its default."""
+    fsync: str = "batch"              # "always" | "batch" | "never"
+    fsync_interval: float = 0.2       # batch: longest a put waits to be fsynced (s)
+    fsync_bytes: int = 4 << 20        # batch: fsync once this much is unsynced
+    segment_bytes: int = 64 << 20     # roll the active segment at this size
+    max_message_bytes: int = 16 << 20
+    checkpoint_interval: float = 1.0  # most often the index checkpoint is committed (s)
+
+    def __post_init__(self) -> None:
+        if self.fsync not in FSYNC_POLICIES:
+            raise ValueError(f"fsync must be one of {', '.join(map(repr, FSYNC_POLICIES))}, not {self.fsync!r}")
+        _check_int("segment_bytes", self.segment_bytes, 4096, 1 << 40)
+        _check_int("fsync_bytes", self.fsync_bytes, 1, 1 << 40)
+        _check_int("max_message_bytes", self.max_message_bytes, 1, F.MAX_PAYLOAD)
+        _check_seconds("fsync_interval", self.fsync_interval)
+        _check_seconds("checkpoint_interval", self.checkpoint_interval)
+
+
+def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise ValueError(f"{name} must be between {lo} and {hi}, not {value}")
+
+
+def _check_seconds(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    if not 0 < value < 1e9:
+        raise ValueError(f"{name} must be a positive number of seconds, not {value}")
+
+
+def _as_bytes(data: Any) -> bytes:
+    if isinstance(data, (bytearray, memoryview)):
+        return bytes(data)
+    raise TypeError(f"a message must be bytes, bytearray or memoryview, not {type(data).__name__}")
+
+
+_open_queues: "weakref.WeakSet[Queue]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # A forked child shares the parent's locks and mappings: its copies of
+    # open queues must not be used (open the queue again in the child).
+    for q in list(_open_queues):
+        q._forked()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class Queue:
+    """A persistent queue in a directory.  Thread-safe; several processes may
+    open the same directory and put concurrently.
+
+    Durability of ``put``/``put_many`` when they return, by ``fsync`` policy:
+    ``"always"``: on stable storage (concurrent puts share one fdatasync);
+    ``"batch"``: in the OS page cache (survives the death of the process),
+    fsynced within ``fsync_interval`` seconds or ``fsync_bytes`` bytes;
+    ``"never"``: in the page cache, written back when the OS decides.
+    ``flush()`` makes everything this process put durable under any policy.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], **options: Any) -> None:
+        self.options = opts = Options(**options)
+        self.path = os.fspath(path)
+        self._lock = threading.Lock()
+        self._sync_cond = threading.Condition(threading.Lock())
+        self._syncing = False
+        self._durable_next = 0          # every record this process put below it is durable
+        self._failed: BaseException | None = None
+        self._fsyncs = 0
+        self._last_checkpoint = 0.0
+        self._pending = 0               # batch: bytes put since the last fsync
+        self._always = opts.fsync == "always"
+        self._batch = opts.fsync == "batch"
+        self._max = opts.max_message_bytes
+        lg = Log(self.path, segment_bytes=opts.segment_bytes)
+        try:
+            self._index = Index(self.path)
+            lg.sparse_source = self._index.sparse
+            if lg.alone:
+                rec = lg.recover(self._index.checkpoint(), self._index.was_clean())
+                os.fdatasync(lg.active.fd)
+                self._index.set_checkpoint(lg.active.base, lg.pos, lg.next, clean=False, force=True)
+                if rec.truncated_bytes or rec.lost or not rec.clean:
+                    log.info("queue %s recovered after an unclean shutdown: tail at offset %d, "
+                             "%d torn bytes cut, %d record(s) lost", self.path, lg.next,
+                             rec.truncated_bytes, sum(b - a for a, b in rec.lost))
+            else:
+                lg.attach()
+                lg.recovery = Recovery()
+        except BaseException:
+            lg.close()      # closing the lock files releases their locks
+            raise
+        lg.end_open()
+        self._log: Log | None = lg
+        self._durable_next = lg.next
+        self._checkpointed = lg.next
+        self._last_checkpoint = time.monotonic()
+        self._stop = False
+        self._kick = threading.Event()
+        self._housekeeper = threading.Thread(target=self._housekeep, name=f"logq-{self.path}",
+                                             daemon=True)
+        self._housekeeper.start()
+        _open_queues.add(self)
+
+    # -- producing ------------------------------------------------------------
+    def put(self, data: bytes | bytearray | memoryview) -> int:
+        """Append one message; its offset.  Durable on return as the fsync
+        policy says.  Raises TypeError for a non-bytes payload,
+        MessageTooLargeError, DiskFullError (nothing stored, retry later),
+        QueueClosedError."""
+        if type(data) is not bytes:
+            data = _as_bytes(data)
+        if len(data) > self._max:
+            raise MessageTooLargeError(f"message of {len(data)} bytes exceeds max_message_bytes={self._max}")
+        with self._lock:
+            lg = self._log
+            if lg is None:
+                raise self._closed_error()
+            pos = _append(lg.h, lg.pos, lg.end, lg.next, data, lg.ctl_h)
+            if pos >= 0:
+                lg.pos = pos
+                off = lg.next
+                lg.next = off + 1
+            else:
+                off = self._append_slow(lg, data)
+        if self._always:
+            self._sync_to(off + 1)
+        elif self._batch:
+            self._pending += len(data) + _HDR
+            if self._pending >= self.options.fsync_bytes:
+                self._kick.set()
+        return off
+
+    def _append_slow(self, lg: Log, data: bytes) -> int:
+        if self._failed is not None:
+            raise LogqError(f"queue {self.path} failed and must be reopened: {self._failed}")
+        if lg.wanted():
+            lg.yield_turn()
+        if not lg.holding:
+            lg.acquire()
+            self._kick.set()  # the housekeeper hands the lock back when idle
+        lg.room(_HDR + len(data))
+        pos = _append(lg.h, lg.pos, lg.end, lg.next, data, None)
+        assert pos >= 0
+        lg.pos = pos
+        off = lg.next
+        lg.next = off + 1
+        lg.publish()
+        return off
+
+    def put_many(self, items: Iterable[bytes | bytearray | memoryview]) -> range:
+        """Append messages in order; their offsets.  Every item is checked
+        before anything is written: one bad item (TypeError,
+        MessageTooLargeError) stores none of them."""
+        batch = [x if type(x) is bytes else _as_item(x, i) for i, x in enumerate(items)]
+        if not batch:
+            with self._lock:
+                return range(self._open_log().next, self._open_log().next)
+        lengths = array("I", map(len, batch))
+        if max(lengths) > self._max:
+            i = max(range(len(batch)), key=lengths.__getitem__)
+            raise MessageTooLargeError(
+                f"item {i} of put_many is {lengths[i]} bytes, over max_message_bytes={self._max}; nothing was stored")
+        joined = b"".join(batch)
+        with self._lock:
+            lg = self._open_log()
+            if self._failed is not None:
+                raise LogqError(f"queue {self.path} failed and must be reopened: {self._failed}")
+            if not lg.holding:
+                lg.acquire()
+                self._kick.set()
+            lg.room(_HDR * len(batch) + len(joined))
+            pos = C.encode_batch(lg.h, lg.pos, lg.end, lg.next, time.time_ns(), joined, lengths)
+            assert pos >= 0
+            first = lg.next
+            lg.pos = pos
+            lg.next = first + len(batch)
+            lg.publish()
+            if lg.wanted():
+                lg.yield_turn()
+        if self._always:
+            self._sync_to(first + len(batch))
+        elif self._batch:
+            self._pending += len(joined) + _HDR * len(batch)
+            if self._pending >= self.options.fsync_bytes:
+                self._kick.set()
+        return range(first, first + len(batch))
+
+    # -- durability -----------------------------------------------------------
+    def flush(self) -> None:
+        """Return once everything this process put is on stable storage."""
+        with self._lock:
+            target = self._open_log().next
+        self._sync_to(target, checkpoint=True)
+
+    def _sync_to(self, target: int, checkpoint: bool = False) -> None:
+        """Group commit: return once every record below ``target`` that this
+        process wrote is durable; one thread fsyncs for all that wait."""
+        with self._sync_cond:
+            while True:
+                if self._failed is not None:
+                    raise LogqError(f"queue {self.path} failed and must be reopened: {self._failed}")
+                if self._durable_next >= target and not checkpoint:
+                    return
+                if not self._syncing:
+                    break
+                self._sync_cond.wait()
+            self._syncing = True
+        done = 0
+        try:
+            with self._lock:
+                lg = self._open_log()
+                seg, pos, done = lg.active, lg.pos, lg.next
+                self._pending = 0
+            os.fdatasync(seg.fd)        # 2. the data is durable ...
+            self._fsyncs += 1
+            now = time.monotonic()
+            if checkpoint or now - self._last_checkpoint >= self.options.checkpoint_interval:
+                if done > self._checkpointed:
+                    # 3. ... before the index points at it.
+                    self._index.set_checkpoint(seg.base, pos, done)
+                    self._checkpointed = done
+                self._last_checkpoint = now
+        except OSError as e:
+            # After a failed fsync the kernel may have dropped the dirty pages:
+            # nothing after the last good sync can be vouched for any more.
+            self._failed = e
+            log.error("queue %s: fsync failed (%s); the queue must be reopened", self.path, e)
+            raise LogqError(f"fsync of {self.path} failed: {e}; reopen the queue to recover") from e
+        finally:
+            with self._sync_cond:
+                self._syncing = False
+                if done > self._durable_next:
+                    self._durable_next = done   # 4.
+                self._sync_cond.notify_all()
+
+    def _housekeep(self) -> None:
+        """Background duties: the batch policy's timed fsync, and handing the
+        append lock back when idle or asked for by another process."""
+        last_next = -1
+        while not self._stop:
+            lg = self._log
+            if lg is None:
+                return
+            holding = lg.holding
+            wait = 0.005 if holding else (self.options.fsync_interval if self._batch else None)
+            self._kick.wait(wait)
+            self._kick.clear()
+            if self._stop or self._log is None:
+                return
+            try:
+                if lg.holding and (lg.wanted() or lg.next == last_next):
+                    with self._lock:
+                        if self._log is not None and lg.holding and (lg.wanted() or lg.next == last_next):
+                            lg.release()
+                last_next = lg.next
+                if self._batch and self._durable_next < lg.next:
+                    self._sync_to(lg.next)
+            except LogqError:
+                pass    # already recorded in self._failed; puts report it
+            except Exception:  # pragma: no cover - a bug; keep the queue usable
+                log.exception("queue %s: housekeeping failed", self.path)
+
+    # -- reading --------------------------------------------------------------
+    def read(self, offset: int) -> bytes:
+        """The payload at ``offset``.  Raises OffsetError outside
+        [first_offset, next_offset), RecordLostError for a record destroyed
+        by damage (never its bytes)."""
+        with self._lock:
+            at, out = self._read_run(offset, 1)
+            if not out and at == offset:
+                lg = self._open_log()
+                raise OffsetError(f"offset {offset} is not in {self.path} "
+                                  f"(it holds [{self._first(lg)}, {lg.tail()}))")
+        if at != offset:
+            raise RecordLostError(offset, f"record {offset} of {self.path} was lost to damage")
+        return out[0]
+
+    def read_many(self, offset: int, max_records: int = 1000) -> tuple[int, list[bytes]]:
+        """Up to ``max_records`` consecutive payloads from the first intact
+        record at or after ``offset``: (its offset, payloads).  Records lost
+        to damage are skipped (the returned offset says where the run starts);
+        an empty list means ``offset`` is at the end."""
+        with self._lock:
+            return self._read_run(offset, max_records)
+
+    def scan(self, start: int | None = None, stop: int | None = None) -> Iterator[tuple[int, bytes]]:
+        """(offset, payload) for every intact record from ``start`` (default
+        the first) up to ``stop`` (default the end as of each batch)."""
+        off = self.first_offset if start is None else start
+        while stop is None or off < stop:
+            first, payloads = self.read_many(off, 4096 if stop is None else min(4096, stop - off))
+            if not payloads:
+                return
+            for i, p in enumerate(payloads):
+                yield first + i, p
+            off = first + len(payloads)
+
+    def _read_run(self, offset: int, max_records: int) -> tuple[int, list[bytes]]:
+        lg = self._open_log()
+        if isinstance(offset, bool) or not isinstance(offset, int):
+            raise TypeError(f"offset must be an int, not {type(offset).__name__}")
+        while True:
+            loc = lg.locate(offset)
+            if loc is None:
+                if offset < self._first(lg):
+                    raise OffsetError(f"offset {offset} is below the first offset "
+                                      f"{self._first(lg)} retained in {self.path}")
+                return offset, []
+            seg, limit = loc
+            found = seg.seek(offset, limit)
+            if found is None:
+                offset = limit      # the rest of this segment was lost: go on
+                continue
+            pos, at = found
+            fields = seg.read_fields(pos, at, min(max_records, limit - at))
+            mm = seg.mm
+            out = [mm[p:p + n] for p, n in zip(fields[1::5], fields[2::5])]
+            if not seg.stored and seg.known_next >= limit and seg.base < lg.active.base:
+                self._store_sparse(seg)
+            return at, out
+
+    @staticmethod
+    def _first(lg: Log) -> int:
+        return lg.bases[0] if lg.bases else lg.next
+
+    def _store_sparse(self, seg: Any) -> None:
+        # A sealed segment fully indexed: keep its sparse index, so later
+        # opens read it without scanning (derived data: safe to lose).
+        if not seg.lost:
+            self._index.set_sparse(seg.base, seg.known_pos, seg.known_next - seg.base, seg.sparse)
+        seg.stored = True
+
+    # -- state ------------------------------------------------------------------
+    @property
+    def first_offset(self) -> int:
+        with self._lock:
+            lg = self._open_log()
+            lg.refresh_bases()
+            return lg.bases[0] if lg.bases else lg.next
+
+    @property
+    def next_offset(self) -> int:
+        with self._lock:
+            return self._open_log().tail()
+
+    def __len__(self) -> int:
+        with self._lock:
+            lg = self._open_log()
+            return lg.tail() - (lg.bases[0] if lg.bases else lg.next)
+
+    @property
+    def queue_id(self) -> str:
+        """A stable identity of this queue directory (a UUID in hex)."""
+        return self._open_log().queue_id
+
+    def stats(self) -> dict[str, Any]:
+        """A snapshot of the queue's state and counters."""
+        with self._lock:
+            lg = self._open_log()
+            lg.refresh_bases()
+            sizes = 0
+            for name in os.listdir(self.path):
+                if F.parse_segment_name(name) is not None:
+                    sizes += os.path.getsize(os.path.join(self.path, name))
+            rec = lg.recovery or Recovery()
+            first = lg.bases[0] if lg.bases else lg.next
+            return {
+                "path": self.path,
+                "queue_id": lg.queue_id,
+                "first_offset": first,
+                "next_offset": lg.tail(),
+                "messages": lg.tail() - first,
+                "segments": len(lg.bases),
+                "segment_bytes_on_disk": sizes,
+                "fsync": self.options.fsync,
+                "fsyncs": self._fsyncs,
+                "durable_next_offset": self._durable_next,
+                "lost_records": sum(s.lost_count() for s in lg.segments.values()),
+                "last_shutdown_clean": rec.clean,
+                "recovery_truncated_bytes": rec.truncated_bytes,
+                "native": C.native_enabled(),
+            }
+
+    # -- lifecycle --------------------------------------------------------------
+    def _open_log(self) -> Log:
+        lg = self._log
+        if lg is None:
+            raise self._closed_error()
+        return lg
+
+    def _closed_error(self) -> QueueClosedError:
+        if getattr(self, "_in_child", False):
+            return QueueClosedError(f"queue {self.path} was opened before this process forked; "
+                                    "open it again in this process")
+        return QueueClosedError(f"queue {self.path} is closed")
+
+    def _forked(self) -> None:
+        self._in_child = True
+        self._log = None
+        self._stop = True
+
+    def close(self) -> None:
+        """Flush (unless fsync="never"), release the locks, and mark the
+        shutdown clean if no other process has the queue open.  Idempotent."""
+        with self._lock:
+            lg = self._log
+            if lg is None:
+                return
+        if not self.options.fsync == "never" and self._failed is None:
+            self._sync_to(lg.next)
+        self._stop = True
+        self._kick.set()
+        if self._housekeeper is not threading.current_thread():
+            self._housekeeper.join()
+        with self._lock:
+            self._log = None
+            lg.release()
+            try:
+                if lg.close_last() and lg.ctl_get(F.CTL_HOLDER) == 0 and self._failed is None:
+                    lg._adopt_tail()
+                    os.fdatasync(lg.active.fd)
+                    self._index.set_checkpoint(lg.active.base, lg.pos, lg.next, clean=True)
+            finally:
+                self._index.close()
+                lg.close()
+        _open_queues.discard(self)
+
+    def __enter__(self) -> "Queue":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._log is None else f"next_offset={self._log.next}"
+        return f"<logq.Queue {self.path!r} fsync={self.options.fsync!r} {state}>"
+
+
+def _as_item(x: Any, i: int) -> bytes:
+    try:
+        return _as_bytes(x)
+    except TypeError:
+        raise TypeError(f"item {i} of put_many is a {type(x).__name__}, not bytes, bytearray or "
+                        "memoryview; nothing was stored") from None
+
+
+def open(path: str | os.PathLike[str], **options: Any) -> Queue:  # noqa: A001 - the API name
+    """Open the queue in directory ``path``, creating it if needed.  Options
+    (keyword-only) are the fields of :class:`Options`."""
+    return Queue(path, **options)

@@ -1,0 +1,235 @@
+"""One segment file: created preallocated, mapped, read by offset through a
+sparse index that is built lazily by scanning.
+
+A segment's size is fixed when it is created and never changes while any
+process may map it (so a mapping never reaches past the end of its file).
+Only recovery, run while no other process has the queue open, truncates.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+import os
+import struct
+from array import array
+
+from logq import _codec as C
+from logq import _format as F
+from logq._errors import CorruptionError, FormatVersionError
+from logq._fsutil import fsync_dir, preallocate
+
+log = logging.getLogger("logq")
+
+_STRIDE = F.SPARSE_STRIDE
+_OFFSET_AT = struct.Struct("<Q")
+
+
+def encode_header(base: int) -> bytes:
+    head = F.SEGMENT_HEADER.pack(F.SEGMENT_MAGIC, F.FORMAT_VERSION, F.SEGMENT_HEADER_SIZE, 0, base, 0)
+    return head[:F.SEGMENT_HEADER_CRC_AT] + struct.pack("<I", F.mask_crc(C.crc32c(head[:F.SEGMENT_HEADER_CRC_AT])))
+
+
+def header_problem(head: bytes, base: int, path: str) -> str | None:
+    """Why a segment header is unusable, or None.  An intact header of an
+    unknown format version raises FormatVersionError."""
+    if len(head) < F.SEGMENT_HEADER_SIZE:
+        return "file shorter than the segment header"
+    magic, version, hsize, _, hbase, _ = F.SEGMENT_HEADER.unpack_from(head, 0)
+    (crc,) = struct.unpack_from("<I", head, F.SEGMENT_HEADER_CRC_AT)
+    if magic != F.SEGMENT_MAGIC:
+        return "bad segment magic"
+    if crc != F.mask_crc(C.crc32c(head[:F.SEGMENT_HEADER_CRC_AT])):
+        return "segment header CRC mismatch"
+    if version != F.FORMAT_VERSION:
+        raise FormatVersionError(
+            f"{path} is in logq segment format version {version}; this logq reads version "
+            f"{F.FORMAT_VERSION} only (upgrade logq to read it)")
+    if hsize != F.SEGMENT_HEADER_SIZE:
+        return f"unexpected header size {hsize}"
+    if hbase != base:
+        return f"header names base offset {hbase}, the file name {base}"
+    return None
+
+
+class Segment:
+    """A mapped segment.  Not thread-safe: its Log serialises access."""
+
+    def __init__(self, path: str, base: int) -> None:
+        self.path = path
+        self.base = base
+        self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            self.size = os.fstat(self.fd).st_size
+            head = os.pread(self.fd, F.SEGMENT_HEADER_SIZE, 0)
+            self.header_problem = header_problem(head, base, path)
+            if self.header_problem:
+                log.warning("segment %s: %s; reading its records by their own CRCs",
+                            path, self.header_problem)
+            self.mm = mmap.mmap(self.fd, self.size) if self.size else None
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.h = C.handle(self.mm) if self.mm is not None else None
+        # Sparse index: sparse[i] is the position of the first intact record
+        # whose offset is >= base + i * SPARSE_STRIDE, for the records known
+        # so far: [base, known_next), which end at known_pos.
+        self.sparse = array("Q")
+        self.known_pos = F.SEGMENT_HEADER_SIZE
+        self.known_next = base
+        self.lost: list[tuple[int, int]] = []   # [first, end) offsets lost to damage
+        self.stored = False     # the sparse index is in the Index
+
+    # -- creation -----------------------------------------------------------
+    @classmethod
+    def create(cls, qdir: str, base: int, size: int) -> "Segment":
+        """Create, preallocate and durably publish the segment file (the write
+        of its header and its directory entry are fsynced before it appears
+        under its final name)."""
+        path = os.path.join(qdir, F.segment_name(base))
+        tmp = path + ".tmp"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        try:
+            preallocate(fd, size, path)
+            os.pwrite(fd, encode_header(base), 0)
+            os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            os.unlink(tmp)
+            raise
+        os.close(fd)
+        os.rename(tmp, path)
+        fsync_dir(qdir)
+        return cls(path, base)
+
+    def grow(self, size: int) -> None:
+        """Preallocate the file to ``size`` bytes and map all of it.  Files
+        only ever grow while the queue is open; readers remap on demand."""
+        preallocate(self.fd, size, self.path)
+        self.refresh_size()
+
+    def refresh_size(self) -> bool:
+        """Remap if another process grew the file; whether it had grown."""
+        size = os.fstat(self.fd).st_size
+        if size <= self.size:
+            return False
+        if self.h is not None:
+            C.release(self.h)
+        if self.mm is not None:
+            self.mm.close()
+        self.mm = mmap.mmap(self.fd, size)
+        self.h = C.handle(self.mm)
+        self.size = size
+        return True
+
+    # -- reading ------------------------------------------------------------
+    def load_sparse(self, end: int, count: int, positions: array) -> None:
+        """Adopt a sparse index stored for this (sealed) segment."""
+        if len(positions) == (count + _STRIDE - 1) // _STRIDE and end <= self.size:
+            self.sparse = positions
+            self.known_pos = end
+            self.known_next = self.base + count
+            self.stored = True
+
+    def offset_at(self, pos: int) -> int:
+        return _OFFSET_AT.unpack_from(self.mm, pos + 8)[0]
+
+    def extend(self, want: int, limit: int) -> None:
+        """Scan forward until the records up to ``want`` are known, but never
+        beyond ``limit`` (the first offset not in this segment or not yet
+        written).  Damage found on the way is skipped and recorded in
+        ``lost``: every record below ``limit`` is supposed to exist."""
+        if self.h is None and not self.refresh_size():
+            self._lose(self.known_next, limit, self.known_pos, "segment file is empty")
+            return
+        while self.known_next <= want and self.known_next < limit:
+            rel = self.known_next - self.base
+            if rel % _STRIDE == 0 and len(self.sparse) == rel // _STRIDE:
+                self.sparse.append(self.known_pos)
+            chunk = min(_STRIDE - rel % _STRIDE, limit - self.known_next)
+            n, stop, status, _ = C.scan(self.h, self.known_pos, self.size, self.known_next, chunk)
+            self.known_pos = stop
+            self.known_next += n
+            if n < chunk:
+                self._resync(stop, status, limit)
+
+    def _resync(self, stop: int, status: int, limit: int) -> None:
+        if stop + F.RECORD_HEADER_SIZE >= self.size and self.refresh_size():
+            return  # the records go on in the part of the file mapped just now
+        first = self.known_next
+        found = C.find_next(self.h, stop, self.size, first, limit - 1)
+        if found < 0:
+            self._lose(first, limit, stop, F.SCAN_REASONS[status])
+            self.known_next = limit
+            return
+        resume = self.offset_at(found)
+        self._lose(first, resume, stop, F.SCAN_REASONS[status])
+        # Sparse entries for strides starting inside the lost range point at
+        # the first intact record after it.
+        while len(self.sparse) * _STRIDE + self.base <= resume:
+            self.sparse.append(found)
+        self.known_pos = found
+        self.known_next = resume
+
+    def _lose(self, first: int, end: int, pos: int, reason: str) -> None:
+        if first >= end:
+            return
+        self.lost.append((first, end))
+        log.error("segment %s: %d record(s) lost to damage at position %d (%s): offsets %d..%d",
+                  self.path, end - first, pos, reason, first, end - 1)
+
+    def lost_count(self) -> int:
+        return sum(b - a for a, b in self.lost)
+
+    def seek(self, offset: int, limit: int) -> tuple[int, int] | None:
+        """(position, offset) of the first intact record at or after
+        ``offset`` and below ``limit``, or None if there is none."""
+        while offset < limit:
+            self.extend(offset, limit)
+            if offset >= self.known_next:
+                return None
+            skip = self._lost_end(offset)
+            if skip is not None:
+                offset = skip
+                continue
+            i = (offset - self.base) // _STRIDE
+            pos = self.sparse[i]
+            floor = self.base + i * _STRIDE
+            at = self.offset_at(pos) if pos + F.RECORD_HEADER_SIZE <= self.size else -1
+            if not floor <= at <= offset:
+                at = floor  # damaged since the index was built: the scan below finds out
+            n, stop, status, fields = C.scan(self.h, pos, self.size, at, offset - at + 1, True)
+            if n == offset - at + 1:
+                return fields[-F.SCAN_FIELDS], offset
+            # Damage discovered after this part was indexed (a stored index,
+            # or bytes changed underneath): record it and look again.
+            bad = at + n
+            found = C.find_next(self.h, stop, self.size, bad, limit - 1)
+            resume = self.offset_at(found) if found >= 0 else limit
+            if not any(a <= bad < b for a, b in self.lost):
+                self._lose(bad, resume, stop, F.SCAN_REASONS[status])
+            if offset < resume:
+                return (found, resume) if found >= 0 else None
+        return None
+
+    def _lost_end(self, offset: int) -> int | None:
+        for a, b in self.lost:
+            if a <= offset < b:
+                return b
+        return None
+
+    def read_fields(self, pos: int, offset: int, max_records: int) -> list[int]:
+        """SCAN_FIELDS integers for up to ``max_records`` consecutive intact
+        records starting with ``offset`` at ``pos``."""
+        return C.scan(self.h, pos, self.size, offset, max_records, True)[3] or []
+
+    def close(self) -> None:
+        if self.h is not None:
+            C.release(self.h)
+            self.h = None
+        if self.mm is not None:
+            self.mm.close()
+            self.mm = None
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
