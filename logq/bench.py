@@ -1,0 +1,188 @@
+"""The throughput harness behind ``logq bench``: logq's workloads beside this
+machine's floors, measured in the same run so every figure reads as a ratio.
+
+Floors: one ``os.write`` per record, the same records joined into 1 MiB
+writes, and the latency of ``fdatasync`` after a 4 KiB append.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import logq
+
+
+@dataclass
+class Result:
+    name: str
+    msgs_per_s: float
+    mb_per_s: float
+    floor: str = ""
+    floor_msgs_per_s: float = 0.0
+
+    @property
+    def ratio(self) -> float:
+        return self.msgs_per_s / self.floor_msgs_per_s if self.floor_msgs_per_s else 0.0
+
+
+def _rate(n: int, seconds: float) -> float:
+    return n / seconds if seconds > 0 else float("inf")
+
+
+def floor_write(dirpath: str, n: int, payload: bytes) -> float:
+    """Records per second with one os.write per record."""
+    path = os.path.join(dirpath, "floor-write")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        w = os.write
+        t = time.perf_counter()
+        for _ in range(n):
+            w(fd, payload)
+        return _rate(n, time.perf_counter() - t)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
+def floor_joined(dirpath: str, n: int, payload: bytes) -> float:
+    """Records per second when the records are joined and written 1 MiB at a time."""
+    path = os.path.join(dirpath, "floor-joined")
+    per_chunk = max(1, (1 << 20) // max(1, len(payload)))
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        t = time.perf_counter()
+        done = 0
+        while done < n:
+            k = min(per_chunk, n - done)
+            os.write(fd, b"".join([payload] * k))
+            done += k
+        return _rate(n, time.perf_counter() - t)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
+def floor_fdatasync(dirpath: str, rounds: int = 200) -> float:
+    """Median seconds of fdatasync after a 4 KiB append."""
+    path = os.path.join(dirpath, "floor-sync")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    block = b"\1" * 4096
+    times = []
+    try:
+        for _ in range(rounds):
+            os.write(fd, block)
+            t = time.perf_counter()
+            os.fdatasync(fd)
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+    finally:
+        os.close(fd)
+        os.unlink(path)
+
+
+def run(*, messages: int = 300_000, payload_size: int = 100, dirpath: str | None = None,
+        progress: Callable[[str], None] | None = None) -> list[Result]:
+    """Run the default workload set on a temporary queue under ``dirpath``."""
+    say = progress or (lambda s: None)
+    base = tempfile.mkdtemp(prefix="logq-bench-", dir=dirpath)
+    payload = b"x" * payload_size
+    mb = payload_size / 1e6
+    out: list[Result] = []
+    try:
+        say("floors")
+        f_write = floor_write(base, messages, payload)
+        f_joined = floor_joined(base, messages, payload)
+        f_sync = floor_fdatasync(base)
+        sync_rate = 1 / f_sync
+
+        say("put, fsync=never")
+        with logq.open(os.path.join(base, "q1"), fsync="never") as q:
+            put = q.put
+            t = time.perf_counter()
+            for _ in range(messages):
+                put(payload)
+            r = _rate(messages, time.perf_counter() - t)
+        out.append(Result("put() fsync=never", r, r * mb, "os.write per record", f_write))
+
+        say("put_many(1000), fsync=never")
+        with logq.open(os.path.join(base, "q2"), fsync="never") as q:
+            batch = [payload] * 1000
+            rounds = max(1, messages // 1000)
+            t = time.perf_counter()
+            for _ in range(rounds):
+                q.put_many(batch)
+            r = _rate(rounds * 1000, time.perf_counter() - t)
+        out.append(Result("put_many(1000) fsync=never", r, r * mb, "joined 1 MiB writes", f_joined))
+
+        say("put, fsync=always")
+        n_always = 2000
+        with logq.open(os.path.join(base, "q3"), fsync="always") as q:
+            t = time.perf_counter()
+            for _ in range(n_always):
+                q.put(payload)
+            r = _rate(n_always, time.perf_counter() - t)
+        out.append(Result("put() fsync=always, 1 thread", r, r * mb, "1 / fdatasync latency", sync_rate))
+
+        say("put, fsync=always, 8 threads")
+        with logq.open(os.path.join(base, "q4"), fsync="always") as q:
+            def worker() -> None:
+                for _ in range(n_always // 8 * 2):
+                    q.put(payload)
+            threads = [threading.Thread(target=worker) for _ in range(8)]
+            t = time.perf_counter()
+            for th in threads:
+                th.start()
+            for th in threads:
+                th.join()
+            r = _rate(n_always * 2, time.perf_counter() - t)
+        out.append(Result("put() fsync=always, 8 threads", r, r * mb, "1 / fdatasync latency", sync_rate))
+
+        say("put_many(100), fsync=always")
+        with logq.open(os.path.join(base, "q5"), fsync="always") as q:
+            batch = [payload] * 100
+            rounds = 500
+            t = time.perf_counter()
+            for _ in range(rounds):
+                q.put_many(batch)
+            r = _rate(rounds * 100, time.perf_counter() - t)
+        out.append(Result("put_many(100) fsync=always", r, r * mb, "1 / fdatasync latency", sync_rate))
+
+        say("sequential read")
+        with logq.open(os.path.join(base, "q2"), fsync="never") as q:
+            t = time.perf_counter()
+            n = 0
+            off = q.first_offset
+            while True:
+                first, got = q.read_many(off, 4096)
+                if not got:
+                    break
+                n += len(got)
+                off = first + len(got)
+            r = _rate(n, time.perf_counter() - t)
+        out.append(Result("read_many(4096) sequential", r, r * mb, "os.write per record", f_write))
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    return out
+
+
+def format_table(results: list[Result]) -> str:
+    rows = [("workload", "msgs/s", "MB/s", "floor (same run)", "floor msgs/s", "ratio")]
+    for r in results:
+        rows.append((r.name, f"{r.msgs_per_s:,.0f}", f"{r.mb_per_s:,.1f}", r.floor,
+                     f"{r.floor_msgs_per_s:,.0f}", f"{r.ratio:.2f}x"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(c.ljust(w) if i in (0, 3) else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def as_dicts(results: list[Result]) -> list[dict]:
+    return [dict(asdict(r), ratio=r.ratio) for r in results]
