@@ -1,0 +1,382 @@
+"""Shared machinery of the failure-mode suites (crash, power cut, tamper,
+concurrency, bad input): payloads that carry their own identity, child
+processes that inherit the environment (so LOGQ_PURE reaches them), a
+deadline that turns a hang into a test failure, and a reader of segment
+files that works from the bytes on disk, independently of logq's own
+bookkeeping.
+
+Child processes import this module too (``python -c "import helpers; ..."``);
+``child_env`` puts the repository and this directory on their PYTHONPATH.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Iterable, Iterator
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import logq  # noqa: E402
+from logq import _codec as C  # noqa: E402
+from logq import _format as F  # noqa: E402
+
+SEED = int(os.environ.get("LOGQ_TEST_SEED", "20240611"))
+
+
+# -- payloads with an identity ------------------------------------------------
+def payload(tag: str, i: int) -> bytes:
+    """A deterministic payload that names itself: ``tag:i:`` then 0..299
+    pseudo-random bytes (zeros and colons included) derived from both."""
+    rng = random.Random(f"{tag}/{i}")
+    return f"{tag}:{i}:".encode() + rng.randbytes(rng.randrange(300))
+
+
+def identity(p: bytes) -> tuple[str, int]:
+    """(tag, i) of a payload made by :func:`payload`; AssertionError if the
+    bytes are not exactly that payload (i.e. they are damaged or foreign)."""
+    try:
+        tag, i, _ = p.split(b":", 2)
+        key = (tag.decode(), int(i))
+    except (ValueError, UnicodeDecodeError):
+        raise AssertionError(f"not a test payload (corrupt data returned?): {p[:60]!r}") from None
+    assert p == payload(*key), f"payload {key} returned with damaged bytes: {p[:60]!r}..."
+    return key
+
+
+# -- deadlines ----------------------------------------------------------------
+class Hang(AssertionError):
+    """An operation did not finish in time (a hang is a failure, not a wait)."""
+
+
+@contextlib.contextmanager
+def deadline(seconds: float, what: str = "the operation") -> Iterator[None]:
+    """Raise :class:`Hang` in the main thread if the block runs longer than
+    ``seconds``.  Nests: an outer deadline is restored afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_alarm(signum: int, frame: Any) -> None:
+        raise Hang(f"{what} did not finish within {seconds:g}s (hung?)")
+
+    start = time.monotonic()
+    old_handler = signal.signal(signal.SIGALRM, on_alarm)
+    old_left, _ = signal.setitimer(signal.ITIMER_REAL, seconds)
+    if old_left and old_left < seconds:        # the outer deadline is sooner: keep it
+        signal.setitimer(signal.ITIMER_REAL, old_left)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old_handler)
+        if old_left:
+            signal.setitimer(signal.ITIMER_REAL, max(old_left - (time.monotonic() - start), 0.001))
+
+
+def wait_for(cond: Any, timeout: float, what: str, interval: float = 0.005) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise Hang(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(interval)
+
+
+# -- child processes ----------------------------------------------------------
+def child_env(**extra: str) -> dict[str, str]:
+    """This process's environment (LOGQ_PURE included) with the repository
+    and the tests directory on PYTHONPATH."""
+    env = dict(os.environ)
+    parts = [ROOT, TESTS] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env["PYTHONPATH"] = os.pathsep.join(parts)
+    env.update(extra)
+    return env
+
+
+class Child:
+    """A ``python -c`` child process whose output goes to a file (a pipe
+    could fill up and block it).  Always ``reap`` it."""
+
+    def __init__(self, code: str, log_path: str, *args: Any) -> None:
+        self.log_path = log_path
+        self._log = open(log_path, "wb")
+        self.proc = subprocess.Popen([sys.executable, "-c", code, *map(str, args)],
+                                     stdin=subprocess.DEVNULL, stdout=self._log,
+                                     stderr=subprocess.STDOUT, env=child_env(), cwd=TESTS)
+        self.pid = self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.reap()
+            raise Hang(f"child {self.pid} did not exit within {timeout:g}s; its output:\n{self.output()}")
+
+    def reap(self) -> None:
+        self.kill()
+        try:
+            self.proc.wait(30)
+        finally:
+            self._log.close()
+
+    def output(self) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                data = f.read()
+        except OSError:
+            return "<no output>"
+        return data[-4000:].decode(errors="replace")
+
+
+@contextlib.contextmanager
+def children() -> Iterator[list[Child]]:
+    """A list to put children in; every one is killed and reaped at exit."""
+    kids: list[Child] = []
+    try:
+        yield kids
+    finally:
+        for k in kids:
+            k.reap()
+
+
+def run_child(code: str, log_path: str, *args: Any, timeout: float = 60) -> tuple[int, str]:
+    """Run a child to completion; (returncode, output)."""
+    kid = Child(code, log_path, *args)
+    try:
+        rc = kid.wait(timeout)
+    finally:
+        kid.reap()
+    return rc, kid.output()
+
+
+# -- the producer run by crash tests ---------------------------------------------
+PRODUCER = "import helpers, sys; helpers.producer_main(sys.argv[1])"
+
+
+def producer_main(config_json: str) -> None:
+    """Put ``payload(tag, i)`` for i = 0, 1, ... and append ``off tag i`` to
+    the report file only after the call returned (and after flush() when
+    asked): every reported record was promised to survive.
+
+    config: dir, tag, report, mode ("put" | "put_many"), fsync, flush (bool),
+    segment_bytes, max_puts, batch_max, stop_file (close cleanly and exit 0
+    once it exists), pause (seconds between puts)."""
+    cfg = json.loads(config_json)
+    q = logq.open(cfg["dir"], fsync=cfg["fsync"], segment_bytes=cfg.get("segment_bytes", 4096))
+    fd = os.open(cfg["report"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    rng = random.Random(cfg["tag"])
+    tag, i = cfg["tag"], 0
+    stop_file = cfg.get("stop_file")
+    pause = cfg.get("pause", 0)
+    while i < cfg.get("max_puts", 1 << 40):
+        if stop_file and os.path.exists(stop_file):
+            break
+        if cfg.get("mode", "put") == "put_many":
+            k = rng.randint(1, cfg.get("batch_max", 8))
+            r = q.put_many([payload(tag, i + j) for j in range(k)])
+            offs = list(r)
+        else:
+            k = 1
+            offs = [q.put(payload(tag, i))]
+        if cfg.get("flush"):
+            q.flush()
+        os.write(fd, "".join(f"{o} {tag} {i + j}\n" for j, o in enumerate(offs)).encode())
+        i += k
+        if pause:
+            time.sleep(pause)
+    if stop_file:
+        q.close()
+        os.write(fd, b"closed\n")
+        return
+    while True:  # wait for the SIGKILL
+        time.sleep(1)
+
+
+def read_report(path: str) -> list[tuple[int, str, int]]:
+    """The ``off tag i`` lines of a report (a final line without its newline
+    was not finished: ignored)."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in data.split(b"\n")[:-1]:
+        parts = line.split()
+        if len(parts) == 3:
+            out.append((int(parts[0]), parts[1].decode(), int(parts[2])))
+    return out
+
+
+def count_lines(path: str) -> int:
+    try:
+        with open(path, "rb") as f:
+            return f.read().count(b"\n")
+    except FileNotFoundError:
+        return 0
+
+
+# -- checking a queue's contents ------------------------------------------------
+def verify_contents(q: logq.Queue, reported: Iterable[tuple[int, str, int]], *,
+                    max_unreported: int | None = None,
+                    tag_order: list[str] | None = None,
+                    expect_lost: int | None = 0) -> dict[tuple[str, int], int]:
+    """Check a queue written by producers of ``payload(tag, i)``:
+
+    * scan yields dense offsets first..next-1 (when no loss is expected),
+      every payload intact and a valid identity, none twice;
+    * every reported (off, tag, i) is at exactly that offset (read and scan);
+    * per tag, the stored i are 0..k with increasing offsets (no gap, no
+      reordering), and at most ``max_unreported`` beyond the last reported;
+    * tags in ``tag_order`` occupy consecutive offset ranges in that order.
+
+    Returns identity -> offset."""
+    reported = list(reported)
+    with deadline(60, "verifying the queue"):
+        first, nxt = q.first_offset, q.next_offset
+        entries = list(q.scan())
+        offs = [o for o, _ in entries]
+        if expect_lost == 0:
+            assert offs == list(range(first, nxt)), (
+                f"scan is not dense over [{first}, {nxt}): {len(offs)} records, "
+                f"missing {sorted(set(range(first, nxt)) - set(offs))[:20]}")
+            assert q.stats()["lost_records"] == 0
+        assert offs == sorted(set(offs)), "scan returned offsets out of order or twice"
+        seen: dict[tuple[str, int], int] = {}
+        for o, p in entries:
+            key = identity(p)
+            assert key not in seen, f"{key} stored twice: at offsets {seen[key]} and {o}"
+            seen[key] = o
+        for off, tag, i in reported:
+            assert seen.get((tag, i)) == off, (
+                f"reported record {tag}:{i} at offset {off} is "
+                + ("missing" if (tag, i) not in seen else f"at offset {seen[(tag, i)]}"))
+            assert q.read(off) == payload(tag, i)
+        last_reported: dict[str, int] = {}
+        for _, tag, i in reported:
+            last_reported[tag] = max(last_reported.get(tag, -1), i)
+        per_tag: dict[str, list[tuple[int, int]]] = {}
+        for (tag, i), o in seen.items():
+            per_tag.setdefault(tag, []).append((i, o))
+        for tag, items in per_tag.items():
+            items.sort()
+            assert [i for i, _ in items] == list(range(len(items))), (
+                f"producer {tag}: stored records are not a gap-free prefix "
+                f"(a record lost in the middle?): {[i for i, _ in items][:50]}")
+            assert [o for _, o in items] == sorted(o for _, o in items), (
+                f"producer {tag}: records stored out of order")
+            if max_unreported is not None:
+                extra = len(items) - 1 - last_reported.get(tag, -1)
+                assert extra <= max_unreported, (
+                    f"producer {tag}: {extra} records beyond the last reported one")
+        if tag_order:
+            ranges = [(min(o for _, o in per_tag[t]), max(o for _, o in per_tag[t]))
+                      for t in tag_order if t in per_tag]
+            for (_, a_hi), (b_lo, _) in zip(ranges, ranges[1:]):
+                assert a_hi < b_lo, "records of successive producers are interleaved"
+    return seen
+
+
+# -- the bytes on disk -------------------------------------------------------------
+def segments(qdir: str) -> list[tuple[int, str]]:
+    """(base, path) of every segment file, oldest first."""
+    out = []
+    for name in os.listdir(qdir):
+        base = F.parse_segment_name(name)
+        if base is not None:
+            out.append((base, os.path.join(qdir, name)))
+    return sorted(out)
+
+
+def scan_bytes(buf: bytes | bytearray, start: int, expected: int) -> list[tuple[int, int, int]]:
+    """(offset, position, end) of the consecutive intact records in ``buf``
+    from ``start``, the first carrying offset ``expected``."""
+    h = C.handle(bytearray(buf))
+    try:
+        n, stop, status, fields = C.scan(h, start, len(buf), expected, 1 << 40, True)
+    finally:
+        C.release(h)
+    out = []
+    fields = fields or []
+    for k in range(n):
+        pos, ppos, plen = fields[k * F.SCAN_FIELDS:k * F.SCAN_FIELDS + 3]
+        out.append((expected + k, pos, ppos + plen))
+    return out
+
+
+def segment_records(path: str, base: int) -> list[tuple[int, int, int]]:
+    with open(path, "rb") as f:
+        buf = f.read()
+    return scan_bytes(buf, F.SEGMENT_HEADER_SIZE, base)
+
+
+def record_map(qdir: str) -> dict[int, tuple[str, int, int]]:
+    """offset -> (segment path, position, end) for every record on disk."""
+    out = {}
+    for base, path in segments(qdir):
+        for off, pos, end in segment_records(path, base):
+            out[off] = (path, pos, end)
+    return out
+
+
+def checkpoint(qdir: str) -> tuple[int, int, int] | None:
+    """The (segment base, position, next offset) checkpoint in the index,
+    read with LMDB directly (read-only, no lock)."""
+    import lmdb
+    idx = os.path.join(qdir, F.INDEX_DIR)
+    if not os.path.exists(os.path.join(idx, "data.mdb")):
+        return None
+    env = lmdb.open(idx, readonly=True, lock=False, max_dbs=16, subdir=True)
+    try:
+        db = env.open_db(b"main", create=False)
+        with env.begin() as t:
+            raw = t.get(b"checkpoint", db=db)
+    finally:
+        env.close()
+    return struct.unpack("<QQQ", raw) if raw else None
+
+
+def segment_header(base: int, version: int = F.FORMAT_VERSION) -> bytes:
+    """A segment header with a correct CRC (for any version)."""
+    head = F.SEGMENT_HEADER.pack(F.SEGMENT_MAGIC, version, F.SEGMENT_HEADER_SIZE, 0, base, 0)
+    crc = F.mask_crc(C.crc32c(head[:F.SEGMENT_HEADER_CRC_AT]))
+    return head[:F.SEGMENT_HEADER_CRC_AT] + struct.pack("<I", crc)
+
+
+def write_at(path: str, pos: int, data: bytes) -> None:
+    with open(path, "r+b") as f:
+        f.seek(pos)
+        f.write(data)
+
+
+def build_queue(qdir: str, n: int, tag: str = "t", *, segment_bytes: int = 4096,
+                read_all: bool = False) -> list[bytes]:
+    """A closed queue of ``n`` records ``payload(tag, i)`` at offsets 0..n-1.
+    With ``read_all`` every record is read before closing, so the sealed
+    segments' sparse indexes are stored in the index."""
+    items = [payload(tag, i) for i in range(n)]
+    with logq.open(qdir, fsync="batch", segment_bytes=segment_bytes) as q:
+        for k in range(0, n, 7):
+            q.put_many(items[k:k + 7])
+        assert q.next_offset == n
+        if read_all:
+            assert [p for _, p in q.scan()] == items
+    return items
