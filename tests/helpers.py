@@ -137,13 +137,14 @@ class Child:
         finally:
             self._log.close()
 
-    def output(self) -> str:
+    def output(self, limit: int | None = 4000) -> str:
+        """The child's output so far (its last ``limit`` bytes)."""
         try:
             with open(self.log_path, "rb") as f:
                 data = f.read()
         except OSError:
             return "<no output>"
-        return data[-4000:].decode(errors="replace")
+        return (data[-limit:] if limit else data).decode(errors="replace")
 
 
 @contextlib.contextmanager
@@ -158,13 +159,13 @@ def children() -> Iterator[list[Child]]:
 
 
 def run_child(code: str, log_path: str, *args: Any, timeout: float = 60) -> tuple[int, str]:
-    """Run a child to completion; (returncode, output)."""
+    """Run a child to completion; (returncode, all its output)."""
     kid = Child(code, log_path, *args)
     try:
         rc = kid.wait(timeout)
     finally:
         kid.reap()
-    return rc, kid.output()
+    return rc, kid.output(None)
 
 
 # -- the producer run by crash tests ---------------------------------------------
@@ -380,3 +381,31 @@ def build_queue(qdir: str, n: int, tag: str = "t", *, segment_bytes: int = 4096,
         if read_all:
             assert [p for _, p in q.scan()] == items
     return items
+
+
+CHECK_QUEUES = "import helpers, sys; helpers.check_queues_main(sys.argv[1:])"
+
+
+def check_queues_main(args: list[str]) -> None:
+    """Child entry: for each ``dir:n:tag`` open the queue, check it holds
+    exactly payload(tag, 0..n-1), put one more record, reopen and read it.
+    Prints ``ok DIR`` or ``fail DIR: why`` after each (so that a crash, which
+    prints neither, names the queue it died on)."""
+    for arg in args:
+        qdir, n, tag = arg.rsplit(":", 2)
+        n = int(n)
+        print("checking", qdir, flush=True)
+        try:
+            with logq.open(qdir, segment_bytes=4096) as q:
+                got = list(q.scan())
+                assert [o for o, _ in got] == list(range(n)), f"offsets {[o for o, _ in got][:20]}..."
+                assert all(p == payload(tag, o) for o, p in got), "damaged payload returned"
+                assert q.stats()["lost_records"] == 0
+                assert q.put(b"new") == n
+            with logq.open(qdir) as q:
+                assert q.read(n) == b"new"
+                assert q.next_offset == n + 1
+        except Exception as e:  # noqa: BLE001 - reported to the parent
+            print(f"fail {qdir}: {type(e).__module__}.{type(e).__name__}: {e}", flush=True)
+        else:
+            print("ok", qdir, flush=True)
