@@ -409,3 +409,86 @@ def check_queues_main(args: list[str]) -> None:
             print(f"fail {qdir}: {type(e).__module__}.{type(e).__name__}: {e}", flush=True)
         else:
             print("ok", qdir, flush=True)
+
+
+# -- the producers and reader run by concurrency tests ------------------------------
+CONCURRENT = "import helpers, sys; helpers.concurrent_main(sys.argv[1])"
+READER = "import helpers, sys; helpers.reader_main(sys.argv[1])"
+
+
+def _wait_go(cfg: dict) -> None:
+    open(cfg["ready"], "w").close()
+    end = time.monotonic() + 60
+    while not os.path.exists(cfg["go"]):
+        if time.monotonic() > end:
+            raise SystemExit("no go signal")
+        time.sleep(0.001)
+
+
+def concurrent_main(config_json: str) -> None:
+    """Child entry: ``threads`` threads share one Queue and put ``per_thread``
+    payloads each (thread 0 with put_many in threes); every thread's
+    (offset, tag, i) list is checked by reading back, then written as JSON.
+
+    config: dir, fsync, tag, threads, per_thread, ready, go, result."""
+    cfg = json.loads(config_json)
+    q = logq.open(cfg["dir"], fsync=cfg["fsync"], segment_bytes=4096)
+    _wait_go(cfg)
+    results: list[list[tuple[int, str, int]]] = [[] for _ in range(cfg["threads"])]
+    errors: list[BaseException] = []
+
+    def worker(t: int) -> None:
+        tag, out, i, per = f"{cfg['tag']}t{t}", results[t], 0, cfg["per_thread"]
+        try:
+            while i < per:
+                if t == 0:
+                    items = [payload(tag, i + j) for j in range(min(3, per - i))]
+                    out += [(o, tag, i + j) for j, o in enumerate(q.put_many(items))]
+                    i += len(items)
+                else:
+                    out.append((q.put(payload(tag, i)), tag, i))
+                    i += 1
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(cfg["threads"])]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    if errors:
+        raise errors[0]
+    for out in results:
+        for o, tag, i in out:
+            assert q.read(o) == payload(tag, i), f"read({o}) in the process that put it"
+    q.close()
+    with open(cfg["result"] + ".tmp", "w") as f:
+        json.dump([r for out in results for r in out], f)
+    os.rename(cfg["result"] + ".tmp", cfg["result"])
+
+
+def reader_main(config_json: str) -> None:
+    """Child entry: follow the queue from offset 0 while others put, until
+    ``n`` records were seen, checking every payload; write [(off, tag, i)].
+
+    config: dir, n, ready, go, result."""
+    cfg = json.loads(config_json)
+    q = logq.open(cfg["dir"], fsync="never", segment_bytes=4096)
+    _wait_go(cfg)
+    seen: list[tuple[int, str, int]] = []
+    off, end = 0, time.monotonic() + 90
+    while off < cfg["n"]:
+        if time.monotonic() > end:
+            raise SystemExit(f"reader stuck at offset {off} of {cfg['n']}")
+        first, payloads = q.read_many(off, 500)
+        assert not payloads or first == off, f"records {off}..{first - 1} skipped as lost"
+        for k, p in enumerate(payloads):
+            tag, i = identity(p)
+            seen.append((first + k, tag, i))
+        off = first + len(payloads)
+        if not payloads:
+            time.sleep(0.001)
+    q.close()
+    with open(cfg["result"] + ".tmp", "w") as f:
+        json.dump(seen, f)
+    os.rename(cfg["result"] + ".tmp", cfg["result"])

@@ -233,3 +233,17 @@ def test_holder_killed_mid_roll_does_not_shadow_the_next_record(tmp_path):
         assert q.next_offset == 4, "an acknowledged record vanished after reopen"
         assert q.read(3) == b"acknowledged"
         assert q.put(b"later") == 4
+
+
+def test_creator_killed_before_the_meta_file_was_published(tmp_path):
+    """A process creating a queue writes logq.meta.<pid>.tmp and links it to
+    logq.meta.  Killed between the two, it leaves a directory holding only
+    the temporary file: that is a queue nobody finished creating, and the
+    next open must finish the job (not call it a foreign directory forever)."""
+    qdir = tmp_path / "q"
+    qdir.mkdir()
+    (qdir / "logq.meta.4242.tmp").write_text("logq-queue\nversion 1\nid 0123456789abcdef0123456789abcdef\n")
+    with logq.open(qdir, fsync="always", segment_bytes=4096) as q:
+        assert q.put(b"first") == 0
+    with logq.open(qdir) as q:
+        assert q.read(0) == b"first"
