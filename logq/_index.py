@@ -26,7 +26,7 @@ from typing import Any, Callable, TypeVar
 import lmdb
 
 from logq import _format as F
-from logq._errors import DiskFullError, LogqError
+from logq._errors import CorruptionError, DiskFullError
 from logq._fsutil import fsync_dir
 
 log = logging.getLogger("logq")
@@ -87,23 +87,46 @@ class Index:
     """One LMDB environment in ``<queue>/index``, shared by every process that
     has the queue open.  Thread-safe; every write is one durable transaction."""
 
-    def __init__(self, qdir: str) -> None:
+    def __init__(self, qdir: str, *, may_rebuild: bool = True) -> None:
+        """Open (or create) the environment.  With ``may_rebuild`` (no other
+        process has the queue open), a damaged one is quarantined and
+        replaced; otherwise damage raises CorruptionError."""
         self.path = os.path.join(qdir, F.INDEX_DIR)
         self.qdir = qdir
         self.rebuilt = False
         problem = lmdb_file_problem(os.path.join(self.path, "data.mdb"))
         if problem is not None:
+            if not may_rebuild:
+                raise CorruptionError(f"index {self.path} is damaged ({problem}); close every "
+                                      "process using the queue and open it again to rebuild it")
             self._quarantine(problem)
         try:
-            self.env = self._open()
+            self._open_and_probe()
         except lmdb.Error as e:
-            self._quarantine(f"LMDB refused it: {e}")
-            self.env = self._open()
-        self.main = self.env.open_db(b"main")
-        self.segments = self.env.open_db(b"segments")
-        self.groups = self.env.open_db(b"groups")
+            if not may_rebuild:
+                raise CorruptionError(f"index {self.path} is damaged ({e}); close every process "
+                                      "using the queue and open it again to rebuild it") from e
+            self._quarantine(f"LMDB reports: {e}")
+            self._open_and_probe()
         if self.get(K_CHECKPOINT) is None:
             self.rebuilt = True
+
+    def _open_and_probe(self) -> None:
+        """Open the environment and touch every page of it once, so that
+        damage is found now (and repaired) rather than in a later write."""
+        self.env = self._open()
+        try:
+            self.main = self.env.open_db(b"main")
+            self.segments = self.env.open_db(b"segments")
+            self.groups = self.env.open_db(b"groups")
+            with self.env.begin(write=True) as txn:
+                for db in (self.main, self.segments, self.groups):
+                    for _ in txn.cursor(db=db).iternext(keys=True, values=True):
+                        pass
+                txn.put(b"probe", b"", db=self.main)
+        except BaseException:
+            self.env.close()
+            raise
 
     def _open(self) -> lmdb.Environment:
         os.makedirs(self.path, exist_ok=True)
@@ -143,7 +166,8 @@ class Index:
             except lmdb.Error as e:
                 if "No space" in str(e):
                     raise DiskFullError(28, f"no space to commit the index in {self.path}") from e
-                raise LogqError(f"index {self.path}: {e}") from e
+                raise CorruptionError(f"index {self.path}: {e}; close every process using the "
+                                      "queue and open it again to rebuild the index") from e
 
     def read(self, fn: Callable[[Any], T]) -> T:
         while True:

@@ -88,6 +88,8 @@ def init_dir(qdir: str) -> str:
         os.makedirs(qdir, exist_ok=True)
     except FileExistsError:
         raise NotAQueueError(f"{qdir} exists and is not a directory") from None
+    except OSError as e:
+        raise type(e)(e.errno, f"cannot create the queue directory {qdir}: {e.strerror}") from e
     if any(not n.startswith(".") for n in os.listdir(qdir)):
         if not os.path.exists(meta):
             raise NotAQueueError(f"{qdir} is not empty and has no {F.META_FILE}: not a logq queue")

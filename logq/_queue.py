@@ -69,7 +69,7 @@ def _check_seconds(name: str, value: Any) -> None:
 
 
 def _as_bytes(data: Any) -> bytes:
-    if isinstance(data, (bytearray, memoryview)):
+    if isinstance(data, (bytes, bytearray, memoryview)):
         return bytes(data)
     raise TypeError(f"a message must be bytes, bytearray or memoryview, not {type(data).__name__}")
 
@@ -114,7 +114,7 @@ class Queue:
         self._max = opts.max_message_bytes
         lg = Log(self.path, segment_bytes=opts.segment_bytes)
         try:
-            self._index = Index(self.path)
+            self._index = Index(self.path, may_rebuild=lg.alone)
             lg.sparse_source = self._index.sparse
             if lg.alone:
                 rec = lg.recover(self._index.checkpoint(), self._index.was_clean())
@@ -192,16 +192,23 @@ class Queue:
         """Append messages in order; their offsets.  Every item is checked
         before anything is written: one bad item (TypeError,
         MessageTooLargeError) stores none of them."""
-        batch = [x if type(x) is bytes else _as_item(x, i) for i, x in enumerate(items)]
+        batch = items if type(items) is list or type(items) is tuple else list(items)
         if not batch:
-            with self._lock:
-                return range(self._open_log().next, self._open_log().next)
+            return range(self.next_offset, self.next_offset)
+        try:
+            joined = b"".join(batch)    # also the type check, in C
+        except TypeError:
+            batch = [x if type(x) is bytes else _as_item(x, i) for i, x in enumerate(batch)]
+            joined = b"".join(batch)
         lengths = array("I", map(len, batch))
+        if len(joined) != sum(lengths):
+            # A memoryview whose items are not bytes: len() counts items.
+            batch = [x if type(x) is bytes else _as_item(x, i) for i, x in enumerate(batch)]
+            lengths = array("I", map(len, batch))
         if max(lengths) > self._max:
             i = max(range(len(batch)), key=lengths.__getitem__)
             raise MessageTooLargeError(
                 f"item {i} of put_many is {lengths[i]} bytes, over max_message_bytes={self._max}; nothing was stored")
-        joined = b"".join(batch)
         with self._lock:
             lg = self._open_log()
             if self._failed is not None:
@@ -351,12 +358,11 @@ class Queue:
                                       f"{self._first(lg)} retained in {self.path}")
                 return offset, []
             seg, limit = loc
-            found = seg.seek(offset, limit)
-            if found is None:
+            run = seg.read_run(offset, max_records, limit)
+            if run is None:
                 offset = limit      # the rest of this segment was lost: go on
                 continue
-            pos, at = found
-            fields = seg.read_fields(pos, at, min(max_records, limit - at))
+            at, fields = run
             mm = seg.mm
             out = [mm[p:p + n] for p, n in zip(fields[1::5], fields[2::5])]
             if not seg.stored and seg.known_next >= limit and seg.base < lg.active.base:

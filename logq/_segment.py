@@ -184,33 +184,36 @@ class Segment:
     def seek(self, offset: int, limit: int) -> tuple[int, int] | None:
         """(position, offset) of the first intact record at or after
         ``offset`` and below ``limit``, or None if there is none."""
-        while offset < limit:
+        while True:
             self.extend(offset, limit)
-            if offset >= self.known_next:
-                return None
             skip = self._lost_end(offset)
-            if skip is not None:
-                offset = skip
-                continue
-            i = (offset - self.base) // _STRIDE
-            pos = self.sparse[i]
-            floor = self.base + i * _STRIDE
-            at = self.offset_at(pos) if pos + F.RECORD_HEADER_SIZE <= self.size else -1
-            if not floor <= at <= offset:
-                at = floor  # damaged since the index was built: the scan below finds out
+            if skip is None:
+                break
+            offset = skip
+        if offset >= min(limit, self.known_next):
+            return None
+        i = (offset - self.base) // _STRIDE
+        pos = self.sparse[i]
+        floor = self.base + i * _STRIDE
+        at = self.offset_at(pos) if pos + F.RECORD_HEADER_SIZE <= self.size else -1
+        if not floor <= at <= offset:
+            at = floor  # damaged since the index was built: the scan below finds out
+        while True:
             n, stop, status, fields = C.scan(self.h, pos, self.size, at, offset - at + 1, True)
             if n == offset - at + 1:
                 return fields[-F.SCAN_FIELDS], offset
-            # Damage discovered after this part was indexed (a stored index,
-            # or bytes changed underneath): record it and look again.
+            # Damage found in a part that was already indexed (a stored
+            # index, or bytes changed since): record it, skip to what follows.
             bad = at + n
             found = C.find_next(self.h, stop, self.size, bad, limit - 1)
             resume = self.offset_at(found) if found >= 0 else limit
             if not any(a <= bad < b for a, b in self.lost):
                 self._lose(bad, resume, stop, F.SCAN_REASONS[status])
+            if found < 0:
+                return None
             if offset < resume:
-                return (found, resume) if found >= 0 else None
-        return None
+                return found, resume
+            pos, at = found, resume
 
     def _lost_end(self, offset: int) -> int | None:
         for a, b in self.lost:
@@ -218,10 +221,33 @@ class Segment:
                 return b
         return None
 
-    def read_fields(self, pos: int, offset: int, max_records: int) -> list[int]:
-        """SCAN_FIELDS integers for up to ``max_records`` consecutive intact
-        records starting with ``offset`` at ``pos``."""
-        return C.scan(self.h, pos, self.size, offset, max_records, True)[3] or []
+    def read_run(self, offset: int, max_records: int, limit: int) -> tuple[int, list[int]] | None:
+        """(first offset, SCAN_FIELDS integers per record) for up to
+        ``max_records`` consecutive intact records from the first intact one
+        at or after ``offset`` and below ``limit``; None if there is none."""
+        while True:
+            if offset == self.known_next and offset < limit:
+                found: tuple[int, int] | None = (self.known_pos, offset)  # reading at the frontier
+            else:
+                found = self.seek(offset, limit)
+            if found is None:
+                return None
+            pos, at = found
+            n, stop, _, fields = C.scan(self.h, pos, self.size, at, min(max_records, limit - at), True)
+            if n == 0:
+                # Damage at the frontier: let extend() record and skip it.
+                self.extend(at, limit)
+                offset = at
+                continue
+            if at == self.known_next and pos == self.known_pos:
+                # These records are now validated: extend the sparse index.
+                first = (-(at - self.base)) % _STRIDE
+                for j in range(first, n, _STRIDE):
+                    if len(self.sparse) == (at + j - self.base) // _STRIDE:
+                        self.sparse.append(fields[j * F.SCAN_FIELDS])
+                self.known_pos = stop
+                self.known_next = at + n
+            return at, fields
 
     def close(self) -> None:
         if self.h is not None:
