@@ -103,7 +103,7 @@ def check(c: Clone, *, lost: set[int] = frozenset(), end: int | set[int] = N, wh
     next_offset (or the set of acceptable ones: records from the end on are
     gone).  Then new puts, and a reopen."""
     ends = {end} if isinstance(end, int) else set(end)
-    with deadline(5, f"reading the tampered queue {what}"):
+    with deadline(4, f"reading the tampered queue {what}"):
         with logq.open(c.dir, fsync="batch", segment_bytes=4096) as q:
             nxt = q.next_offset
             assert nxt in ends, f"{what}: the queue ends at {nxt}, expected one of {sorted(ends)}"
@@ -213,7 +213,7 @@ def test_damage_after_the_sparse_index_was_used(plain):
     later reads must not return the damaged bytes either."""
     _, path = plain.sealed[1]
     recs = plain.in_segment(path)
-    with deadline(5, "reading after damage under an open queue"):
+    with deadline(4, "reading after damage under an open queue"):
         with logq.open(plain.dir, segment_bytes=4096) as q:
             assert [p for _, p in q.scan()] == plain.items
             victim, p, e = recs[len(recs) // 2]
