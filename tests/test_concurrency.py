@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import threading
 import time
 
@@ -249,9 +250,14 @@ def test_queue_used_after_fork_raises(tmp_path):
             finally:
                 os._exit(code)
         os.close(w)
-        with os.fdopen(r, "rb") as f:
-            report = f.read().decode()
-        _, status = os.waitpid(pid, 0)
+        report = None
+        try:
+            with deadline(30, "the forked child"), os.fdopen(r, "rb") as f:
+                report = f.read().decode()
+        finally:
+            if report is None:
+                os.kill(pid, signal.SIGKILL)
+            _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0, report
         lines = report.splitlines()
         for name, line in zip(FORK_CHILD_CHECKS, lines):

@@ -83,7 +83,9 @@ def test_sigkill_rounds_keep_every_reported_message(tmp_path, mode):
         assert list(r) == [end + 1, end + 2]
     with logq.open(qdir) as q:
         assert q.read(end) == b"after-crashes"
-        assert q.read_many(end, 10) == (end, [b"after-crashes", b"a", b"b"])
+        assert list(q.scan(end)) == [(end, b"after-crashes"), (end + 1, b"a"), (end + 2, b"b")]
+        first, run = q.read_many(end, 10)      # may stop at a segment boundary
+        assert first == end and run == [b"after-crashes", b"a", b"b"][:len(run)] and run
         assert q.stats()["last_shutdown_clean"] is True
         assert q.stats()["lost_records"] == 0
 
