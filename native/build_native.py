@@ -1,0 +1,36 @@
+"""cffi build script (out-of-line API mode) for ``logq._native``.
+
+Used by setup.py (``cffi_modules``); run directly to build in place::
+
+    python native/build_native.py
+"""
+
+import os
+
+from cffi import FFI
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+
+ffibuilder = FFI()
+with open(os.path.join(HERE, "logq_native.h")) as f:
+    ffibuilder.cdef(f.read())
+
+ffibuilder.set_source(
+    "logq._native",
+    "#include <stddef.h>\n#include <stdint.h>\n#include \"logq_native.h\"\n",
+    sources=["native/logq_native.c"],
+    include_dirs=["native"],
+    extra_compile_args=["-O2"],
+    depends=["native/logq_native.c", "native/logq_native.h"],
+)
+
+if __name__ == "__main__":
+    os.chdir(ROOT)
+    ffibuilder.compile(tmpdir="build/cffi", verbose=True)
+    # compile() leaves the module under tmpdir; put it next to the package
+    import glob
+    import shutil
+    for so in glob.glob("build/cffi/logq/_native*"):
+        if so.endswith((".so", ".pyd")):
+            shutil.copy(so, "logq/")

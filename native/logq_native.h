@@ -1,0 +1,100 @@
+/* logq native codec: the C twin of logq/_codec_py.py.
+ *
+ * This header is fed verbatim to cffi's cdef() by native/build_native.py, so
+ * it holds only what cffi can parse: #defines of integer constants and
+ * function prototypes (no #include, no include guard, no expressions).
+ * Include <stdint.h> and <stddef.h> before it.
+ *
+ * The LOGQ_* constants mirror logq/_format.py (tests/test_codec.py checks
+ * that they agree); LOGQ_E_* are this codec's negative return codes.
+ */
+
+#define LOGQ_FORMAT_VERSION 1
+#define LOGQ_SEGMENT_HEADER_SIZE 32
+#define LOGQ_SEGMENT_HEADER_CRC_AT 28
+#define LOGQ_RECORD_HEADER_SIZE 28
+#define LOGQ_RECORD_CRC_START 4
+#define LOGQ_RECORD_MARK 0x80
+#define LOGQ_FLAG_DELIVER_AT 0x01
+#define LOGQ_FLAG_KEY 0x02
+#define LOGQ_FLAGS_KNOWN 0x83
+#define LOGQ_DELIVER_AT_SIZE 8
+#define LOGQ_MAX_PAYLOAD 0x40000000
+#define LOGQ_MAX_META 0xFFFF
+#define LOGQ_MAX_KEY 0xFFF7
+#define LOGQ_CRC_MASK_DELTA 0xA282EAD8
+
+#define LOGQ_SCAN_OK 0
+#define LOGQ_SCAN_END 1
+#define LOGQ_SCAN_TRUNCATED 2
+#define LOGQ_SCAN_BAD_HEADER 3
+#define LOGQ_SCAN_BAD_CRC 4
+#define LOGQ_SCAN_BAD_OFFSET 5
+#define LOGQ_SCAN_FIELDS 5
+
+#define LOGQ_CONTROL_SIZE 4096
+#define LOGQ_CTL_TAIL_BASE 8
+#define LOGQ_CTL_TAIL_POS 16
+#define LOGQ_CTL_TAIL_NEXT 24
+#define LOGQ_CTL_WANT 32
+#define LOGQ_CTL_HOLDER 40
+#define LOGQ_CTL_GENERATION 48
+#define LOGQ_CTL_WAITERS 56
+
+#define LOGQ_SPARSE_STRIDE 64
+
+/* Negative results of the encoders (positions are never negative). */
+#define LOGQ_E_NOFIT -1   /* the record(s) do not fit before end; nothing written */
+#define LOGQ_E_WANT -2    /* append: the control block's WANT word is set; nothing written */
+#define LOGQ_E_ARG -3     /* a field value does not fit its header field; nothing written */
+
+/* CRC32C (Castagnoli) continuing from crc (0 to start); crcmod's "crc-32c"
+ * convention: crc32c(crc32c(0, a), b) == crc32c(0, a + b). */
+uint32_t logq_crc32c(uint32_t crc, const uint8_t *data, size_t len);
+/* The same, always through the portable slicing-by-8 tables. */
+uint32_t logq_crc32c_sw(uint32_t crc, const uint8_t *data, size_t len);
+/* 1 if logq_crc32c uses a CPU instruction (SSE4.2 or ARMv8 CRC32), else 0. */
+int logq_crc32c_hw(void);
+
+/* One record at buf[pos]; the new position or LOGQ_E_NOFIT / LOGQ_E_ARG. */
+int64_t logq_encode(uint8_t *buf, uint64_t pos, uint64_t end, uint64_t offset,
+                    uint64_t ts, const uint8_t *payload, uint64_t len,
+                    uint32_t priority, uint32_t flags,
+                    const uint8_t *meta, uint64_t meta_len);
+
+/* n records whose payloads are consecutive slices of joined (lengths[i]
+ * bytes each), offsets first_offset, first_offset + 1, ...; all or nothing. */
+int64_t logq_encode_batch(uint8_t *buf, uint64_t pos, uint64_t end,
+                          uint64_t first_offset, uint64_t ts,
+                          const uint8_t *joined, const uint32_t *lengths,
+                          uint64_t n, uint32_t priority);
+
+/* logq_encode_batch with the exact semantics of _codec_py.encode_batch when
+ * joined holds joined_len bytes: the fit check counts joined_len, and a
+ * payload running past joined_len is cut short there. */
+int64_t logq_encode_batch_n(uint8_t *buf, uint64_t pos, uint64_t end,
+                            uint64_t first_offset, uint64_t ts,
+                            const uint8_t *joined, uint64_t joined_len,
+                            const uint32_t *lengths, uint64_t n,
+                            uint32_t priority);
+
+/* The put hot path: encode with the current time (CLOCK_REALTIME ns),
+ * priority 0, no meta.  ctl (or NULL) is the control block: LOGQ_E_WANT
+ * while its WANT word is nonzero; after writing, the new position and
+ * offset + 1 are published to CTL_TAIL_POS and CTL_TAIL_NEXT. */
+int64_t logq_append(uint8_t *buf, uint64_t pos, uint64_t end, uint64_t offset,
+                    const uint8_t *payload, uint64_t len, uint8_t *ctl);
+
+/* Validate records in [start, end) carrying expected_offset, +1, ...; at most
+ * max_records.  Returns the count; result[0] = stop position, result[1] =
+ * status (LOGQ_SCAN_*); fields (or NULL) gets LOGQ_SCAN_FIELDS values per
+ * record: position, payload position, payload length, timestamp,
+ * meta_len | priority << 16 | flags << 24. */
+int64_t logq_scan(const uint8_t *buf, uint64_t start, uint64_t end,
+                  uint64_t expected_offset, uint64_t max_records,
+                  uint64_t *fields, uint64_t *result);
+
+/* The smallest position p >= start where an intact record with
+ * min_offset <= offset <= max_offset lies wholly before end; -1 if none. */
+int64_t logq_find_next(const uint8_t *buf, uint64_t start, uint64_t end,
+                       uint64_t min_offset, uint64_t max_offset);
