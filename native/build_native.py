@@ -1,6 +1,7 @@
 """cffi build script (out-of-line API mode) for ``logq._native``.
 
-Used by setup.py (``cffi_modules``); run directly to build in place::
+Used by setup.py (``cffi_modules``); run directly to build
+``logq/_native*.so`` in place (same as ``python setup.py build_ext --inplace``)::
 
     python native/build_native.py
 """
@@ -26,11 +27,8 @@ ffibuilder.set_source(
 )
 
 if __name__ == "__main__":
-    os.chdir(ROOT)
-    ffibuilder.compile(tmpdir="build/cffi", verbose=True)
-    # compile() leaves the module under tmpdir; put it next to the package
-    import glob
-    import shutil
-    for so in glob.glob("build/cffi/logq/_native*"):
-        if so.endswith((".so", ".pyd")):
-            shutil.copy(so, "logq/")
+    # The paths above are relative to the repository root, as setuptools wants
+    # them: build through setup.py, in place.
+    import subprocess
+    import sys
+    subprocess.check_call([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=ROOT)
