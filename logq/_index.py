@@ -19,6 +19,7 @@ import logging
 import os
 import struct
 import sys
+import threading
 import time
 from array import array
 from typing import Any, Callable, TypeVar
@@ -83,9 +84,47 @@ def lmdb_file_problem(path: str) -> str | None:
     return None
 
 
+_shared: dict[str, "Index"] = {}
+_shared_lock = threading.Lock()
+
+
+def open_index(qdir: str, *, may_rebuild: bool) -> "Index":
+    """The Index of ``qdir`` for this process.  LMDB forbids opening one
+    environment twice in a process, so Queue objects on the same directory
+    share one, counted; ``Index.close`` closes it with the last of them."""
+    key = os.path.realpath(qdir)
+    with _shared_lock:
+        idx = _shared.get(key)
+        if idx is None or idx.pid != os.getpid():
+            idx = _shared[key] = Index(qdir, may_rebuild=may_rebuild)
+            idx.key = key
+        idx.users += 1
+        return idx
+
+
+def _after_fork_in_child() -> None:
+    # The child must not use the parent's environments (LMDB forbids it),
+    # and py-lmdb refuses to open them again while they look open: close
+    # them.  This touches only the child's copies (LMDB clears reader slots
+    # of the calling pid only, and fcntl locks are not inherited).
+    for idx in list(_shared.values()):
+        try:
+            idx.env.close()
+        except Exception:  # pragma: no cover - nothing more can be done in the child
+            pass
+    _shared.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class Index:
     """One LMDB environment in ``<queue>/index``, shared by every process that
-    has the queue open.  Thread-safe; every write is one durable transaction."""
+    has the queue open.  Thread-safe; every write is one durable transaction.
+    Open it with :func:`open_index`."""
+
+    users = 0
+    key = ""
 
     def __init__(self, qdir: str, *, may_rebuild: bool = True) -> None:
         """Open (or create) the environment.  With ``may_rebuild`` (no other
@@ -93,6 +132,7 @@ class Index:
         replaced; otherwise damage raises CorruptionError."""
         self.path = os.path.join(qdir, F.INDEX_DIR)
         self.qdir = qdir
+        self.pid = os.getpid()
         self.rebuilt = False
         problem = lmdb_file_problem(os.path.join(self.path, "data.mdb"))
         if problem is not None:
@@ -231,5 +271,11 @@ class Index:
         self.write(fn)
 
     def close(self) -> None:
+        with _shared_lock:
+            self.users -= 1
+            if self.users > 0:
+                return
+            if _shared.get(self.key) is self:
+                del _shared[self.key]
         self.env.close()
 

@@ -90,7 +90,9 @@ def init_dir(qdir: str) -> str:
         raise NotAQueueError(f"{qdir} exists and is not a directory") from None
     except OSError as e:
         raise type(e)(e.errno, f"cannot create the queue directory {qdir}: {e.strerror}") from e
-    if any(not n.startswith(".") for n in os.listdir(qdir)):
+    # Another process may be creating the queue right now: its temporary
+    # meta file does not make the directory foreign.
+    if any(not n.startswith((".", F.META_FILE + ".")) for n in os.listdir(qdir)):
         if not os.path.exists(meta):
             raise NotAQueueError(f"{qdir} is not empty and has no {F.META_FILE}: not a logq queue")
     tmp = f"{meta}.{os.getpid()}.tmp"
@@ -372,14 +374,23 @@ class Log:
 
     def _repair_after(self, pid: int) -> None:
         """The previous holder died holding the lock: keep the records it
-        finished past the published tail, zero the one it was writing."""
-        seg = self.active
-        pos, nxt, _ = scan_tail(seg, self.pos, self.next, resync=False)
+        finished past the published tail (following it into any segment it
+        rolled to), and zero the one it was writing."""
+        self.refresh_bases()
+        seg, pos, nxt = self.active, self.pos, self.next
+        while True:
+            pos, nxt, _ = scan_tail(seg, pos, nxt, resync=False)
+            later = [b for b in self.bases if b > seg.base]
+            if not later:
+                break
+            seg, pos, nxt = self.segment(later[0]), F.SEGMENT_HEADER_SIZE, later[0]
+            seg.refresh_size()
         cut = _torn_extent(seg, pos)
         if cut > pos:
             seg.mm[pos:cut] = bytes(cut - pos)
             log.warning("segment %s: process %d died while appending; zeroed %d torn bytes at %d",
                         seg.path, pid, cut - pos, pos)
+        self.active, self.h = seg, seg.h
         self.pos, self.next = pos, nxt
         self.publish()
 

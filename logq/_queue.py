@@ -24,7 +24,7 @@ from logq import _codec as C
 from logq import _format as F
 from logq._errors import (LogqError, MessageTooLargeError, OffsetError, QueueClosedError,
                           RecordLostError)
-from logq._index import Index
+from logq._index import open_index
 from logq._log import Log, Recovery
 
 log = logging.getLogger("logq")
@@ -114,7 +114,7 @@ class Queue:
         self._max = opts.max_message_bytes
         lg = Log(self.path, segment_bytes=opts.segment_bytes)
         try:
-            self._index = Index(self.path, may_rebuild=lg.alone)
+            self._index = open_index(self.path, may_rebuild=lg.alone)
             lg.sparse_source = self._index.sparse
             if lg.alone:
                 rec = lg.recover(self._index.checkpoint(), self._index.was_clean())
