@@ -262,6 +262,17 @@ def test_newest_segment_replaced_by_empty_file(plain):
           what="[newest segment emptied]")
 
 
+@pytest.mark.parametrize("variant", ["plain", "indexed"])
+def test_sealed_segment_deleted(pristine, tmp_path, variant):
+    """A sealed segment in the middle vanishes: its records are lost (never
+    made up from the neighbours' bytes), everything else is served."""
+    c = Clone(pristine[variant], tmp_path / "q")
+    base, path = c.sealed[3]
+    gone = {o for o, _, _ in c.in_segment(path)}
+    os.unlink(path)
+    check(c, lost=gone, what=f"[sealed segment {base} deleted]")
+
+
 # -- format versions -------------------------------------------------------------------
 def test_unknown_version_in_meta(plain):
     meta = os.path.join(plain.dir, F.META_FILE)
