@@ -179,9 +179,11 @@ def producer_main(config_json: str) -> None:
 
     config: dir, tag, report, mode ("put" | "put_many"), fsync, flush (bool),
     segment_bytes, max_puts, batch_max, stop_file (close cleanly and exit 0
-    once it exists), pause (seconds between puts)."""
+    once it exists), pause (seconds between puts), flush_every (flush after
+    every that many puts and report ``F offset``: all up to it is durable)."""
     cfg = json.loads(config_json)
-    q = logq.open(cfg["dir"], fsync=cfg["fsync"], segment_bytes=cfg.get("segment_bytes", 4096))
+    extra = {k: cfg[k] for k in ("fsync_interval",) if k in cfg}
+    q = logq.open(cfg["dir"], fsync=cfg["fsync"], segment_bytes=cfg.get("segment_bytes", 4096), **extra)
     fd = os.open(cfg["report"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     rng = random.Random(cfg["tag"])
     tag, i = cfg["tag"], 0
@@ -201,6 +203,9 @@ def producer_main(config_json: str) -> None:
             q.flush()
         os.write(fd, "".join(f"{o} {tag} {i + j}\n" for j, o in enumerate(offs)).encode())
         i += k
+        if cfg.get("flush_every") and i % cfg["flush_every"] == 0:
+            q.flush()
+            os.write(fd, f"F {offs[-1]}\n".encode())
         if pause:
             time.sleep(pause)
     if stop_file:
@@ -225,6 +230,14 @@ def read_report(path: str) -> list[tuple[int, str, int]]:
         if len(parts) == 3:
             out.append((int(parts[0]), parts[1].decode(), int(parts[2])))
     return out
+
+
+def read_flushes(path: str) -> list[int]:
+    """The offsets of the ``F offset`` lines of a report: flush() had
+    returned after the put of that offset."""
+    with open(path, "rb") as f:
+        lines = f.read().split(b"\n")[:-1]
+    return [int(line.split()[1]) for line in lines if line.startswith(b"F ")]
 
 
 def count_lines(path: str) -> int:
