@@ -38,9 +38,11 @@ SEED = int(os.environ.get("LOGQ_TEST_SEED", "20240611"))
 # -- payloads with an identity ------------------------------------------------
 def payload(tag: str, i: int) -> bytes:
     """A deterministic payload that names itself: ``tag:i:`` then 0..299
-    pseudo-random bytes (zeros and colons included) derived from both."""
+    pseudo-random bytes (zeros and colons included) derived from both; 2000
+    to 9999 bytes, spanning pages, for a tag that starts with "big"."""
     rng = random.Random(f"{tag}/{i}")
-    return f"{tag}:{i}:".encode() + rng.randbytes(rng.randrange(300))
+    n = rng.randrange(2000, 10000) if tag.startswith("big") else rng.randrange(300)
+    return f"{tag}:{i}:".encode() + rng.randbytes(n)
 
 
 def identity(p: bytes) -> tuple[str, int]:
@@ -180,13 +182,14 @@ def producer_main(config_json: str) -> None:
     config: dir, tag, report, mode ("put" | "put_many"), fsync, flush (bool),
     segment_bytes, max_puts, batch_max, stop_file (close cleanly and exit 0
     once it exists), pause (seconds between puts), flush_every (flush after
-    every that many puts and report ``F offset``: all up to it is durable)."""
+    every that many puts and report ``F offset``: all up to it is durable),
+    big (payloads of 2000..9999 bytes), fsync_interval, max_message_bytes."""
     cfg = json.loads(config_json)
-    extra = {k: cfg[k] for k in ("fsync_interval",) if k in cfg}
+    extra = {k: cfg[k] for k in ("fsync_interval", "max_message_bytes") if k in cfg}
     q = logq.open(cfg["dir"], fsync=cfg["fsync"], segment_bytes=cfg.get("segment_bytes", 4096), **extra)
     fd = os.open(cfg["report"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     rng = random.Random(cfg["tag"])
-    tag, i = cfg["tag"], 0
+    tag, i = ("big" if cfg.get("big") else "") + cfg["tag"], 0
     stop_file = cfg.get("stop_file")
     pause = cfg.get("pause", 0)
     while i < cfg.get("max_puts", 1 << 40):

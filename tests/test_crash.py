@@ -30,6 +30,8 @@ MODES = {
     "batch-flush": ({"fsync": "batch", "flush": True}, 1),
     "put_many-always": ({"fsync": "always", "mode": "put_many", "batch_max": 8}, 8),
     "never": ({"fsync": "never"}, 1),
+    # records of several pages, bigger than segment_bytes: grown segments
+    "big-always": ({"fsync": "always", "big": True}, 1),
 }
 
 
@@ -58,7 +60,7 @@ def kill_rounds(tmp_path, qdir, cfg: dict, rounds: int, rng: random.Random):
         assert rc == -signal.SIGKILL, f"producer {tag} exited with {rc}:\n{kid.output()}"
         got = read_report(report)
         reported += got
-        tags.append(tag)
+        tags.append(("big" if cfg.get("big") else "") + tag)
         counts.append(len(got))
     return reported, tags, counts
 

@@ -40,7 +40,8 @@ SEG = 16384          # four pages per segment, so there is a "later page"
 PAGE = 4096
 BIG_SEG = 65536      # room for many unflushed pages after the last flush
 PATTERNS = ["zeros", "garbage", "torn", "later-page", "rolled"]
-MODES = {"always": {"fsync": "always"}, "batch-flush": {"fsync": "batch", "flush": True}}
+MODES = {"always": {"fsync": "always"}, "batch-flush": {"fsync": "batch", "flush": True},
+         "big-always": {"fsync": "always", "big": True}}
 
 
 def run_producer(tmp_path, qdir, cfg: dict, tag: str, rng: random.Random) -> list[tuple[int, str, int]]:
