@@ -20,7 +20,7 @@ import pytest
 
 import logq
 from helpers import (PRODUCER, SEED, Child, children, count_lines, payload, read_report,
-                     segments, verify_contents, wait_for)
+                     verify_contents, wait_for)
 
 ROUNDS = 6
 

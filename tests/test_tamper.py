@@ -26,7 +26,7 @@ import pytest
 
 import logq
 from helpers import (CHECK_QUEUES, SEED, build_queue, deadline, payload, record_map, run_child,
-                     segment_header, segment_records, segments, write_at)
+                     segment_header, segments, write_at)
 from logq import _format as F
 
 N = 400
