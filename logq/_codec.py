@@ -20,7 +20,8 @@ handle = impl.handle
 release = impl.release
 encode = impl.encode
 encode_batch = impl.encode_batch
-append = impl.append
+Writer = impl.Writer
+put = impl.put
 scan = impl.scan
 find_next = impl.find_next
 
@@ -31,4 +32,4 @@ def native_enabled() -> bool:
 
 
 __all__ = ["impl", "native_enabled", "crc32c", "handle", "release", "encode",
-           "encode_batch", "append", "scan", "find_next"]
+           "encode_batch", "Writer", "put", "scan", "find_next"]

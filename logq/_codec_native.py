@@ -4,8 +4,8 @@ behind exactly the interface of :mod:`logq._codec_py`, its reference.
 ``handle(buf)`` is a cffi ``uint8_t[]`` over the buffer (an mmap, read-only
 or not, a bytearray or bytes); release it with ``release(h)`` before closing
 the mmap.  Positions past the buffer (``end > len(h)``) raise ValueError
-instead of touching memory outside it, except in ``append``, the hot path,
-which trusts its caller.  Field values the header cannot hold
+instead of touching memory outside it, except in ``put``, the hot path,
+whose Writer's fields its caller keeps within the segment.  Field values the header cannot hold
 (priority or flags above 255, meta over 65535 bytes) raise ``struct.error``
 like the reference; negative numbers raise OverflowError.
 """
@@ -31,7 +31,6 @@ _release = ffi.release
 _crc = lib.logq_crc32c
 _encode = lib.logq_encode
 _encode_batch = lib.logq_encode_batch_n
-_append = lib.logq_append
 _scan = lib.logq_scan
 _find_next = lib.logq_find_next
 
@@ -113,22 +112,44 @@ def encode_batch(h: Any, pos: int, end: int, first_offset: int, ts: int,
     return r
 
 
-def append(h: Any, pos: int, end: int, offset: int, payload: bytes, ctl: Any = None) -> int:
-    """The put hot path: ``encode`` with the current time, priority 0, no meta.
+_W_POS, _W_END, _W_NEXT = lib.LOGQ_W_POS, lib.LOGQ_W_END, lib.LOGQ_W_NEXT
+_wget, _wset = lib.logq_writer_get, lib.logq_writer_set
 
-    With a control block handle ``ctl``: returns -2 without writing while its
-    WANT word is nonzero, and after writing publishes the new tail position
-    and next offset in it.
 
-    Unlike the other functions this one does not check ``end <= len(h)``
-    (it is the hot path): the caller must pass an ``end`` within the buffer."""
-    try:
-        return _append(h, pos, end, offset, payload, len(payload), ctl or _NULL)
-    except TypeError:
-        if type(payload) is bytes:
-            raise
-        payload = _bytes_like(payload)
-        return _append(h, pos, end, offset, payload, len(payload), ctl or _NULL)
+class Writer:
+    """The writer of one process (see ``_codec_py.Writer``): a C struct with
+    its own mutex, which ``put`` takes and ``with writer:`` holds."""
+
+    def __init__(self) -> None:
+        self.handle = ffi.gc(lib.logq_writer_new(), lib.logq_writer_free)
+        if self.handle == _NULL:
+            raise MemoryError("logq_writer_new")
+        self.seg: Any = None
+        self.ctl: Any = None
+
+    def attach(self, seg: Any, ctl: Any) -> None:
+        # Keep the handles alive as long as the struct points into them.
+        self.seg, self.ctl = seg, ctl
+        lib.logq_writer_attach(self.handle, _NULL if seg is None else seg,
+                               _NULL if ctl is None else ctl)
+
+    pos = property(lambda self: _wget(self.handle, _W_POS),
+                   lambda self, v: _wset(self.handle, _W_POS, v))
+    end = property(lambda self: _wget(self.handle, _W_END),
+                   lambda self, v: _wset(self.handle, _W_END, v))
+    next = property(lambda self: _wget(self.handle, _W_NEXT),
+                    lambda self, v: _wset(self.handle, _W_NEXT, v))
+
+    def __enter__(self) -> "Writer":
+        lib.logq_writer_lock(self.handle)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        lib.logq_writer_unlock(self.handle)
+
+
+# The put hot path, called as put(writer.handle, payload_bytes, len(payload)).
+put = lib.logq_put
 
 
 def scan(h: Any, start: int, end: int, expected_offset: int, max_records: int,

@@ -12,6 +12,7 @@ take (the buffer itself here, a cffi pointer in the native twin).
 from __future__ import annotations
 
 import struct
+import threading
 import time
 from typing import Any
 
@@ -81,21 +82,52 @@ def encode_batch(buf: Any, pos: int, end: int, first_offset: int, ts: int,
     return pos
 
 
-def append(buf: Any, pos: int, end: int, offset: int, payload: bytes, ctl: Any = None) -> int:
-    """The put hot path: ``encode`` with the current time, priority 0, no meta.
+class Writer:
+    """The writer of one process: the active segment (``seg``, a handle),
+    the control block (``ctl``, a handle or None), and ``pos`` (where the
+    next record goes), ``end`` (0 while this process may not append) and
+    ``next`` (its offset).  Change them only while holding the writer
+    (``with writer:``), as ``put`` does."""
 
-    With a control block ``ctl``: returns -2 without writing while its WANT
-    word is nonzero (another process waits for the append lock), and after
-    writing publishes the new tail position and next offset in it."""
-    if ctl is not None and _u64.unpack_from(ctl, F.CTL_WANT)[0]:
-        return -2
-    if pos + _HDR + len(payload) > end:
-        return -1
-    pos = _put(buf, pos, offset, time.time_ns(), payload, 0, F.RECORD_MARK, b"")
-    if ctl is not None:
-        _u64.pack_into(ctl, F.CTL_TAIL_POS, pos)
-        _u64.pack_into(ctl, F.CTL_TAIL_NEXT, offset + 1)
-    return pos
+    def __init__(self) -> None:
+        self._mu = threading.Lock()
+        self.seg: Any = None
+        self.ctl: Any = None
+        self.pos = 0
+        self.end = 0
+        self.next = 0
+        self.handle = self   # what put() takes
+
+    def attach(self, seg: Any, ctl: Any) -> None:
+        self.seg, self.ctl = seg, ctl
+
+    def __enter__(self) -> "Writer":
+        self._mu.acquire()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._mu.release()
+
+
+def put(w: Writer, payload: bytes, length: int) -> int:
+    """The put hot path: one record at ``w.pos`` with offset ``w.next``, the
+    current time, priority 0, no meta; returns its offset, or -2 without
+    writing while the control block's WANT word is set (another process
+    waits for the append lock), or -1 if it does not fit before ``w.end``.
+    After writing, the new tail is published in the control block."""
+    with w._mu:
+        ctl = w.ctl
+        if ctl is not None and _u64.unpack_from(ctl, F.CTL_WANT)[0]:
+            return -2
+        if w.pos + _HDR + length > w.end:
+            return -1
+        off = w.next
+        w.pos = _put(w.seg, w.pos, off, time.time_ns(), payload, 0, F.RECORD_MARK, b"")
+        w.next = off + 1
+        if ctl is not None:
+            _u64.pack_into(ctl, F.CTL_TAIL_POS, w.pos)
+            _u64.pack_into(ctl, F.CTL_TAIL_NEXT, off + 1)
+        return off
 
 
 def _check(buf: Any, pos: int, end: int, expected: int | None) -> tuple[int, int, tuple]:

@@ -76,6 +76,7 @@ stored inside data does not reproduce itself::
 
 Offsets are dense: the records of segment ``B`` carry offsets ``B, B+1, …``
 and the next segment's base is the offset after this segment's last record.
+Offsets stay below 2**63 (the writer returns them as signed 64-bit values).
 
 Why it reads safely after a crash
 ---------------------------------

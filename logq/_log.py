@@ -124,9 +124,11 @@ class Log:
     """The segments of one queue directory, and this process's writer state.
 
     Not thread-safe: the Queue serialises calls under its lock.  The writer
-    fields (``h``, ``pos``, ``end``, ``next``) are read directly by the put
-    fast path; ``end`` is 0 whenever this process does not hold the append
-    lock, so that path falls through to ``prepare``."""
+    ``w`` is what the put fast path (``_codec.put``) appends with; its
+    ``end`` is 0 whenever this process does not hold the append lock, so
+    that path falls through to the Queue's slow path.  The writer points
+    into the active segment's mapping: whoever remaps that segment points
+    the writer at the new mapping (``_point_at``) before appending again."""
 
     def __init__(self, qdir: str, *, segment_bytes: int) -> None:
         self.dir = qdir
@@ -136,10 +138,7 @@ class Log:
         self.segments: dict[int, Segment] = {}
         self.bases: list[int] = []
         self.active: Segment | None = None
-        self.h = None
-        self.pos = 0
-        self.end = 0
-        self.next = 0
+        self.w = C.Writer()
         self.holding = False
         self.recovery: Recovery | None = None
         # Where sealed segments' stored sparse indexes come from (the Queue
@@ -175,6 +174,21 @@ class Log:
         fcntl.flock(self.ctl_fd, fcntl.LOCK_EX)
         fcntl.flock(self.open_fd, fcntl.LOCK_UN)
         return _flock(self.open_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    # -- the writer's fields (the C struct, or its pure twin) ----------------
+    # Change them only while holding the writer: ``with log.w:``.
+    pos = property(lambda self: self.w.pos, lambda self, v: setattr(self.w, "pos", v))
+    end = property(lambda self: self.w.end, lambda self, v: setattr(self.w, "end", v))
+    next = property(lambda self: self.w.next, lambda self, v: setattr(self.w, "next", v))
+
+    @property
+    def h(self) -> object:
+        return self.active.h
+
+    def _point_at(self, seg: Segment) -> None:
+        """Make ``seg`` (as mapped now) the segment the writer appends to."""
+        self.active = seg
+        self.w.attach(seg.h, self.ctl_h)
 
     # -- control block ------------------------------------------------------
     def ctl_get(self, at: int) -> int:
@@ -251,11 +265,9 @@ class Log:
         start = pos
         pos, nxt, lost = scan_tail(seg, pos, nxt)
         rep.scanned_bytes = pos - start
-        rep.lost = lost
-        for a, b in lost:
-            seg.lost.append((a, b))
-            log.error("segment %s: %d record(s) lost to damage: offsets %d..%d",
-                      seg.path, b - a, a, b - 1)
+        rep.lost = [(a, b) for a, b, _ in lost]
+        for a, b, at in lost:
+            seg._lose(a, b, at, "found by recovery")
         if checkpoint and checkpoint[2] > nxt:
             rep.durable_lost = checkpoint[2] - nxt
             log.error("queue %s: %d record(s) below the durable checkpoint (offset %d) are gone; "
@@ -301,8 +313,7 @@ class Log:
         return torn
 
     def _set_active(self, seg: Segment, pos: int, nxt: int) -> None:
-        self.active = seg
-        self.h = seg.h
+        self._point_at(seg)
         self.pos = pos
         self.next = nxt
         if self.alone:
@@ -320,8 +331,7 @@ class Log:
         base = self.ctl_get(F.CTL_TAIL_BASE)
         if base not in self.segments and base not in self.bases:
             self.refresh_bases()
-        self.active = self.segment(base)
-        self.h = self.active.h
+        self._point_at(self.segment(base))
         self.pos = self.ctl_get(F.CTL_TAIL_POS)
         self.next = self.ctl_get(F.CTL_TAIL_NEXT)
 
@@ -341,7 +351,7 @@ class Log:
         self.ctl_set(F.CTL_WANT, 0)
         self._adopt_tail()
         self.active.refresh_size()
-        self.h = self.active.h
+        self._point_at(self.active)
         dead = self.ctl_get(F.CTL_HOLDER)
         if dead:
             self._repair_after(dead)
@@ -390,7 +400,7 @@ class Log:
             seg.mm[pos:cut] = bytes(cut - pos)
             log.warning("segment %s: process %d died while appending; zeroed %d torn bytes at %d",
                         seg.path, pid, cut - pos, pos)
-        self.active, self.h = seg, seg.h
+        self._point_at(seg)
         self.pos, self.next = pos, nxt
         self.publish()
 
@@ -402,7 +412,7 @@ class Log:
             return
         if self.pos == F.SEGMENT_HEADER_SIZE:
             self.active.grow(_round_up(F.SEGMENT_HEADER_SIZE + need))
-            self.h = self.active.h
+            self._point_at(self.active)
             self.end = self.active.size
         else:
             self.roll(need)
@@ -413,8 +423,7 @@ class Log:
         old = self.active
         os.fdatasync(old.fd)
         seg = self._new_segment(self.next, need)
-        self.active = seg
-        self.h = seg.h
+        self._point_at(seg)
         self.pos = F.SEGMENT_HEADER_SIZE
         self.end = seg.size
         self.publish()
@@ -443,6 +452,9 @@ class Log:
         return self.segment(self.bases[i]), limit
 
     def close(self) -> None:
+        with self.w:
+            self.w.end = 0
+            self.w.attach(None, None)
         for seg in self.segments.values():
             seg.close()
         self.segments.clear()
@@ -456,14 +468,14 @@ class Log:
 
 
 def scan_tail(seg: Segment, pos: int, nxt: int, *, resync: bool = True
-              ) -> tuple[int, int, list[tuple[int, int]]]:
+              ) -> tuple[int, int, list[tuple[int, int, int]]]:
     """Scan the newest segment from a known record boundary to its end.
 
     Returns (position after the last intact record, next offset, lost
-    ranges).  With ``resync``, a bad record followed later by intact records
+    ranges as (first offset, end offset, position of the damage)).  With ``resync``, a bad record followed later by intact records
     with higher offsets is damage in the middle (its offsets are lost, the
     scan goes on); a bad record with nothing intact after it is the tail."""
-    lost: list[tuple[int, int]] = []
+    lost: list[tuple[int, int, int]] = []
     while True:
         n, stop, status, _ = C.scan(seg.h, pos, seg.size, nxt, 1 << 62)
         pos, nxt = stop, nxt + n
@@ -474,7 +486,7 @@ def scan_tail(seg: Segment, pos: int, nxt: int, *, resync: bool = True
         if found < 0:
             return pos, nxt, lost
         resume = seg.offset_at(found)
-        lost.append((nxt, resume))
+        lost.append((nxt, resume, stop))
         pos, nxt = found, resume
 
 

@@ -31,7 +31,7 @@ log = logging.getLogger("logq")
 
 FSYNC_POLICIES = ("always", "batch", "never")
 _HDR = F.RECORD_HEADER_SIZE
-_append = C.append
+_put = C.put
 
 
 @dataclass(frozen=True)
@@ -103,7 +103,8 @@ class Queue:
         self.options = opts = Options(**options)
         self.path = os.fspath(path)
         self._lock = threading.Lock()
-        self._sync_lock = threading.Lock()
+        self._sync_cond = threading.Condition(threading.Lock())
+        self._syncing = False
         self._durable_next = 0          # every record this process put below it is durable
         self._failed: BaseException | None = None
         self._fsyncs = 0
@@ -132,6 +133,7 @@ class Queue:
             raise
         lg.end_open()
         self._log: Log | None = lg
+        self._writer = lg.w.handle
         self._durable_next = lg.next
         self._checkpointed = lg.next
         self._last_checkpoint = time.monotonic()
@@ -150,43 +152,45 @@ class Queue:
         QueueClosedError."""
         if type(data) is not bytes:
             data = _as_bytes(data)
-        if len(data) > self._max:
-            raise MessageTooLargeError(f"message of {len(data)} bytes exceeds max_message_bytes={self._max}")
-        with self._lock:
-            lg = self._log
-            if lg is None:
-                raise self._closed_error()
-            pos = _append(lg.h, lg.pos, lg.end, lg.next, data, lg.ctl_h)
-            if pos >= 0:
-                lg.pos = pos
-                off = lg.next
-                lg.next = off + 1
-            else:
-                off = self._append_slow(lg, data)
+        n = len(data)
+        if n > self._max:
+            raise MessageTooLargeError(f"message of {n} bytes exceeds max_message_bytes={self._max}")
+        # The fast path: one C call (its own mutex) while this process holds
+        # the append lock and the record fits in the active segment.
+        off = _put(self._writer, data, n)
+        if off < 0:
+            off = self._put_slow(data)
         if self._always:
             self._sync_to(off + 1)
         elif self._batch:
-            self._pending += len(data) + _HDR
+            self._pending += n + _HDR
             if self._pending >= self.options.fsync_bytes:
                 self._kick.set()
         return off
 
-    def _append_slow(self, lg: Log, data: bytes) -> int:
-        if self._failed is not None:
-            raise LogqError(f"queue {self.path} failed and must be reopened: {self._failed}")
+    def _put_slow(self, data: bytes) -> int:
+        with self._lock:
+            lg = self._open_log()
+            if self._failed is not None:
+                raise LogqError(f"queue {self.path} failed and must be reopened: {self._failed}")
+            with lg.w:
+                self._take_append_lock(lg)
+                lg.room(_HDR + len(data))
+                off = lg.next
+                # encode, not put: after taking the lock this record is
+                # written even if another process asks for it at once.
+                lg.pos = C.encode(lg.h, lg.pos, lg.end, off, time.time_ns(), data)
+                lg.next = off + 1
+                lg.publish()
+        return off
+
+    def _take_append_lock(self, lg: Log) -> None:
+        # Caller holds self._lock and the writer.
         if lg.wanted():
             lg.yield_turn()
         if not lg.holding:
             lg.acquire()
             self._kick.set()  # the housekeeper hands the lock back when idle
-        lg.room(_HDR + len(data))
-        pos = _append(lg.h, lg.pos, lg.end, lg.next, data, None)
-        assert pos >= 0
-        lg.pos = pos
-        off = lg.next
-        lg.next = off + 1
-        lg.publish()
-        return off
 
     def put_many(self, items: Iterable[bytes | bytearray | memoryview]) -> range:
         """Append messages in order; their offsets.  Every item is checked
@@ -213,18 +217,13 @@ class Queue:
             lg = self._open_log()
             if self._failed is not None:
                 raise LogqError(f"queue {self.path} failed and must be reopened: {self._failed}")
-            if not lg.holding:
-                lg.acquire()
-                self._kick.set()
-            lg.room(_HDR * len(batch) + len(joined))
-            pos = C.encode_batch(lg.h, lg.pos, lg.end, lg.next, time.time_ns(), joined, lengths)
-            assert pos >= 0
-            first = lg.next
-            lg.pos = pos
-            lg.next = first + len(batch)
-            lg.publish()
-            if lg.wanted():
-                lg.yield_turn()
+            with lg.w:
+                self._take_append_lock(lg)
+                lg.room(_HDR * len(batch) + len(joined))
+                first = lg.next
+                lg.pos = C.encode_batch(lg.h, lg.pos, lg.end, first, time.time_ns(), joined, lengths)
+                lg.next = first + len(batch)
+                lg.publish()
         if self._always:
             self._sync_to(first + len(batch))
         elif self._batch:
@@ -242,47 +241,65 @@ class Queue:
 
     def _sync_to(self, target: int, checkpoint: bool = False) -> None:
         """Group commit: return once every record below ``target`` that this
-        process wrote is durable.  One thread fsyncs at a time; the threads
-        queued behind it find their records covered by its fsync and return
-        without one of their own."""
+        process wrote is durable.  One thread (the leader) fsyncs at a time;
+        the threads that wrote before it looked are covered by its fsync and
+        all wake when it is done."""
         if self._durable_next >= target and not checkpoint:
             return
-        with self._sync_lock:
-            if self._failed is not None:
-                raise LogqError(f"queue {self.path} failed and must be reopened: {self._failed}")
-            if self._durable_next >= target and not checkpoint:
-                return
+        with self._sync_cond:
+            while True:
+                if self._failed is not None:
+                    raise LogqError(f"queue {self.path} failed and must be reopened: {self._failed}")
+                if self._durable_next >= target and not checkpoint:
+                    return
+                if not self._syncing:
+                    break
+                self._sync_cond.wait()
+            self._syncing = True
+        done = -1
+        try:
+            lg = self._open_log()
             # Let threads that are about to append do so first: they join
             # this fsync instead of waiting for the next one.  (sched_yield
             # drops the GIL; time.sleep(0) costs tens of microseconds.)
-            lg = self._open_log()
             seen = -1
             for _ in range(16):
-                if lg.next == seen:
+                now_next = lg.ctl_get(F.CTL_TAIL_NEXT)   # published by every put
+                if now_next == seen:
                     break
-                seen = lg.next
+                seen = now_next
                 os.sched_yield()
-            with self._lock:
-                lg = self._open_log()
-                seg, pos, done = lg.active, lg.pos, lg.next
-                self._pending = 0
-            try:
-                os.fdatasync(seg.fd)        # 2. the data is durable ...
-                self._fsyncs += 1
-                now = time.monotonic()
-                if checkpoint or now - self._last_checkpoint >= self.options.checkpoint_interval:
-                    if done > self._checkpointed:
-                        # 3. ... before the index points at it.
-                        self._index.set_checkpoint(seg.base, pos, done)
-                        self._checkpointed = done
-                    self._last_checkpoint = now
-            except OSError as e:
-                # After a failed fsync the kernel may have dropped the dirty
-                # pages: nothing after the last good sync can be vouched for.
-                self._failed = e
-                log.error("queue %s: fsync failed (%s); the queue must be reopened", self.path, e)
-                raise LogqError(f"fsync of {self.path} failed: {e}; reopen the queue to recover") from e
-            self._durable_next = done       # 4.
+            now = time.monotonic()
+            point = None
+            if checkpoint or now - self._last_checkpoint >= self.options.checkpoint_interval:
+                with self._lock, lg.w:
+                    point = (self._open_log().active.base, lg.pos, lg.next)
+            # Every record below the published next offset is complete; the
+            # ones in segments before the active one were fsynced by the roll.
+            nxt = lg.ctl_get(F.CTL_TAIL_NEXT)
+            seg = lg.active
+            self._pending = 0
+            os.fdatasync(seg.fd)        # 2. the data is durable ...
+            self._fsyncs += 1
+            done = nxt
+            if point is not None:
+                if point[2] > self._checkpointed:
+                    # 3. ... before the index points at it.
+                    self._index.set_checkpoint(*point)
+                    self._checkpointed = point[2]
+                self._last_checkpoint = now
+        except OSError as e:
+            # After a failed fsync the kernel may have dropped the dirty
+            # pages: nothing after the last good sync can be vouched for.
+            self._failed = e
+            log.error("queue %s: fsync failed (%s); the queue must be reopened", self.path, e)
+            raise LogqError(f"fsync of {self.path} failed: {e}; reopen the queue to recover") from e
+        finally:
+            with self._sync_cond:
+                self._syncing = False
+                if done > self._durable_next:
+                    self._durable_next = done       # 4.
+                self._sync_cond.notify_all()
 
     def _housekeep(self) -> None:
         """Background duties: the batch policy's timed fsync, and handing the
@@ -300,7 +317,7 @@ class Queue:
                 return
             try:
                 if lg.holding and (lg.wanted() or lg.next == last_next):
-                    with self._lock:
+                    with self._lock, lg.w:
                         if self._log is not None and lg.holding and (lg.wanted() or lg.next == last_next):
                             lg.release()
                 last_next = lg.next
@@ -446,6 +463,7 @@ class Queue:
 
     def _forked(self) -> None:
         self._in_child = True
+        self._writer = C.Writer().handle   # end 0: every put takes the slow path
         self._log = None
         self._stop = True
 
@@ -464,7 +482,8 @@ class Queue:
             self._housekeeper.join()
         with self._lock:
             self._log = None
-            lg.release()
+            with lg.w:
+                lg.release()
             try:
                 if lg.close_last() and lg.ctl_get(F.CTL_HOLDER) == 0 and self._failed is None:
                     lg._adopt_tail()

@@ -172,7 +172,8 @@ class Segment:
         self.known_next = resume
 
     def _lose(self, first: int, end: int, pos: int, reason: str) -> None:
-        if first >= end:
+        """Record (once) and log that offsets [first, end) were destroyed."""
+        if first >= end or any(a <= first < b for a, b in self.lost):
             return
         self.lost.append((first, end))
         log.error("segment %s: %d record(s) lost to damage at position %d (%s): offsets %d..%d",
@@ -207,8 +208,7 @@ class Segment:
             bad = at + n
             found = C.find_next(self.h, stop, self.size, bad, limit - 1)
             resume = self.offset_at(found) if found >= 0 else limit
-            if not any(a <= bad < b for a, b in self.lost):
-                self._lose(bad, resume, stop, F.SCAN_REASONS[status])
+            self._lose(bad, resume, stop, F.SCAN_REASONS[status])
             if found < 0:
                 return None
             if offset < resume:

@@ -22,7 +22,8 @@ ffibuilder.set_source(
     "#include <stddef.h>\n#include <stdint.h>\n#include \"logq_native.h\"\n",
     sources=["native/logq_native.c"],
     include_dirs=["native"],
-    extra_compile_args=["-O2"],
+    extra_compile_args=["-O2", "-pthread"],
+    extra_link_args=["-pthread"],
     depends=["native/logq_native.c", "native/logq_native.h"],
 )
 

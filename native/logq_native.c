@@ -16,8 +16,10 @@
 #define _POSIX_C_SOURCE 200809L   /* clock_gettime */
 #endif
 
+#include <pthread.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 #include <time.h>
 
@@ -354,21 +356,70 @@ static inline void ctl_store(uint8_t *p, uint64_t x)
     }
 }
 
-int64_t logq_append(uint8_t *buf, uint64_t pos, uint64_t end, uint64_t offset,
-                    const uint8_t *payload, uint64_t len, uint8_t *ctl)
+/* ---------------------------------------------------------------------------
+ * The writer: one per process and queue.  logq_put is the put hot path; the
+ * Python slow paths change the fields under logq_writer_lock.
+ */
+
+struct logq_writer {
+    pthread_mutex_t mu;
+    uint8_t *seg;          /* the active segment's mapping */
+    uint8_t *ctl;          /* the control block, or NULL */
+    uint64_t f[3];         /* LOGQ_W_POS, LOGQ_W_END, LOGQ_W_NEXT */
+};
+
+logq_writer *logq_writer_new(void)
 {
-    if (ctl && ctl_load(ctl + LOGQ_CTL_WANT))
-        return LOGQ_E_WANT;
-    if (!fits(pos, end, HDR, len, 0))
-        return LOGQ_E_NOFIT;
-    if (len > 0xFFFFFFFFu)
-        return LOGQ_E_ARG;
-    pos = put(buf, pos, offset, now_ns(), payload, len, 0, LOGQ_RECORD_MARK, NULL, 0);
-    if (ctl) {
-        ctl_store(ctl + LOGQ_CTL_TAIL_POS, pos);
-        ctl_store(ctl + LOGQ_CTL_TAIL_NEXT, offset + 1);
+    logq_writer *w = (logq_writer *)calloc(1, sizeof *w);
+    if (w && pthread_mutex_init(&w->mu, NULL) != 0) {
+        free(w);
+        return NULL;
     }
-    return (int64_t)pos;
+    return w;
+}
+
+void logq_writer_free(logq_writer *w)
+{
+    if (w) {
+        pthread_mutex_destroy(&w->mu);
+        free(w);
+    }
+}
+
+void logq_writer_lock(logq_writer *w) { pthread_mutex_lock(&w->mu); }
+void logq_writer_unlock(logq_writer *w) { pthread_mutex_unlock(&w->mu); }
+
+void logq_writer_attach(logq_writer *w, uint8_t *seg, uint8_t *ctl)
+{
+    w->seg = seg;
+    w->ctl = ctl;
+}
+
+uint64_t logq_writer_get(logq_writer *w, int field) { return w->f[field % 3]; }
+void logq_writer_set(logq_writer *w, int field, uint64_t value) { w->f[field % 3] = value; }
+
+int64_t logq_put(logq_writer *w, const uint8_t *payload, uint64_t len)
+{
+    int64_t r;
+    pthread_mutex_lock(&w->mu);
+    if (w->ctl && ctl_load(w->ctl + LOGQ_CTL_WANT)) {
+        r = LOGQ_E_WANT;
+    } else if (!fits(w->f[LOGQ_W_POS], w->f[LOGQ_W_END], HDR, len, 0)) {
+        r = LOGQ_E_NOFIT;
+    } else if (len > 0xFFFFFFFFu) {
+        r = LOGQ_E_ARG;
+    } else {
+        r = (int64_t)w->f[LOGQ_W_NEXT];
+        w->f[LOGQ_W_POS] = put(w->seg, w->f[LOGQ_W_POS], w->f[LOGQ_W_NEXT], now_ns(),
+                               payload, len, 0, LOGQ_RECORD_MARK, NULL, 0);
+        w->f[LOGQ_W_NEXT]++;
+        if (w->ctl) {
+            ctl_store(w->ctl + LOGQ_CTL_TAIL_POS, w->f[LOGQ_W_POS]);
+            ctl_store(w->ctl + LOGQ_CTL_TAIL_NEXT, w->f[LOGQ_W_NEXT]);
+        }
+    }
+    pthread_mutex_unlock(&w->mu);
+    return r;
 }
 
 /* ---------------------------------------------------------------------------

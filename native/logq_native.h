@@ -45,7 +45,7 @@
 
 /* Negative results of the encoders (positions are never negative). */
 #define LOGQ_E_NOFIT -1   /* the record(s) do not fit before end; nothing written */
-#define LOGQ_E_WANT -2    /* append: the control block's WANT word is set; nothing written */
+#define LOGQ_E_WANT -2    /* put: the control block's WANT word is set; nothing written */
 #define LOGQ_E_ARG -3     /* a field value does not fit its header field; nothing written */
 
 /* CRC32C (Castagnoli) continuing from crc (0 to start); crcmod's "crc-32c"
@@ -78,12 +78,28 @@ int64_t logq_encode_batch_n(uint8_t *buf, uint64_t pos, uint64_t end,
                             const uint32_t *lengths, uint64_t n,
                             uint32_t priority);
 
-/* The put hot path: encode with the current time (CLOCK_REALTIME ns),
- * priority 0, no meta.  ctl (or NULL) is the control block: LOGQ_E_WANT
- * while its WANT word is nonzero; after writing, the new position and
- * offset + 1 are published to CTL_TAIL_POS and CTL_TAIL_NEXT. */
-int64_t logq_append(uint8_t *buf, uint64_t pos, uint64_t end, uint64_t offset,
-                    const uint8_t *payload, uint64_t len, uint8_t *ctl);
+/* The writer of one process: the active segment's mapping, the control
+ * block, and the fields LOGQ_W_POS (where the next record goes), LOGQ_W_END
+ * (0 while this process may not append) and LOGQ_W_NEXT (its offset).  The
+ * caller changes them only under logq_writer_lock. */
+typedef struct logq_writer logq_writer;
+#define LOGQ_W_POS 0
+#define LOGQ_W_END 1
+#define LOGQ_W_NEXT 2
+logq_writer *logq_writer_new(void);
+void logq_writer_free(logq_writer *w);
+void logq_writer_lock(logq_writer *w);
+void logq_writer_unlock(logq_writer *w);
+void logq_writer_attach(logq_writer *w, uint8_t *seg, uint8_t *ctl);
+uint64_t logq_writer_get(logq_writer *w, int field);
+void logq_writer_set(logq_writer *w, int field, uint64_t value);
+
+/* The put hot path, under the writer's mutex: one record with the current
+ * time (CLOCK_REALTIME ns), priority 0, no meta, at LOGQ_W_POS with offset
+ * LOGQ_W_NEXT; returns that offset, or LOGQ_E_WANT (the control block's
+ * WANT word is set) or LOGQ_E_NOFIT, writing nothing.  After writing, the
+ * new position and next offset are published in the control block. */
+int64_t logq_put(logq_writer *w, const uint8_t *payload, uint64_t len);
 
 /* Validate records in [start, end) carrying expected_offset, +1, ...; at most
  * max_records.  Returns the count; result[0] = stop position, result[1] =

@@ -396,56 +396,85 @@ def decode_ok(buf, pos, end, offset, payload, t0, t1):
     assert bytes(buf[pos + HDR:end]) == payload
 
 
+def _writer(mod, buf, pos, end, offset, ctl=None):
+    w = mod.Writer()
+    h = mod.handle(buf)
+    ch = None if ctl is None else mod.handle(ctl)
+    w.attach(h, ch)
+    with w:
+        w.pos, w.end, w.next = pos, end, offset
+    return w, [h] + ([ch] if ch is not None else [])
+
+
+def _done(mod, w, handles):
+    w.attach(None, None)
+    for h in handles:
+        mod.release(h)
+
+
 @native
 @SETTINGS
-@given(payload=st.binary(max_size=80), offset=st.integers(0, U64 - 1),
+@given(payload=st.binary(max_size=80), offset=st.integers(0, (1 << 63) - 2),
        pos=st.integers(0, 50), room=st.integers(0, 150))
-def test_append_identical_but_for_time(payload, offset, pos, room):
+def test_writer_put_identical_but_for_time(payload, offset, pos, room):
     size = 200
     end = min(size, pos + room)
     bp, bn = bytearray(size), bytearray(size)
+    wp, hp = _writer(P, bp, pos, end, offset)
+    wn, hn = _writer(N, bn, pos, end, offset)
     t0 = time.time_ns()
-    rp = P.append(bp, pos, end, offset, payload)
-    h = N.handle(bn)
-    rn = N.append(h, pos, end, offset, payload)
-    N.release(h)
+    rp = P.put(wp.handle, payload, len(payload))
+    rn = N.put(wn.handle, payload, len(payload))
     t1 = time.time_ns()
     assert rn == rp
+    assert (wn.pos, wn.end, wn.next) == (wp.pos, wp.end, wp.next)
+    _done(P, wp, hp)
+    _done(N, wn, hn)
     if rp < 0:
+        assert rp == -1
         assert bn == bp == bytearray(size)
+        assert wp.pos == pos and wp.next == offset
         return
+    assert rp == offset and wp.next == offset + 1
     for b in (bp, bn):
-        decode_ok(b, pos, rp, offset, payload, t0, t1)
+        decode_ok(b, pos, wp.pos, offset, payload, t0, t1)
     # everything but the crc and the timestamp is the same
     mask = lambda b: b[:pos] + b[pos + 4:pos + 16] + b[pos + 24:]  # noqa: E731
     assert mask(bn) == mask(bp)
 
 
 @native
-def test_append_control_block():
+def test_writer_put_control_block():
     size = 4096
     for kind in ("mmap", "bytearray"):
         ctl_p = mmap.mmap(-1, F.CONTROL_SIZE) if kind == "mmap" else bytearray(F.CONTROL_SIZE)
         ctl_n = mmap.mmap(-1, F.CONTROL_SIZE) if kind == "mmap" else bytearray(F.CONTROL_SIZE)
         bp, bn = bytearray(size), bytearray(size)
-        h, ch = N.handle(bn), N.handle(ctl_n)
+        wp, hp = _writer(P, bp, 0, size, 9, ctl_p)
+        wn, hn = _writer(N, bn, 0, size, 9, ctl_n)
         for c in (ctl_p, ctl_n):
             struct.pack_into("<Q", c, F.CTL_WANT, 1)
-        assert P.append(bp, 0, size, 9, b"abc", ctl_p) == -2
-        assert N.append(h, 0, size, 9, b"abc", ch) == -2
+        assert P.put(wp.handle, b"abc", 3) == -2
+        assert N.put(wn.handle, b"abc", 3) == -2
         assert bn == bp == bytearray(size)
         assert bytes(ctl_n) == bytes(ctl_p)
         for c in (ctl_p, ctl_n):
             struct.pack_into("<Q", c, F.CTL_WANT, 0)
             struct.pack_into("<Q", c, F.CTL_TAIL_POS, 12345)
-        assert P.append(bp, 0, 20, 9, b"abc", ctl_p) == -1
-        assert N.append(h, 0, 20, 9, b"abc", ch) == -1
+        for w in (wp, wn):
+            with w:
+                w.end = 20
+        assert P.put(wp.handle, b"abc", 3) == -1
+        assert N.put(wn.handle, b"abc", 3) == -1
         assert bytes(ctl_n) == bytes(ctl_p)
+        for w in (wp, wn):
+            with w:
+                w.end = size
         t0 = time.time_ns()
-        assert P.append(bp, 0, size, 9, b"abc", ctl_p) == HDR + 3
-        assert N.append(h, 0, size, 9, b"abc", ch) == HDR + 3
-        assert N.append(h, HDR + 3, size, 10, bytearray(b"de"), ch) == 2 * HDR + 5
-        assert P.append(bp, HDR + 3, size, 10, bytearray(b"de"), ctl_p) == 2 * HDR + 5
+        assert P.put(wp.handle, b"abc", 3) == 9
+        assert N.put(wn.handle, b"abc", 3) == 9
+        assert N.put(wn.handle, b"de", 2) == 10
+        assert P.put(wp.handle, b"de", 2) == 10
         t1 = time.time_ns()
         for c in (ctl_p, ctl_n):
             assert struct.unpack_from("<QQ", c, F.CTL_TAIL_POS) == (2 * HDR + 5, 11)
@@ -453,9 +482,32 @@ def test_append_control_block():
         for b in (bp, bn):
             decode_ok(b, 0, HDR + 3, 9, b"abc", t0, t1)
             decode_ok(b, HDR + 3, 2 * HDR + 5, 10, b"de", t0, t1)
-        assert N.append(h, 0, size, 9, b"abc", None) == HDR + 3
-        N.release(h)
-        N.release(ch)
+        _done(P, wp, hp)
+        _done(N, wn, hn)
+
+
+@native
+def test_writer_put_is_thread_safe():
+    # Threads racing on one writer: every record lands whole, offsets dense.
+    import threading
+    for mod in (P, N):
+        buf = bytearray(1 << 20)
+        w, hs = _writer(mod, buf, 0, len(buf), 0)
+        got: list[int] = []
+
+        def run(tag: int) -> None:
+            for i in range(500):
+                got.append(mod.put(w.handle, b"%d-%d" % (tag, i), len(b"%d-%d" % (tag, i))))
+
+        threads = [threading.Thread(target=run, args=(t,)) for t in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(got) == list(range(2000))
+        n, stop, status, fields = P.scan(buf, 0, len(buf), 0, 5000, True)
+        assert n == 2000 and status == F.SCAN_END and stop == w.pos
+        _done(mod, w, hs)
 
 
 # --- scanning ------------------------------------------------------------
@@ -671,7 +723,7 @@ def test_find_next_over_zeros_and_noise_is_quick():
 def test_codec_selector():
     from logq import _codec
     assert _codec.native_enabled() == (_codec.impl.NAME == "native")
-    for name in ("crc32c", "handle", "release", "encode", "encode_batch", "append",
+    for name in ("crc32c", "handle", "release", "encode", "encode_batch", "Writer", "put",
                  "scan", "find_next"):
         assert getattr(_codec, name) is getattr(_codec.impl, name)
     if N is not None and os.environ.get("LOGQ_PURE") != "1":
