@@ -183,10 +183,12 @@ def scan(h: Any, start: int, end: int, expected_offset: int, max_records: int,
     return n, res[0], res[1], memoryview(_buffer(out, n * _NFIELDS * 8)).cast("Q").tolist()
 
 
-def find_next(h: Any, start: int, end: int, min_offset: int, max_offset: int) -> int:
+def find_next(h: Any, start: int, end: int, min_offset: int, max_offset: int,
+              batch_ok: bool = False) -> int:
     """The first position ``p >= start`` where an intact record with
-    ``min_offset <= offset <= max_offset`` lies wholly before ``end``; -1 if
-    there is none.  Used to resynchronise after damage."""
+    ``min_offset <= offset <= max_offset`` lies wholly before ``end`` (a
+    record inside a batch, flagged CONT, only if ``batch_ok``); -1 if there
+    is none.  Used to resynchronise after damage."""
     if end > len(h):
         raise _too_far(h, end)
     if max_offset > _U64_MAX:
@@ -195,4 +197,4 @@ def find_next(h: Any, start: int, end: int, min_offset: int, max_offset: int) ->
         min_offset = 0
     if min_offset > max_offset:
         return -1
-    return _find_next(h, start, end, min_offset, max_offset)
+    return _find_next(h, start, end, min_offset, max_offset, 1 if batch_ok else 0)

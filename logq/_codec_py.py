@@ -75,10 +75,19 @@ def encode_batch(buf: Any, pos: int, end: int, first_offset: int, ts: int,
     if pos + _HDR * len(lengths) + len(joined) > end:
         return -1
     src = memoryview(joined)
+    # Records 1.. first, flagged CONT; record 0 last: a reader stops at it
+    # until it is whole, so the batch appears all at once or not at all.
+    first_pos = pos
     at = 0
     for i, n in enumerate(lengths):
-        pos = _put(buf, pos, first_offset + i, ts, src[at:at + n], priority, F.RECORD_MARK, b"")
+        if i:
+            pos = _put(buf, pos, first_offset + i, ts, src[at:at + n], priority,
+                       F.RECORD_MARK | F.FLAG_CONT, b"")
+        else:
+            pos += _HDR + len(src[:n])
         at += n
+    if lengths:
+        _put(buf, first_pos, first_offset, ts, src[:lengths[0]], priority, F.RECORD_MARK, b"")
     return pos
 
 
@@ -179,35 +188,40 @@ def scan(buf: Any, start: int, end: int, expected_offset: int, max_records: int,
 
 
 # The flags byte (27) of a record is RECORD_MARK plus known bits: one of these.
-_MARKS = tuple(bytes([F.RECORD_MARK | f]) for f in range(F.FLAGS_KNOWN - F.RECORD_MARK + 1))
+_MARKS_ALL = tuple(bytes([F.RECORD_MARK | f]) for f in range(F.FLAGS_KNOWN - F.RECORD_MARK + 1))
+_MARKS_HEAD = tuple(m for m in _MARKS_ALL if not m[0] & F.FLAG_CONT)
 _MAX_HIGHS = 16
 
 
-def find_next(buf: Any, start: int, end: int, min_offset: int, max_offset: int) -> int:
+def find_next(buf: Any, start: int, end: int, min_offset: int, max_offset: int,
+              batch_ok: bool = False) -> int:
     """The first position ``p >= start`` where an intact record with
-    ``min_offset <= offset <= max_offset`` lies wholly before ``end``; -1 if
-    there is none.  Used to resynchronise after damage."""
+    ``min_offset <= offset <= max_offset`` lies wholly before ``end`` (a
+    record inside a batch, flagged CONT, only if ``batch_ok``: the caller
+    knows every batch below ``max_offset`` was written whole); -1 if there
+    is none.  Used to resynchronise after damage."""
     if min_offset > max_offset:
         return -1
+    marks = _MARKS_ALL if batch_ok else _MARKS_HEAD
     lo = max(min_offset, 0) >> 24
     hi = min(max_offset, (1 << 64) - 1) >> 24
     if hi - lo >= _MAX_HIGHS:  # a wide range: search on the flags byte alone
-        return _search(buf, start, end, end, min_offset, max_offset, None)
+        return _search(buf, start, end, end, min_offset, max_offset, None, marks)
     best = -1
     # An intact record's offset field (bytes 8..15) holds its offset, so its
     # top five bytes are one of the few values the wanted range allows.
     for high in range(lo, hi + 1):
         bound = end if best < 0 else best
-        p = _search(buf, start, end, bound, min_offset, max_offset, high.to_bytes(5, "little"))
+        p = _search(buf, start, end, bound, min_offset, max_offset, high.to_bytes(5, "little"), marks)
         if p >= 0:
             best = p
     return best
 
 
 def _search(buf: Any, start: int, end: int, bound: int, min_offset: int, max_offset: int,
-            pattern: bytes | None) -> int:
+            pattern: bytes | None, marks: tuple[bytes, ...]) -> int:
     """The smallest ``p`` in ``[start, bound)`` for find_next whose flags byte
-    is one of _MARKS and, unless ``pattern`` is None, whose offset's top five
+    is one of ``marks`` and, unless ``pattern`` is None, whose offset's top five
     bytes are ``pattern``.  Both are found with ``find`` (memchr speed) in
     turn, each from where the other matched, so neither a zero-filled tail
     (where a pattern of zeros is everywhere) nor binary data (where flag-like
@@ -216,12 +230,12 @@ def _search(buf: Any, start: int, end: int, bound: int, min_offset: int, max_off
     if last < start:
         return -1
     flags_end = last + _HDR           # flags byte of p at p + 27 <= last + 27
-    hits = [buf.find(m, start + 27, flags_end) for m in _MARKS]
+    hits = [buf.find(m, start + 27, flags_end) for m in marks]
     p = start
     while True:
         for i, hit in enumerate(hits):
             if 0 <= hit < p + 27:
-                hits[i] = buf.find(_MARKS[i], p + 27, flags_end)
+                hits[i] = buf.find(marks[i], p + 27, flags_end)
         live = [hit for hit in hits if hit >= 0]
         if not live:
             return -1

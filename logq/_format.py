@@ -59,7 +59,7 @@ off    size  field
 24     2     meta_len: bytes of metadata between header and payload
 26     1     priority: 0..255 (0 is the default)
 27     1     flags: bit 7 (RECORD_MARK) is always set; bit 0 HAS_DELIVER_AT;
-             bit 1 HAS_KEY; the other bits must be zero
+             bit 1 HAS_KEY; bit 2 CONT; the other bits must be zero
 28     ...   meta (meta_len bytes), then the payload (length bytes)
 =====  ====  ==================================================================
 
@@ -73,6 +73,13 @@ The CRC is CRC32C (Castagnoli, reflected, init and final xor 0xFFFFFFFF;
 stored inside data does not reproduce itself::
 
     masked = (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+CONT marks a record that continues the batch (one ``put_many``) begun by the
+record before it.  A writer writes a batch's CONT records first and its first
+record last, so a reader, which stops at the first record that does not
+validate, sees a batch whole or not at all; and resynchronisation after
+damage never starts on a CONT record, so the tail of a torn batch is never
+taken for data.  A batch lies within one segment.
 
 Offsets are dense: the records of segment ``B`` carry offsets ``B, B+1, …``
 and the next segment's base is the offset after this segment's last record.
@@ -154,7 +161,8 @@ RECORD_CRC_START = 4                       # the CRC covers bytes from here on
 RECORD_MARK = 0x80
 FLAG_DELIVER_AT = 0x01
 FLAG_KEY = 0x02
-FLAGS_KNOWN = RECORD_MARK | FLAG_DELIVER_AT | FLAG_KEY
+FLAG_CONT = 0x04
+FLAGS_KNOWN = RECORD_MARK | FLAG_DELIVER_AT | FLAG_KEY | FLAG_CONT
 DELIVER_AT_SIZE = 8
 MAX_PAYLOAD = 1 << 30        # hard limit of the format; max_message_bytes is lower
 MAX_META = 0xFFFF

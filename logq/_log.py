@@ -482,6 +482,8 @@ def scan_tail(seg: Segment, pos: int, nxt: int, *, resync: bool = True
         if not resync or stop >= seg.size:
             return pos, nxt, lost
         most = nxt + (seg.size - stop) // F.RECORD_HEADER_SIZE
+        # Not on a record inside a batch (CONT): its head may be the torn
+        # record, and a batch is kept whole or not at all.
         found = C.find_next(seg.h, stop, seg.size, nxt, most)
         if found < 0:
             return pos, nxt, lost

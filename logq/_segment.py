@@ -157,7 +157,9 @@ class Segment:
         if stop + F.RECORD_HEADER_SIZE >= self.size and self.refresh_size():
             return  # the records go on in the part of the file mapped just now
         first = self.known_next
-        found = C.find_next(self.h, stop, self.size, first, limit - 1)
+        # Below the limit every batch was written whole: records inside one
+        # (CONT) are fair places to resume.
+        found = C.find_next(self.h, stop, self.size, first, limit - 1, True)
         if found < 0:
             self._lose(first, limit, stop, F.SCAN_REASONS[status])
             self.known_next = limit
@@ -206,7 +208,7 @@ class Segment:
             # Damage found in a part that was already indexed (a stored
             # index, or bytes changed since): record it, skip to what follows.
             bad = at + n
-            found = C.find_next(self.h, stop, self.size, bad, limit - 1)
+            found = C.find_next(self.h, stop, self.size, bad, limit - 1, True)
             resume = self.offset_at(found) if found >= 0 else limit
             self._lose(bad, resume, stop, F.SCAN_REASONS[status])
             if found < 0:

@@ -292,18 +292,34 @@ int64_t logq_encode_batch_n(uint8_t *buf, uint64_t pos, uint64_t end,
         return (int64_t)pos;
     if (priority > 0xFF || first_offset > UINT64_MAX - (n - 1))
         return LOGQ_E_ARG;
-    for (i = 0; i < n; i++) {
-        /* the reference slices joined[at:at + lengths[i]]: cut short at the
-         * end of joined, empty past it */
-        uint64_t want = lengths[i], take = 0;
-        const uint8_t *src = NULL;
-        if (at < joined_len) {
-            take = joined_len - at < want ? joined_len - at : want;
-            src = joined + at;
-            at += want;
+    /* Records 1..n-1 first, flagged CONT; record 0 last, after a release
+     * fence: until it is whole, a reader stops at it and never sees the rest,
+     * so the batch appears all at once or (after a crash) not at all. */
+    {
+        uint64_t first_pos = pos, first_take = 0;
+        const uint8_t *first_src = NULL;
+        for (i = 0; i < n; i++) {
+            /* the reference slices joined[at:at + lengths[i]]: cut short at
+             * the end of joined, empty past it */
+            uint64_t want = lengths[i], take = 0;
+            const uint8_t *src = NULL;
+            if (at < joined_len) {
+                take = joined_len - at < want ? joined_len - at : want;
+                src = joined + at;
+                at += want;
+            }
+            if (i == 0) {
+                first_src = src;
+                first_take = take;
+                pos += HDR + take;
+            } else {
+                pos = put(buf, pos, first_offset + i, ts, src, take, priority,
+                          LOGQ_RECORD_MARK | LOGQ_FLAG_CONT, NULL, 0);
+            }
         }
-        pos = put(buf, pos, first_offset + i, ts, src, take, priority,
-                  LOGQ_RECORD_MARK, NULL, 0);
+        __atomic_thread_fence(__ATOMIC_RELEASE);
+        put(buf, first_pos, first_offset, ts, first_src, first_take, priority,
+            LOGQ_RECORD_MARK, NULL, 0);
     }
     return (int64_t)pos;
 }
@@ -526,7 +542,7 @@ int64_t logq_scan(const uint8_t *buf, uint64_t start, uint64_t end,
 }
 
 int64_t logq_find_next(const uint8_t *buf, uint64_t start, uint64_t end,
-                       uint64_t min_offset, uint64_t max_offset)
+                       uint64_t min_offset, uint64_t max_offset, int batch_ok)
 {
     uint64_t p, off, size;
     uint8_t h[HDR];
@@ -538,7 +554,8 @@ int64_t logq_find_next(const uint8_t *buf, uint64_t start, uint64_t end,
     for (p = start; end - p >= HDR; p++) {
         const uint8_t *r = buf + p;
         unsigned flags = r[27];
-        if (!(flags & LOGQ_RECORD_MARK) || (flags & ~(unsigned)LOGQ_FLAGS_KNOWN & 0xFF))
+        if (!(flags & LOGQ_RECORD_MARK) || (flags & ~(unsigned)LOGQ_FLAGS_KNOWN & 0xFF)
+                || ((flags & LOGQ_FLAG_CONT) && !batch_ok))
             continue;
         memcpy(h, r, HDR);
         off = ld64(h + 8);

@@ -17,7 +17,8 @@
 #define LOGQ_RECORD_MARK 0x80
 #define LOGQ_FLAG_DELIVER_AT 0x01
 #define LOGQ_FLAG_KEY 0x02
-#define LOGQ_FLAGS_KNOWN 0x83
+#define LOGQ_FLAG_CONT 0x04
+#define LOGQ_FLAGS_KNOWN 0x87
 #define LOGQ_DELIVER_AT_SIZE 8
 #define LOGQ_MAX_PAYLOAD 0x40000000
 #define LOGQ_MAX_META 0xFFFF
@@ -111,6 +112,8 @@ int64_t logq_scan(const uint8_t *buf, uint64_t start, uint64_t end,
                   uint64_t *fields, uint64_t *result);
 
 /* The smallest position p >= start where an intact record with
- * min_offset <= offset <= max_offset lies wholly before end; -1 if none. */
+ * min_offset <= offset <= max_offset lies wholly before end; -1 if none.
+ * Records flagged LOGQ_FLAG_CONT (inside a batch) qualify only if batch_ok
+ * (the caller knows every batch below max_offset was written whole). */
 int64_t logq_find_next(const uint8_t *buf, uint64_t start, uint64_t end,
-                       uint64_t min_offset, uint64_t max_offset);
+                       uint64_t min_offset, uint64_t max_offset, int batch_ok);

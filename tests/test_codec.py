@@ -67,6 +67,8 @@ def build(records, base=0, pos=0, size=None):
     positions = []
     for i, (payload, prio, deliver_at, key, ts) in enumerate(records):
         flags, meta = F.encode_meta(deliver_at, key)
+        if prio % 3 == 1:
+            flags |= F.FLAG_CONT    # some records sit inside a batch
         positions.append(pos)
         pos = P.encode(buf, pos, size, base + i, ts, payload, prio, flags, meta)
         assert pos > 0
@@ -91,10 +93,10 @@ def nscan(buf, start, end, expected, maxr, fields):
         N.release(h)
 
 
-def nfind(buf, start, end, lo, hi):
+def nfind(buf, start, end, lo, hi, batch_ok=False):
     h = N.handle(buf)
     try:
-        return N.find_next(h, start, end, lo, hi)
+        return N.find_next(h, start, end, lo, hi, batch_ok)
     finally:
         N.release(h)
 
@@ -110,10 +112,12 @@ def same_scan(buf, start, end, expected, maxr=1 << 20):
 
 
 def same_find(buf, start, end, lo, hi):
+    """Both codecs agree, with and without batch_ok; the pure result without."""
     hi = min(hi, U64)
-    want = P.find_next(bytes(buf), start, end, lo, hi)
-    got = nfind(buf, start, end, lo, hi)
-    assert got == want, (start, end, lo, hi)
+    for batch_ok in (True, False):
+        want = P.find_next(bytes(buf), start, end, lo, hi, batch_ok)
+        got = nfind(buf, start, end, lo, hi, batch_ok)
+        assert got == want, (start, end, lo, hi, batch_ok)
     return want
 
 
@@ -189,7 +193,7 @@ def mutate(buf, ops):
 
 REQUIRED = [
     "FORMAT_VERSION", "SEGMENT_HEADER_SIZE", "RECORD_HEADER_SIZE", "RECORD_MARK",
-    "FLAG_DELIVER_AT", "FLAG_KEY", "FLAGS_KNOWN", "DELIVER_AT_SIZE", "MAX_PAYLOAD",
+    "FLAG_DELIVER_AT", "FLAG_KEY", "FLAG_CONT", "FLAGS_KNOWN", "DELIVER_AT_SIZE", "MAX_PAYLOAD",
     "MAX_META", "CRC_MASK_DELTA", "SCAN_OK", "SCAN_END", "SCAN_TRUNCATED",
     "SCAN_BAD_HEADER", "SCAN_BAD_CRC", "SCAN_BAD_OFFSET", "SCAN_FIELDS",
     "CTL_TAIL_BASE", "CTL_TAIL_POS", "CTL_TAIL_NEXT", "CTL_WANT", "CTL_HOLDER",
@@ -580,7 +584,8 @@ def test_garbage_around_intact_records(recs, base, seed):
     data = noise + buf + bytes(rnd.randrange(0, 30))
     k = len(noise)
     check_stream(data, [p + k for p in positions], base)
-    assert same_find(data, 0, len(data), base, base) in range(0, k + 1)
+    same_find(data, 0, len(data), base, base)     # both codecs agree
+    assert P.find_next(data, 0, len(data), base, base, True) in range(0, k + 1)
 
 
 lengths = st.one_of(st.integers(0, 64), st.sampled_from(
@@ -697,10 +702,11 @@ def test_find_next_any_range(recs, base, ops, lo, width):
     buf, positions = build(recs, base)
     data = mutate(b"\x83" * 30 + buf, ops)
     for a, b in ((lo, lo + width), (base - lo % 7, base + width), (0, (1 << 64) - 1), (-3, -1)):
-        want = P.find_next(data, 0, len(data), a, b)
-        assert nfind(data, 0, len(data), a, b) == want
-        if a > b:
-            assert want == -1
+        for batch_ok in (False, True):
+            want = P.find_next(data, 0, len(data), a, b, batch_ok)
+            assert nfind(data, 0, len(data), a, b, batch_ok) == want
+            if a > b:
+                assert want == -1
 
 
 @native
