@@ -244,6 +244,27 @@ class Index:
     def mark_unclean(self) -> None:
         self.write(lambda t: t.put(K_CLEAN, b"0", db=self.main))
 
+    # -- consumer groups ----------------------------------------------------
+    # The ``groups`` database belongs to the consumer layer.  The one rule
+    # the storage layer knows: a group's value starts with a u64, the offset
+    # below which the group has acknowledged everything (its watermark).
+
+    def clamp_groups(self, next_offset: int) -> list[tuple[bytes, int]]:
+        """After recovery cut the log back to ``next_offset``: pull every
+        group's watermark down to it, so that records put from now on (which
+        reuse the lost offsets) are delivered, not taken as acknowledged.
+        Returns (group, old watermark) for each group changed."""
+        def fn(txn: Any) -> list[tuple[bytes, int]]:
+            changed = []
+            for name, value in txn.cursor(db=self.groups):
+                if len(value) >= 8:
+                    (mark,) = struct.unpack_from("<Q", value, 0)
+                    if mark > next_offset:
+                        txn.put(name, struct.pack("<Q", next_offset) + value[8:], db=self.groups)
+                        changed.append((bytes(name), mark))
+            return changed
+        return self.write(fn)
+
     # -- segment table ----------------------------------------------------
     def sparse(self, base: int) -> tuple[int, int, array] | None:
         """(end position, record count, sparse positions) stored for a sealed

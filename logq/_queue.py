@@ -121,6 +121,10 @@ class Queue:
                 rec = lg.recover(self._index.checkpoint(), self._index.was_clean())
                 os.fdatasync(lg.active.fd)
                 self._index.set_checkpoint(lg.active.base, lg.pos, lg.next, clean=False, force=True)
+                for group, mark in self._index.clamp_groups(lg.next):
+                    log.warning("queue %s: group %r had acknowledged up to offset %d, but the log "
+                                "now ends at %d; its position is clamped so new messages are "
+                                "delivered", self.path, group.decode(errors="replace"), mark, lg.next)
                 if rec.truncated_bytes or rec.lost or not rec.clean:
                     log.info("queue %s recovered after an unclean shutdown: tail at offset %d, "
                              "%d torn bytes cut, %d record(s) lost", self.path, lg.next,

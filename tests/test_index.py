@@ -1,0 +1,46 @@
+"""The LMDB index on its own: the map grows by itself, and a damaged data
+file is recognised from its own metadata before LMDB would map it."""
+
+from __future__ import annotations
+
+import os
+from array import array
+
+import logq
+from logq import _format as F
+from logq._index import lmdb_file_problem, open_index
+
+
+def test_map_grows_without_map_full_error(tmp_path):
+    qdir = str(tmp_path / "q")
+    with logq.open(qdir):
+        pass
+    idx = open_index(qdir, may_rebuild=True)
+    try:
+        start = idx.env.info()["map_size"]
+        big = array("Q", range(1 << 17))            # 1 MiB per segment entry
+        for base in range(0, 40 * 64, 64):          # 40 MiB in all
+            idx.set_sparse(base, 123, len(big) * F.SPARSE_STRIDE, big)
+        assert idx.env.info()["map_size"] > start
+        assert idx.sparse(64 * 39) == (123, len(big) * F.SPARSE_STRIDE, big)
+    finally:
+        idx.close()
+    with logq.open(qdir) as q:                      # still opens, and works
+        assert q.put(b"x") == 0
+
+
+def test_lmdb_file_problem_reads_the_meta_pages(tmp_path):
+    qdir = str(tmp_path / "q")
+    with logq.open(qdir) as q:
+        q.put(b"x")
+    data = os.path.join(qdir, F.INDEX_DIR, "data.mdb")
+    assert lmdb_file_problem(data) is None
+    size = os.path.getsize(data)
+    with open(data, "r+b") as f:
+        f.truncate(size - 4096)
+    assert "truncated" in lmdb_file_problem(data)
+    with open(data, "r+b") as f:
+        f.seek(16)
+        f.write(b"\0\0\0\0")                        # the magic of meta page 0
+    assert "magic" in lmdb_file_problem(data)
+    assert lmdb_file_problem(os.path.join(qdir, "missing.mdb")) is None
