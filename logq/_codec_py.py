@@ -28,7 +28,6 @@ _HDR = F.RECORD_HEADER_SIZE
 _pack_body = F.RECORD_BODY.pack_into
 _unpack_header = F.RECORD_HEADER.unpack_from
 _pack_u32 = struct.Struct("<I").pack_into
-_u64 = struct.Struct("<Q")
 
 
 def crc32c(data: Any, crc: int = 0) -> int:
@@ -102,13 +101,20 @@ class Writer:
         self._mu = threading.Lock()
         self.seg: Any = None
         self.ctl: Any = None
+        self._words: Any = None
         self.pos = 0
         self.end = 0
         self.next = 0
         self.handle = self   # what put() takes
 
     def attach(self, seg: Any, ctl: Any) -> None:
+        if self._words is not None:
+            self._words.release()
         self.seg, self.ctl = seg, ctl
+        # Control-block words are loaded and stored whole (a struct
+        # pack_into writes byte by byte: another process could read a torn
+        # tail), through a view of native 8-byte words.
+        self._words = None if ctl is None else memoryview(ctl).cast("B").cast("Q")
 
     def __enter__(self) -> "Writer":
         self._mu.acquire()
@@ -125,17 +131,17 @@ def put(w: Writer, payload: bytes, length: int) -> int:
     waits for the append lock), or -1 if it does not fit before ``w.end``.
     After writing, the new tail is published in the control block."""
     with w._mu:
-        ctl = w.ctl
-        if ctl is not None and _u64.unpack_from(ctl, F.CTL_WANT)[0]:
+        words = w._words
+        if words is not None and words[F.CTL_WANT >> 3]:
             return -2
         if w.pos + _HDR + length > w.end:
             return -1
         off = w.next
         w.pos = _put(w.seg, w.pos, off, time.time_ns(), payload, 0, F.RECORD_MARK, b"")
         w.next = off + 1
-        if ctl is not None:
-            _u64.pack_into(ctl, F.CTL_TAIL_POS, w.pos)
-            _u64.pack_into(ctl, F.CTL_TAIL_NEXT, off + 1)
+        if words is not None:
+            words[F.CTL_TAIL_POS >> 3] = w.pos
+            words[F.CTL_TAIL_NEXT >> 3] = off + 1
         return off
 
 

@@ -196,7 +196,8 @@ SCAN_FIELDS = 5
 # The ``control`` file is mapped by every process that has the queue open.
 # It coordinates the append lock and publishes the tail; it is rebuilt from
 # the log whenever a process opens the queue while no other has it open, so
-# nothing in it needs to survive a power cut.
+# nothing in it needs to survive a power cut.  Its words are native-endian
+# 8-byte integers, always loaded and stored whole.
 CONTROL_SIZE = 4096
 CONTROL_MAGIC = b"LOGQCTL\x01"
 CTL_TAIL_BASE = 8    # u64: base offset of the active segment

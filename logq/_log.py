@@ -29,7 +29,6 @@ import fcntl
 import logging
 import mmap
 import os
-import struct
 import time
 import uuid
 from array import array
@@ -44,7 +43,6 @@ from logq._segment import Segment, encode_header
 
 log = logging.getLogger("logq")
 
-_U64 = struct.Struct("<Q")
 _PAGE = 4096
 
 
@@ -156,6 +154,9 @@ class Log:
             os.ftruncate(self.ctl_fd, F.CONTROL_SIZE)
         self.ctl = mmap.mmap(self.ctl_fd, F.CONTROL_SIZE)
         self.ctl_h = C.handle(self.ctl)
+        # Whole native 8-byte words: a struct pack_into writes byte by byte,
+        # and another process must never read a torn tail.
+        self.ctl_words = memoryview(self.ctl).cast("Q")
         self.refresh_bases()
 
     def _open_fd(self, path: str) -> int:
@@ -192,10 +193,10 @@ class Log:
 
     # -- control block ------------------------------------------------------
     def ctl_get(self, at: int) -> int:
-        return _U64.unpack_from(self.ctl, at)[0]
+        return self.ctl_words[at >> 3]
 
     def ctl_set(self, at: int, value: int) -> None:
-        _U64.pack_into(self.ctl, at, value)
+        self.ctl_words[at >> 3] = value
 
     def publish(self) -> None:
         """Publish this writer's tail for other processes (pos before next)."""
@@ -461,6 +462,7 @@ class Log:
         if self.ctl_h is not None:
             C.release(self.ctl_h)
             self.ctl_h = None
+        self.ctl_words.release()
         self.ctl.close()
         for fd in self._fds:
             os.close(fd)

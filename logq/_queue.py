@@ -18,7 +18,7 @@ import time
 import weakref
 from array import array
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Iterable, Iterator
 
 from logq import _codec as C
 from logq import _format as F

@@ -16,7 +16,7 @@ from array import array
 
 from logq import _codec as C
 from logq import _format as F
-from logq._errors import CorruptionError, FormatVersionError
+from logq._errors import FormatVersionError
 from logq._fsutil import fsync_dir, preallocate
 
 log = logging.getLogger("logq")

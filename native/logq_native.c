@@ -350,14 +350,15 @@ static uint64_t now_ns(void)
     return (uint64_t)t.tv_sec * 1000000000u + (uint64_t)t.tv_nsec;
 }
 
-/* Control-block words: native atomics on 8-byte aligned fields, holding the
- * little-endian representation (so Python's struct "<Q" agrees). */
+/* Control-block words: shared memory between processes of one machine, not
+ * an on-disk format, so native-endian 8-byte words, loaded and stored whole
+ * (Python reads and writes them through a memoryview cast to "Q"). */
 static inline uint64_t ctl_load(const uint8_t *p)
 {
     uint64_t v;
     if (((uintptr_t)p & 7) == 0)
-        return LE64(__atomic_load_n((const uint64_t *)(const void *)p, __ATOMIC_ACQUIRE));
-    v = ld64(p);                         /* unaligned (not an mmap): no atomicity */
+        return __atomic_load_n((const uint64_t *)(const void *)p, __ATOMIC_ACQUIRE);
+    memcpy(&v, p, 8);                    /* unaligned (not an mmap): no atomicity */
     __atomic_thread_fence(__ATOMIC_ACQUIRE);
     return v;
 }
@@ -365,10 +366,10 @@ static inline uint64_t ctl_load(const uint8_t *p)
 static inline void ctl_store(uint8_t *p, uint64_t x)
 {
     if (((uintptr_t)p & 7) == 0) {
-        __atomic_store_n((uint64_t *)(void *)p, LE64(x), __ATOMIC_RELEASE);
+        __atomic_store_n((uint64_t *)(void *)p, x, __ATOMIC_RELEASE);
     } else {
         __atomic_thread_fence(__ATOMIC_RELEASE);
-        st64(p, x);
+        memcpy(p, &x, 8);
     }
 }
 

@@ -18,7 +18,7 @@ import time
 
 import crcmod.predefined
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from logq import _codec_py as P

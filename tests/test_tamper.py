@@ -43,7 +43,7 @@ def pristine(tmp_path_factory):
     out = {}
     for variant in ("plain", "indexed"):
         d = root / variant
-        items = build_queue(str(d), N, TAG, read_all=variant == "indexed")
+        build_queue(str(d), N, TAG, read_all=variant == "indexed")
         segs = segments(str(d))
         assert len(segs) >= 8, "the queue should span many segments"
         out[variant] = d
