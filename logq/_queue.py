@@ -18,7 +18,7 @@ import time
 import weakref
 from array import array
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 from logq import _codec as C
 from logq import _format as F
@@ -112,6 +112,7 @@ class Queue:
         self._pending = 0               # batch: bytes put since the last fsync
         self._always = opts.fsync == "always"
         self._batch = opts.fsync == "batch"
+        self._syncs = opts.fsync != "never"     # puts have fsync work to do
         self._max = opts.max_message_bytes
         lg = Log(self.path, segment_bytes=opts.segment_bytes)
         try:
@@ -163,38 +164,48 @@ class Queue:
         # the append lock and the record fits in the active segment.
         off = _put(self._writer, data, n)
         if off < 0:
-            off = self._put_slow(data)
-        if self._always:
-            self._sync_to(off + 1)
-        elif self._batch:
-            self._pending += n + _HDR
-            if self._pending >= self.options.fsync_bytes:
-                self._kick.set()
+            # encode, not put: once this process has the append lock, the
+            # record is written even if another process asks for it at once.
+            off = self._append(_HDR + n, 1, lambda lg, first: C.encode(
+                lg.h, lg.pos, lg.end, first, time.time_ns(), data))
+        if self._syncs:
+            self._after_write(off + 1, n + _HDR)
         return off
 
-    def _put_slow(self, data: bytes) -> int:
+    def _append(self, need: int, count: int, encode: Callable[[Log, int], int]) -> int:
+        """The slow path of every append: take the append lock if needed,
+        make room for ``need`` bytes, write ``count`` records with
+        ``encode(log, first_offset) -> new position``, publish the tail.
+        Returns the first offset."""
         with self._lock:
             lg = self._open_log()
-            if self._failed is not None:
-                raise LogqError(f"queue {self.path} failed and must be reopened: {self._failed}")
+            self._check_failed()
             with lg.w:
-                self._take_append_lock(lg)
-                lg.room(_HDR + len(data))
-                off = lg.next
-                # encode, not put: after taking the lock this record is
-                # written even if another process asks for it at once.
-                lg.pos = C.encode(lg.h, lg.pos, lg.end, off, time.time_ns(), data)
-                lg.next = off + 1
+                if lg.wanted():
+                    lg.yield_turn()
+                if not lg.holding:
+                    lg.acquire()
+                    self._kick.set()  # the housekeeper hands the lock back when idle
+                lg.room(need)
+                first = lg.next
+                lg.pos = encode(lg, first)
+                lg.next = first + count
                 lg.publish()
-        return off
+        return first
 
-    def _take_append_lock(self, lg: Log) -> None:
-        # Caller holds self._lock and the writer.
-        if lg.wanted():
-            lg.yield_turn()
-        if not lg.holding:
-            lg.acquire()
-            self._kick.set()  # the housekeeper hands the lock back when idle
+    def _after_write(self, end: int, nbytes: int) -> None:
+        """The fsync policy's part of a put: wait for the group commit
+        ("always"), or count the bytes towards the next fsync ("batch")."""
+        if self._always:
+            self._sync_to(end)
+        else:
+            self._pending += nbytes
+            if self._pending >= self.options.fsync_bytes:
+                self._kick.set()
+
+    def _check_failed(self) -> None:
+        if self._failed is not None:
+            raise LogqError(f"queue {self.path} failed and must be reopened: {self._failed}")
 
     def put_many(self, items: Iterable[bytes | bytearray | memoryview]) -> range:
         """Append messages in order; their offsets.  Every item is checked
@@ -217,23 +228,10 @@ class Queue:
             i = max(range(len(batch)), key=lengths.__getitem__)
             raise MessageTooLargeError(
                 f"item {i} of put_many is {lengths[i]} bytes, over max_message_bytes={self._max}; nothing was stored")
-        with self._lock:
-            lg = self._open_log()
-            if self._failed is not None:
-                raise LogqError(f"queue {self.path} failed and must be reopened: {self._failed}")
-            with lg.w:
-                self._take_append_lock(lg)
-                lg.room(_HDR * len(batch) + len(joined))
-                first = lg.next
-                lg.pos = C.encode_batch(lg.h, lg.pos, lg.end, first, time.time_ns(), joined, lengths)
-                lg.next = first + len(batch)
-                lg.publish()
-        if self._always:
-            self._sync_to(first + len(batch))
-        elif self._batch:
-            self._pending += len(joined) + _HDR * len(batch)
-            if self._pending >= self.options.fsync_bytes:
-                self._kick.set()
+        first = self._append(_HDR * len(batch) + len(joined), len(batch), lambda lg, first: C.encode_batch(
+            lg.h, lg.pos, lg.end, first, time.time_ns(), joined, lengths))
+        if self._syncs:
+            self._after_write(first + len(batch), len(joined) + _HDR * len(batch))
         return range(first, first + len(batch))
 
     # -- durability -----------------------------------------------------------
@@ -252,8 +250,7 @@ class Queue:
             return
         with self._sync_cond:
             while True:
-                if self._failed is not None:
-                    raise LogqError(f"queue {self.path} failed and must be reopened: {self._failed}")
+                self._check_failed()
                 if self._durable_next >= target and not checkpoint:
                     return
                 if not self._syncing:
