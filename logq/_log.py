@@ -263,6 +263,7 @@ class Log:
             self.recovery = rep
             return rep
         rep.clean = False
+        seg.reset_index()   # any stored one may describe records about to be cut
         start = pos
         pos, nxt, lost = scan_tail(seg, pos, nxt)
         rep.scanned_bytes = pos - start

@@ -122,6 +122,8 @@ class Queue:
                 rec = lg.recover(self._index.checkpoint(), self._index.was_clean())
                 os.fdatasync(lg.active.fd)
                 self._index.set_checkpoint(lg.active.base, lg.pos, lg.next, clean=False, force=True)
+                if not rec.clean:
+                    self._index.drop_segments([lg.active.base])
                 for group, mark in self._index.clamp_groups(lg.next):
                     log.warning("queue %s: group %r had acknowledged up to offset %d, but the log "
                                 "now ends at %d; its position is clamped so new messages are "
@@ -383,8 +385,8 @@ class Queue:
             at, fields = run
             mm = seg.mm
             out = [mm[p:p + n] for p, n in zip(fields[1::5], fields[2::5])]
-            if not seg.stored and seg.known_next >= limit and seg.base < lg.active.base:
-                self._store_sparse(seg)
+            if seg.known_next >= limit > seg.stored_next and seg.base < lg.active.base:
+                self._store_sparse(seg)     # a sealed segment, now fully indexed
             return at, out
 
     @staticmethod
@@ -392,11 +394,11 @@ class Queue:
         return lg.bases[0] if lg.bases else lg.next
 
     def _store_sparse(self, seg: Any) -> None:
-        # A sealed segment fully indexed: keep its sparse index, so later
-        # opens read it without scanning (derived data: safe to lose).
-        if not seg.lost:
+        # Keep a segment's sparse index (derived data, safe to lose), so that
+        # later opens read it without scanning the segment.
+        if not seg.lost and seg.known_next > seg.stored_next:
             self._index.set_sparse(seg.base, seg.known_pos, seg.known_next - seg.base, seg.sparse)
-        seg.stored = True
+        seg.stored_next = seg.known_next
 
     # -- state ------------------------------------------------------------------
     @property
@@ -489,6 +491,10 @@ class Queue:
                 if lg.close_last() and lg.ctl_get(F.CTL_HOLDER) == 0 and self._failed is None:
                     lg._adopt_tail()
                     os.fdatasync(lg.active.fd)
+                    # The active segment's index too: the next open reads its
+                    # newest records without scanning (and mapping) it all.
+                    lg.active.extend(lg.next - 1, lg.next)
+                    self._store_sparse(lg.active)
                     self._index.set_checkpoint(lg.active.base, lg.pos, lg.next, clean=True)
             finally:
                 self._index.close()

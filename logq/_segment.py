@@ -78,7 +78,7 @@ class Segment:
         self.known_pos = F.SEGMENT_HEADER_SIZE
         self.known_next = base
         self.lost: list[tuple[int, int]] = []   # [first, end) offsets lost to damage
-        self.stored = False     # the sparse index is in the Index
+        self.stored_next = base  # the Index holds the sparse index up to here
 
     # -- creation -----------------------------------------------------------
     @classmethod
@@ -124,12 +124,18 @@ class Segment:
 
     # -- reading ------------------------------------------------------------
     def load_sparse(self, end: int, count: int, positions: array) -> None:
-        """Adopt a sparse index stored for this (sealed) segment."""
+        """Adopt a sparse index stored for this segment: of all its records
+        if sealed, of a prefix of them if it was the active one."""
         if len(positions) == (count + _STRIDE - 1) // _STRIDE and end <= self.size:
             self.sparse = positions
             self.known_pos = end
-            self.known_next = self.base + count
-            self.stored = True
+            self.known_next = self.stored_next = self.base + count
+
+    def reset_index(self) -> None:
+        """Forget the sparse index (recovery cut the records it described)."""
+        self.sparse = array("Q")
+        self.known_pos = F.SEGMENT_HEADER_SIZE
+        self.known_next = self.stored_next = self.base
 
     def offset_at(self, pos: int) -> int:
         return _OFFSET_AT.unpack_from(self.mm, pos + 8)[0]
@@ -202,9 +208,14 @@ class Segment:
         if not floor <= at <= offset:
             at = floor  # damaged since the index was built: the scan below finds out
         while True:
-            n, stop, status, fields = C.scan(self.h, pos, self.size, at, offset - at + 1, True)
-            if n == offset - at + 1:
-                return fields[-F.SCAN_FIELDS], offset
+            # Skip to the target, then validate it: two scans that build no
+            # per-record fields.
+            n, stop, status, _ = C.scan(self.h, pos, self.size, at, offset - at)
+            if n == offset - at:
+                one = C.scan(self.h, stop, self.size, offset, 1)
+                if one[0] == 1:
+                    return stop, offset
+                status = one[2]
             # Damage found in a part that was already indexed (a stored
             # index, or bytes changed since): record it, skip to what follows.
             bad = at + n

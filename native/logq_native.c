@@ -555,6 +555,19 @@ int64_t logq_find_next(const uint8_t *buf, uint64_t start, uint64_t end,
     for (p = start; end - p >= HDR; p++) {
         const uint8_t *r = buf + p;
         unsigned flags = r[27];
+        if (!(flags & LOGQ_RECORD_MARK)) {
+            /* Skip ahead 8 flag-byte candidates at a time while none has the
+             * mark bit (a preallocated tail is all zeros). */
+            uint64_t w;
+            while (end - p >= HDR + 8) {
+                memcpy(&w, buf + p + 27, 8);
+                if (w & 0x8080808080808080ull)
+                    break;
+                p += 8;
+            }
+            r = buf + p;
+            flags = r[27];
+        }
         if (!(flags & LOGQ_RECORD_MARK) || (flags & ~(unsigned)LOGQ_FLAGS_KNOWN & 0xFF)
                 || ((flags & LOGQ_FLAG_CONT) && !batch_ok))
             continue;
