@@ -6,7 +6,7 @@ Who may write
 Appends happen only while holding ``append.lock`` (flock).  A process keeps
 the lock between puts (so a put costs no system call) until another process
 asks for it by setting the WANT word of the control block; the holder sees
-that on its next put (the native append checks it) or within a few
+that on its next put (``_codec.put`` checks it) or within a few
 milliseconds when idle (``Queue``'s housekeeper), publishes the tail and
 lets go.  A holder that dies holding the lock leaves its pid in the HOLDER
 word: the next holder validates what the dead one wrote past the published
@@ -17,8 +17,9 @@ Who recovers
 Recovery runs only in a process that opens the queue while no other process
 has it open (``open.lock`` is held shared by every open queue).  It scans the
 newest segment from the last durable checkpoint, keeps every intact record,
-skips damaged ones when intact records follow, and cuts the file at the end
-of the last intact record (freeing, then preallocating again, everything
+skips damaged ones when intact records follow (but never resumes inside a
+batch: a torn batch goes whole), and cuts the file at the end of the last
+intact record (freeing, then preallocating again, everything
 after it, so that no stale bytes survive past the tail).
 """
 

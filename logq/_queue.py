@@ -115,6 +115,7 @@ class Queue:
         self._syncs = opts.fsync != "never"     # puts have fsync work to do
         self._max = opts.max_message_bytes
         lg = Log(self.path, segment_bytes=opts.segment_bytes)
+        self._index = None
         try:
             self._index = open_index(self.path, may_rebuild=lg.alone)
             lg.sparse_source = self._index.sparse
@@ -136,6 +137,8 @@ class Queue:
                 lg.attach()
                 lg.recovery = Recovery()
         except BaseException:
+            if self._index is not None:
+                self._index.close()
             lg.close()      # closing the lock files releases their locks
             raise
         lg.end_open()
@@ -477,7 +480,7 @@ class Queue:
             lg = self._log
             if lg is None:
                 return
-        if not self.options.fsync == "never" and self._failed is None:
+        if self._syncs and self._failed is None:
             self._sync_to(lg.next)
         self._stop = True
         self._kick.set()
