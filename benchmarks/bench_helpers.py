@@ -99,26 +99,10 @@ def batches(seq: Sequence[bytes], size: int) -> list[list[bytes]]:
 
 
 def fdatasync_prealloc(dirpath: str, rounds: int = 200) -> float:
-    """Median seconds of fdatasync after writing 4 KiB in place into a file
-    preallocated with posix_fallocate (its size never changes), the way logq
-    writes into its segments.  The allocation itself is made durable first.
-    (logq.bench.floor_fdatasync measures the same after an append.)"""
-    path = os.path.join(dirpath, "floor-sync-prealloc")
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
-    block = b"\2" * 4096
-    times = []
-    try:
-        os.posix_fallocate(fd, 0, rounds * len(block))
-        os.fsync(fd)
-        for i in range(rounds):
-            os.pwrite(fd, block, i * len(block))
-            t = time.perf_counter()
-            os.fdatasync(fd)
-            times.append(time.perf_counter() - t)
-        return statistics.median(times)
-    finally:
-        os.close(fd)
-        os.unlink(path)
+    """Median seconds of fdatasync after writing 4 KiB in place into a
+    preallocated file, the way logq writes into its segments."""
+    from logq.bench import floor_fdatasync
+    return floor_fdatasync(dirpath, rounds, in_place=True)
 
 
 # -- checking what was measured -----------------------------------------------------

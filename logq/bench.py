@@ -69,15 +69,20 @@ def floor_joined(dirpath: str, n: int, payload: bytes) -> float:
         os.unlink(path)
 
 
-def floor_fdatasync(dirpath: str, rounds: int = 200) -> float:
-    """Median seconds of fdatasync after a 4 KiB append."""
+def floor_fdatasync(dirpath: str, rounds: int = 200, *, in_place: bool = False) -> float:
+    """Median seconds of fdatasync after writing 4 KiB: appended to the file,
+    or (``in_place``) over blocks preallocated with posix_fallocate, the way
+    logq writes into its segments (the allocation is made durable first)."""
     path = os.path.join(dirpath, "floor-sync")
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC)
     block = b"\1" * 4096
     times = []
     try:
-        for _ in range(rounds):
-            os.write(fd, block)
+        if in_place:
+            os.posix_fallocate(fd, 0, rounds * len(block))
+            os.fsync(fd)
+        for i in range(rounds):
+            os.pwrite(fd, block, i * len(block))
             t = time.perf_counter()
             os.fdatasync(fd)
             times.append(time.perf_counter() - t)
