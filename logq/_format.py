@@ -207,6 +207,7 @@ CTL_WANT = 32        # u64: nonzero while another process waits for the append l
 CTL_HOLDER = 40      # u64: pid holding the append lock; 0 once released cleanly
 CTL_GENERATION = 48  # u64: bumped each time the append lock changes hands
 CTL_WAITERS = 56     # u32: consumers blocked waiting for new records
+CTL_BOOT_ID = 64     # 16 bytes: the kernel boot id when the block was set up
 
 # --- index ---------------------------------------------------------------
 SPARSE_STRIDE = 64   # one sparse index entry per this many records

@@ -19,14 +19,17 @@ has it open (``open.lock`` is held shared by every open queue).  It scans the
 newest segment from the last durable checkpoint, keeps every intact record,
 skips damaged ones when intact records follow (but never resumes inside a
 batch: a torn batch goes whole), and cuts the file at the end of the last
-intact record (freeing, then preallocating again, everything
-after it, so that no stale bytes survive past the tail).
+intact record (freeing, then preallocating again, everything after it, so
+that no stale bytes survive past the tail).  Rolling does not fsync the
+sealed segment, so after a machine restart (a new kernel boot id) the
+sealed segments since the checkpoint are validated too.
 """
 
 from __future__ import annotations
 
 import bisect
 import fcntl
+import functools
 import logging
 import mmap
 import os
@@ -154,6 +157,11 @@ class Log:
         if self.alone and os.fstat(self.ctl_fd).st_size != F.CONTROL_SIZE:
             os.ftruncate(self.ctl_fd, F.CONTROL_SIZE)
         self.ctl = mmap.mmap(self.ctl_fd, F.CONTROL_SIZE)
+        # Whether the machine restarted since the block was last set up: if
+        # not, the page cache kept every write and only the newest segment
+        # can end in a torn record.
+        self.rebooted = (bytes(self.ctl[:8]) != F.CONTROL_MAGIC or boot_id() is None
+                         or bytes(self.ctl[F.CTL_BOOT_ID:F.CTL_BOOT_ID + 16]) != boot_id())
         self.ctl_h = C.handle(self.ctl)
         # Whole native 8-byte words: a struct pack_into writes byte by byte,
         # and another process must never read a torn tail.
@@ -250,6 +258,8 @@ class Log:
             self.recovery = rep
             return rep
         base = self.bases[-1]
+        if not clean and self.rebooted:
+            self._validate_sealed(checkpoint, rep)
         seg = self.segment(base)
         if seg.size < F.SEGMENT_HEADER_SIZE:
             seg = self._rebuild_short(seg, rep)
@@ -285,6 +295,55 @@ class Log:
         self._set_active(seg, pos, nxt)
         self.recovery = rep
         return rep
+
+    def _validate_sealed(self, checkpoint: tuple[int, int, int] | None, rep: Recovery) -> None:
+        """After a restart: the sealed segments written since the last
+        checkpoint may never have reached the disk whole (rolling does not
+        fsync).  Scan them; where records are missing, keep the bytes in
+        quarantine and zero them, so that no reader later takes the rest of
+        a torn batch (CONT records whose head is gone) for data."""
+        first = checkpoint[0] if checkpoint else self.bases[0]
+        for i, base in enumerate(self.bases[:-1]):
+            if base < first:
+                continue
+            limit, seg = self.bases[i + 1], self.segment(base)
+            if seg.h is None:
+                continue
+            pos, nxt = F.SEGMENT_HEADER_SIZE, base
+            if checkpoint and checkpoint[0] == base and checkpoint[1] <= seg.size:
+                pos, nxt = checkpoint[1], checkpoint[2]
+            while nxt < limit:
+                n, stop, status, _ = C.scan(seg.h, pos, seg.size, nxt, limit - nxt)
+                rep.scanned_bytes += stop - pos
+                pos, nxt = stop, nxt + n
+                if nxt >= limit:
+                    break
+                found = C.find_next(seg.h, stop, seg.size, nxt, limit - 1)
+                end = found if found >= 0 else _data_end(seg, stop)
+                if end > stop:
+                    self._quarantine_bytes(seg, stop, end, F.SCAN_REASONS[status])
+                resume = seg.offset_at(found) if found >= 0 else limit
+                seg._lose(nxt, resume, stop, "not on disk after a restart")
+                rep.lost.append((nxt, resume))
+                if found < 0:
+                    break
+                pos, nxt = found, resume
+            seg.reset_index()
+
+    def _quarantine_bytes(self, seg: Segment, start: int, end: int, why: str) -> None:
+        """Keep seg's bytes [start, end) in quarantine/, then zero them."""
+        qdir = os.path.join(self.dir, F.QUARANTINE_DIR)
+        os.makedirs(qdir, exist_ok=True)
+        dest = os.path.join(qdir, f"{F.segment_name(seg.base)}.{start}-{end}.{time.time_ns()}")
+        with open(dest, "wb") as f:
+            f.write(seg.mm[start:end])
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_dir(qdir)
+        seg.mm[start:end] = bytes(end - start)
+        os.fdatasync(seg.fd)
+        log.error("segment %s: bytes %d..%d did not hold whole records after a restart (%s); "
+                  "kept in %s and zeroed", seg.path, start, end, why, dest)
 
     def _rebuild_short(self, seg: Segment, rep: Recovery) -> Segment:
         """The newest segment is too short to hold its header (a torn
@@ -322,6 +381,7 @@ class Log:
         if self.alone:
             self.ctl[:] = bytes(F.CONTROL_SIZE)
             self.ctl[:8] = F.CONTROL_MAGIC
+            self.ctl[F.CTL_BOOT_ID:F.CTL_BOOT_ID + 16] = boot_id() or bytes(16)
             self.publish()
 
     def attach(self) -> None:
@@ -421,15 +481,30 @@ class Log:
             self.roll(need)
 
     def roll(self, need: int) -> None:
-        """Seal the active segment (its data is fsynced first) and start a new
-        one at the next offset, durably created before it is published."""
-        old = self.active
-        os.fdatasync(old.fd)
+        """Seal the active segment and start a new one at the next offset,
+        durably created before it is published.  The sealed segment is not
+        fsynced here: whoever needs its records durable syncs it
+        (``sync_segments``), and recovery after a restart validates every
+        segment written since the last checkpoint."""
         seg = self._new_segment(self.next, need)
         self._point_at(seg)
         self.pos = F.SEGMENT_HEADER_SIZE
         self.end = seg.size
         self.publish()
+
+    def segments_since(self, from_base: int, *, refresh: bool = True) -> list[Segment]:
+        """The segments from the one based at ``from_base`` up to the active
+        one, oldest first: what to fdatasync so that everything written
+        since ``from_base`` is durable (rolling does not fsync).
+        ``refresh`` first lists segments other processes may have created."""
+        active = self.active
+        if refresh:
+            self.refresh_bases()
+        return [self.segment(b) for b in self.bases if from_base <= b < active.base] + [active]
+
+    def sync_segments(self, from_base: int) -> None:
+        for seg in self.segments_since(from_base):
+            os.fdatasync(seg.fd)
 
     # -- reading --------------------------------------------------------------
     def tail(self) -> int:
@@ -494,6 +569,23 @@ def scan_tail(seg: Segment, pos: int, nxt: int, *, resync: bool = True
         resume = seg.offset_at(found)
         lost.append((nxt, resume, stop))
         pos, nxt = found, resume
+
+
+@functools.lru_cache(maxsize=1)
+def boot_id() -> bytes | None:
+    """The kernel's boot id (16 bytes; it changes at every restart), or None
+    where it cannot be read."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            return uuid.UUID(f.read().strip()).bytes
+    except (OSError, ValueError):
+        return None
+
+
+def _data_end(seg: Segment, start: int) -> int:
+    """The position after the last non-zero byte of ``seg`` (at least start)."""
+    tail = bytes(seg.mm[start:seg.size]).rstrip(b"\0")
+    return start + len(tail)
 
 
 def _torn_extent(seg: Segment, pos: int) -> int:

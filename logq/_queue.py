@@ -120,8 +120,11 @@ class Queue:
             self._index = open_index(self.path, may_rebuild=lg.alone)
             lg.sparse_source = self._index.sparse
             if lg.alone:
-                rec = lg.recover(self._index.checkpoint(), self._index.was_clean())
-                os.fdatasync(lg.active.fd)
+                checkpoint = self._index.checkpoint()
+                rec = lg.recover(checkpoint, self._index.was_clean())
+                # Every segment since the old checkpoint reaches the disk
+                # before the new checkpoint says so.
+                lg.sync_segments(checkpoint[0] if checkpoint else 0)
                 self._index.set_checkpoint(lg.active.base, lg.pos, lg.next, clean=False, force=True)
                 if not rec.clean:
                     self._index.drop_segments([lg.active.base])
@@ -145,6 +148,7 @@ class Queue:
         self._log: Log | None = lg
         self._writer = lg.w.handle
         self._durable_next = lg.next
+        self._synced_base = lg.active.base   # the active segment at the last sync
         self._checkpointed = lg.next
         self._last_checkpoint = time.monotonic()
         self._stop = False
@@ -280,12 +284,24 @@ class Queue:
             if checkpoint or now - self._last_checkpoint >= self.options.checkpoint_interval:
                 with self._lock, lg.w:
                     point = (self._open_log().active.base, lg.pos, lg.next)
-            # Every record below the published next offset is complete; the
-            # ones in segments before the active one were fsynced by the roll.
+            # Every record below the published next offset is complete.
             nxt = lg.ctl_get(F.CTL_TAIL_NEXT)
-            seg = lg.active
             self._pending = 0
-            os.fdatasync(seg.fd)        # 2. the data is durable ...
+            # 2. the data is durable: the active segment, and any segment
+            # sealed since this process last synced (rolls do not fsync);
+            # for a checkpoint, every segment since the stored one.
+            if point is not None:
+                stored = self._index.checkpoint()
+                with self._lock:
+                    segs = lg.segments_since(stored[0] if stored else 0)
+            elif lg.active.base != self._synced_base:
+                with self._lock:
+                    segs = lg.segments_since(self._synced_base, refresh=False)
+            else:
+                segs = [lg.active]
+            for seg in segs:
+                os.fdatasync(seg.fd)
+            self._synced_base = segs[-1].base
             self._fsyncs += 1
             done = nxt
             if point is not None:
@@ -493,7 +509,8 @@ class Queue:
             try:
                 if lg.close_last() and lg.ctl_get(F.CTL_HOLDER) == 0 and self._failed is None:
                     lg._adopt_tail()
-                    os.fdatasync(lg.active.fd)
+                    stored = self._index.checkpoint()
+                    lg.sync_segments(stored[0] if stored else 0)
                     # The active segment's index too: the next open reads its
                     # newest records without scanning (and mapping) it all.
                     lg.active.extend(lg.next - 1, lg.next)

@@ -10,8 +10,9 @@ never trusted after a reboot) becomes garbage.
 
 The durable end is the end of the last record that was promised: the last
 reported one, or further when logq itself had vouched for more (the
-checkpoint in the index, or a roll, which fsyncs the sealed segment before
-the next one is created).
+checkpoint in the index).  Only the newest segment is damaged here; sealed
+segments that a power cut left torn (rolling does not fsync them) are the
+subject of the restart tests in test_batch_atomic.py.
 
 After reopening: every reported message is intact, nothing after the cut is
 served (no garbage, no stale bytes left past the tail), and the queue takes
@@ -64,6 +65,7 @@ def durable_end(qdir, reported) -> tuple[int, str, int, int]:
     """(newest base, its path, cut position, first offset not promised)."""
     base, path = segments(qdir)[-1]
     ck = checkpoint(qdir)
+    # Records below the newest segment's base are left alone (see above).
     promised = max(max(o for o, _, _ in reported) + 1, ck[2] if ck else 0, base)
     if promised == base:
         return base, path, F.SEGMENT_HEADER_SIZE, promised
