@@ -22,6 +22,7 @@ encode = impl.encode
 encode_batch = impl.encode_batch
 Writer = impl.Writer
 put = impl.put
+prefault = impl.prefault
 scan = impl.scan
 find_next = impl.find_next
 
@@ -32,4 +33,4 @@ def native_enabled() -> bool:
 
 
 __all__ = ["impl", "native_enabled", "crc32c", "handle", "release", "encode",
-           "encode_batch", "Writer", "put", "scan", "find_next"]
+           "encode_batch", "Writer", "put", "prefault", "scan", "find_next"]

@@ -151,6 +151,9 @@ class Writer:
 # The put hot path, called as put(writer.handle, payload_bytes, len(payload)).
 put = lib.logq_put
 
+# prefault(h, start, length): map pages ahead of the writer, without the GIL.
+prefault = lib.logq_prefault
+
 
 def scan(h: Any, start: int, end: int, expected_offset: int, max_records: int,
          fields: bool = False) -> tuple[int, int, int, list[int] | None]:

@@ -145,6 +145,12 @@ def put(w: Writer, payload: bytes, length: int) -> int:
         return off
 
 
+def prefault(buf: Any, start: int, length: int) -> int:
+    """Fault in pages ahead of the writer: only the native codec can (it
+    runs without the GIL); -1 here."""
+    return -1
+
+
 def _check(buf: Any, pos: int, end: int, expected: int | None) -> tuple[int, int, tuple]:
     """(status, size, header) of the record at ``pos``.  ``expected`` None
     accepts any offset.  Status SCAN_OK means valid."""

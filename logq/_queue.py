@@ -31,6 +31,8 @@ log = logging.getLogger("logq")
 
 FSYNC_POLICIES = ("always", "batch", "never")
 _HDR = F.RECORD_HEADER_SIZE
+_PREFAULT_AHEAD = 32 << 20    # the housekeeper maps this much ahead of the writer
+_PREFAULT_CHUNK = 4 << 20
 _put = C.put
 
 
@@ -324,9 +326,11 @@ class Queue:
                 self._sync_cond.notify_all()
 
     def _housekeep(self) -> None:
-        """Background duties: the batch policy's timed fsync, and handing the
-        append lock back when idle or asked for by another process."""
+        """Background duties: the batch policy's timed fsync, faulting in
+        pages ahead of the writer, and handing the append lock back when idle
+        or asked for by another process."""
         last_next = -1
+        prefaulted: tuple[Any, int] = (None, 0)   # (segment, position) mapped ahead
         while not self._stop:
             lg = self._log
             if lg is None:
@@ -343,12 +347,29 @@ class Queue:
                         if self._log is not None and lg.holding and (lg.wanted() or lg.next == last_next):
                             lg.release()
                 last_next = lg.next
+                if lg.holding:
+                    prefaulted = self._prefault(lg, *prefaulted)
                 if self._batch and self._durable_next < lg.next:
                     self._sync_to(lg.next)
             except LogqError:
                 pass    # already recorded in self._failed; puts report it
             except Exception:  # pragma: no cover - a bug; keep the queue usable
                 log.exception("queue %s: housekeeping failed", self.path)
+
+    @staticmethod
+    def _prefault(lg: Log, seg: Any, at: int) -> tuple[Any, int]:
+        """Fault in the active segment's pages up to _PREFAULT_AHEAD bytes
+        ahead of the writer, on this (housekeeping) thread, so that appends
+        run at memory speed instead of stopping for each fresh page."""
+        active = lg.active
+        if active is not seg:
+            seg, at = active, lg.pos
+        while at < seg.size and at < lg.pos + _PREFAULT_AHEAD:
+            n = min(_PREFAULT_CHUNK, seg.size - at)
+            if C.prefault(seg.h, at, n) < 0:
+                return seg, seg.size      # not supported here: stop trying
+            at += n
+        return seg, at
 
     # -- reading --------------------------------------------------------------
     def read(self, offset: int) -> bytes:

@@ -13,10 +13,14 @@
  */
 
 #if !defined(_WIN32) && !defined(__APPLE__) && !defined(_POSIX_C_SOURCE) && !defined(_GNU_SOURCE)
+#define _DEFAULT_SOURCE           /* madvise */
 #define _POSIX_C_SOURCE 200809L   /* clock_gettime */
 #endif
 
 #include <pthread.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -371,6 +375,25 @@ static inline void ctl_store(uint8_t *p, uint64_t x)
         __atomic_thread_fence(__ATOMIC_RELEASE);
         memcpy(p, &x, 8);
     }
+}
+
+/* Map the pages of buf[start, start + len) for writing ahead of the writer
+ * (Linux MADV_POPULATE_WRITE; elsewhere nothing), so that appends do not
+ * stop to fault them in.  Runs without the GIL (cffi releases it).  0 or
+ * -1 when the kernel cannot. */
+int logq_prefault(uint8_t *buf, uint64_t start, uint64_t len)
+{
+#if defined(__linux__)
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+    uintptr_t page = 4096, a = (uintptr_t)(buf + start) & ~(page - 1);
+    uintptr_t b = (uintptr_t)(buf + start + len);
+    return madvise((void *)a, b - a, MADV_POPULATE_WRITE) == 0 ? 0 : -1;
+#else
+    (void)buf; (void)start; (void)len;
+    return -1;
+#endif
 }
 
 /* ---------------------------------------------------------------------------

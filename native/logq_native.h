@@ -103,6 +103,11 @@ void logq_writer_set(logq_writer *w, int field, uint64_t value);
  * new position and next offset are published in the control block. */
 int64_t logq_put(logq_writer *w, const uint8_t *payload, uint64_t len);
 
+/* Fault in the pages of buf[start, start + len) for writing (Linux
+ * MADV_POPULATE_WRITE), so appends into them do not stop to fault: 0, or -1
+ * where the kernel cannot. */
+int logq_prefault(uint8_t *buf, uint64_t start, uint64_t len);
+
 /* Validate records in [start, end) carrying expected_offset, +1, ...; at most
  * max_records.  Returns the count; result[0] = stop position, result[1] =
  * status (LOGQ_SCAN_*); fields (or NULL) gets LOGQ_SCAN_FIELDS values per
