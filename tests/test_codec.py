@@ -730,7 +730,22 @@ def test_codec_selector():
     from logq import _codec
     assert _codec.native_enabled() == (_codec.impl.NAME == "native")
     for name in ("crc32c", "handle", "release", "encode", "encode_batch", "Writer", "put",
-                 "scan", "find_next"):
+                 "prefault", "scan", "find_next"):
         assert getattr(_codec, name) is getattr(_codec.impl, name)
     if N is not None and os.environ.get("LOGQ_PURE") != "1":
         assert _codec.native_enabled()
+
+
+@native
+def test_prefault_maps_pages_and_changes_nothing(tmp_path):
+    path = tmp_path / "seg"
+    with open(path, "wb") as f:
+        f.write(bytes(range(256)) * 64)           # 16 KiB of known bytes
+    with open(path, "r+b") as f:
+        mm = mmap.mmap(f.fileno(), 0)
+        h = N.handle(mm)
+        assert N.prefault(h, 100, 10000) in (0, -1)   # -1: the kernel lacks MADV_POPULATE_WRITE
+        assert P.prefault(mm, 100, 10000) == -1
+        N.release(h)
+        assert mm[:] == bytes(range(256)) * 64
+        mm.close()
