@@ -241,9 +241,6 @@ class Index:
     def was_clean(self) -> bool:
         return self.get(K_CLEAN) == b"1"
 
-    def mark_unclean(self) -> None:
-        self.write(lambda t: t.put(K_CLEAN, b"0", db=self.main))
-
     # -- consumer groups ----------------------------------------------------
     # The ``groups`` database belongs to the consumer layer.  The one rule
     # the storage layer knows: a group's value starts with a u64, the offset

@@ -121,6 +121,8 @@ class Queue:
         try:
             self._index = open_index(self.path, may_rebuild=lg.alone)
             lg.sparse_source = self._index.sparse
+            # (a new queue has no segments yet, and nothing to rebuild)
+            self._index_rebuilt = self._index.rebuilt and bool(lg.bases)
             if lg.alone:
                 checkpoint = self._index.checkpoint()
                 rec = lg.recover(checkpoint, self._index.was_clean())
@@ -468,10 +470,7 @@ class Queue:
         with self._lock:
             lg = self._open_log()
             lg.refresh_bases()
-            sizes = 0
-            for name in os.listdir(self.path):
-                if F.parse_segment_name(name) is not None:
-                    sizes += os.path.getsize(os.path.join(self.path, name))
+            sizes = sum(os.path.getsize(os.path.join(self.path, F.segment_name(b))) for b in lg.bases)
             rec = lg.recovery or Recovery()
             first = lg.bases[0] if lg.bases else lg.next
             return {
@@ -488,6 +487,7 @@ class Queue:
                 "lost_records": sum(s.lost_count() for s in lg.segments.values()),
                 "last_shutdown_clean": rec.clean,
                 "recovery_truncated_bytes": rec.truncated_bytes,
+                "index_rebuilt": self._index_rebuilt,
                 "native": C.native_enabled(),
             }
 

@@ -44,3 +44,17 @@ def test_lmdb_file_problem_reads_the_meta_pages(tmp_path):
         f.write(b"\0\0\0\0")                        # the magic of meta page 0
     assert "magic" in lmdb_file_problem(data)
     assert lmdb_file_problem(os.path.join(qdir, "missing.mdb")) is None
+
+
+def test_stats_say_when_the_index_was_rebuilt(tmp_path):
+    import shutil
+    qdir = str(tmp_path / "q")
+    with logq.open(qdir) as q:
+        q.put(b"x")
+        assert q.stats()["index_rebuilt"] is False      # new, not rebuilt
+    with logq.open(qdir) as q:
+        assert q.stats()["index_rebuilt"] is False
+    shutil.rmtree(os.path.join(qdir, F.INDEX_DIR))
+    with logq.open(qdir) as q:
+        assert q.stats()["index_rebuilt"] is True
+        assert q.read(0) == b"x"
