@@ -23,6 +23,8 @@ encode_batch = impl.encode_batch
 Writer = impl.Writer
 put = impl.put
 prefault = impl.prefault
+wait = impl.wait
+wake = impl.wake
 scan = impl.scan
 find_next = impl.find_next
 
@@ -33,4 +35,4 @@ def native_enabled() -> bool:
 
 
 __all__ = ["impl", "native_enabled", "crc32c", "handle", "release", "encode",
-           "encode_batch", "Writer", "put", "prefault", "scan", "find_next"]
+           "encode_batch", "Writer", "put", "prefault", "wait", "wake", "scan", "find_next"]

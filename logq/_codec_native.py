@@ -154,6 +154,11 @@ put = lib.logq_put
 # prefault(h, start, length): map pages ahead of the writer, without the GIL.
 prefault = lib.logq_prefault
 
+# wait(ctl, offset, timeout_ns) -> 1 once the tail passed offset, else 0 (a
+# futex, without the GIL); wake(ctl) after publishing a tail from Python.
+wait = lib.logq_wait
+wake = lib.logq_wake
+
 
 def scan(h: Any, start: int, end: int, expected_offset: int, max_records: int,
          fields: bool = False) -> tuple[int, int, int, list[int] | None]:

@@ -151,6 +151,23 @@ def prefault(buf: Any, start: int, length: int) -> int:
     return -1
 
 
+def wait(ctl: Any, offset: int, timeout_ns: int) -> int:
+    """Wait (once, at most ``timeout_ns``) for the control block's next
+    offset to pass ``offset``: 1 if it has, 0 if not yet.  Without futexes
+    this polls: it sleeps at most 5 ms before looking again."""
+    words = memoryview(ctl).cast("B").cast("Q")
+    try:
+        if words[F.CTL_TAIL_NEXT >> 3] <= offset and timeout_ns > 0:
+            time.sleep(min(timeout_ns, 5_000_000) / 1e9)
+        return 1 if words[F.CTL_TAIL_NEXT >> 3] > offset else 0
+    finally:
+        words.release()
+
+
+def wake(ctl: Any) -> None:
+    """Wake the processes waiting in ``wait`` (nothing to do when polling)."""
+
+
 def _check(buf: Any, pos: int, end: int, expected: int | None) -> tuple[int, int, tuple]:
     """(status, size, header) of the record at ``pos``.  ``expected`` None
     accepts any offset.  Status SCAN_OK means valid."""

@@ -208,10 +208,12 @@ class Log:
         self.ctl_words[at >> 3] = value
 
     def publish(self) -> None:
-        """Publish this writer's tail for other processes (pos before next)."""
+        """Publish this writer's tail for other processes (pos before next),
+        and wake the readers waiting for it."""
         self.ctl_set(F.CTL_TAIL_BASE, self.active.base)
         self.ctl_set(F.CTL_TAIL_POS, self.pos)
         self.ctl_set(F.CTL_TAIL_NEXT, self.next)
+        C.wake(self.ctl_h)
 
     # -- segments -----------------------------------------------------------
     def refresh_bases(self) -> None:

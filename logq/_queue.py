@@ -31,6 +31,7 @@ log = logging.getLogger("logq")
 
 FSYNC_POLICIES = ("always", "batch", "never")
 _HDR = F.RECORD_HEADER_SIZE
+_WAIT_SLICE = 1.0             # wait() looks at the clock and for close() this often
 _PREFAULT_AHEAD = 32 << 20    # the housekeeper maps this much ahead of the writer
 _PREFAULT_CHUNK = 4 << 20
 _put = C.put
@@ -105,6 +106,9 @@ class Queue:
         self.options = opts = Options(**options)
         self.path = os.fspath(path)
         self._lock = threading.Lock()
+        self._waiters = threading.Condition(threading.Lock())   # threads in wait()
+        self._waiting = 0
+        self._closing = False
         self._sync_cond = threading.Condition(threading.Lock())
         self._syncing = False
         self._durable_next = 0          # every record this process put below it is durable
@@ -374,6 +378,31 @@ class Queue:
         return seg, at
 
     # -- reading --------------------------------------------------------------
+    def wait(self, offset: int, timeout: float | None = None) -> bool:
+        """Block until the record at ``offset`` (or a later one) has been
+        put, by this or any other process: True then, False once ``timeout``
+        seconds passed.  Sleeps without polling (a futex on the shared tail,
+        natively; the pure codec looks every 5 ms)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._waiters:
+            lg = self._open_log()
+            self._waiting += 1
+        try:
+            while True:
+                if self._closing or self._log is None:
+                    raise self._closed_error()
+                if lg.tail() > offset:
+                    return True
+                left = _WAIT_SLICE if deadline is None else min(_WAIT_SLICE, deadline - time.monotonic())
+                if left <= 0:
+                    return False
+                if C.wait(lg.ctl_h, offset, int(left * 1e9)):
+                    return True
+        finally:
+            with self._waiters:
+                self._waiting -= 1
+                self._waiters.notify_all()
+
     def read(self, offset: int) -> bytes:
         """The payload at ``offset``.  Raises OffsetError outside
         [first_offset, next_offset), RecordLostError for a record destroyed
@@ -523,6 +552,13 @@ class Queue:
         self._kick.set()
         if self._housekeeper is not threading.current_thread():
             self._housekeeper.join()
+        # Threads in wait() sleep on the control block: wake them and let
+        # them leave before it is unmapped.
+        self._closing = True
+        with self._waiters:
+            while self._waiting:
+                C.wake(lg.ctl_h)
+                self._waiters.wait(0.01)
         with self._lock:
             self._log = None
             with lg.w:

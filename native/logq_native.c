@@ -19,7 +19,10 @@
 
 #include <pthread.h>
 #if defined(__linux__)
+#include <linux/futex.h>
 #include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #endif
 #include <stddef.h>
 #include <stdint.h>
@@ -397,6 +400,56 @@ int logq_prefault(uint8_t *buf, uint64_t start, uint64_t len)
 }
 
 /* ---------------------------------------------------------------------------
+ * Waiting for new records, across processes: a futex on the low 32 bits of
+ * the control block's TAIL_NEXT word (it changes with every record), woken
+ * by writers only while the WAITERS count says someone sleeps.
+ */
+
+static uint32_t *tail_word(uint8_t *ctl)
+{
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    return (uint32_t *)(void *)(ctl + LOGQ_CTL_TAIL_NEXT + 4);
+#else
+    return (uint32_t *)(void *)(ctl + LOGQ_CTL_TAIL_NEXT);
+#endif
+}
+
+int logq_wait(uint8_t *ctl, uint64_t offset, int64_t timeout_ns)
+{
+    uint32_t *waiters = (uint32_t *)(void *)(ctl + LOGQ_CTL_WAITERS);
+    uint64_t next;
+    int r;
+    __atomic_fetch_add(waiters, 1, __ATOMIC_SEQ_CST);
+    next = __atomic_load_n((uint64_t *)(void *)(ctl + LOGQ_CTL_TAIL_NEXT), __ATOMIC_SEQ_CST);
+    if (next <= offset && timeout_ns > 0) {
+#if defined(__linux__)
+        struct timespec ts;
+        ts.tv_sec = (time_t)(timeout_ns / 1000000000);
+        ts.tv_nsec = (long)(timeout_ns % 1000000000);
+        syscall(SYS_futex, tail_word(ctl), FUTEX_WAIT, (uint32_t)next, &ts, NULL, 0);
+#else
+        struct timespec ts = {0, timeout_ns < 5000000 ? (long)timeout_ns : 5000000L};
+        nanosleep(&ts, NULL);
+#endif
+        next = __atomic_load_n((uint64_t *)(void *)(ctl + LOGQ_CTL_TAIL_NEXT), __ATOMIC_SEQ_CST);
+    }
+    r = next > offset;
+    __atomic_fetch_sub(waiters, 1, __ATOMIC_SEQ_CST);
+    return r;
+}
+
+void logq_wake(uint8_t *ctl)
+{
+    /* the store of TAIL_NEXT before this load: no lost wake-up (see logq_wait) */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    if (__atomic_load_n((uint32_t *)(void *)(ctl + LOGQ_CTL_WAITERS), __ATOMIC_SEQ_CST)) {
+#if defined(__linux__)
+        syscall(SYS_futex, tail_word(ctl), FUTEX_WAKE, INT32_MAX, NULL, NULL, 0);
+#endif
+    }
+}
+
+/* ---------------------------------------------------------------------------
  * The writer: one per process and queue.  logq_put is the put hot path; the
  * Python slow paths change the fields under logq_writer_lock.
  */
@@ -459,6 +512,8 @@ int64_t logq_put(logq_writer *w, const uint8_t *payload, uint64_t len)
         }
     }
     pthread_mutex_unlock(&w->mu);
+    if (r >= 0 && w->ctl)
+        logq_wake(w->ctl);
     return r;
 }
 

@@ -108,6 +108,14 @@ int64_t logq_put(logq_writer *w, const uint8_t *payload, uint64_t len);
  * where the kernel cannot. */
 int logq_prefault(uint8_t *buf, uint64_t start, uint64_t len);
 
+/* Wait (once, at most timeout_ns) for the control block's next offset to
+ * pass offset: 1 if it has, 0 if not yet (a timeout, a wake-up for another
+ * record, or a signal: call again).  Without the GIL; no busy waiting (a
+ * futex on Linux).  logq_wake wakes the waiters after a writer published a
+ * new tail; logq_put does it itself. */
+int logq_wait(uint8_t *ctl, uint64_t offset, int64_t timeout_ns);
+void logq_wake(uint8_t *ctl);
+
 /* Validate records in [start, end) carrying expected_offset, +1, ...; at most
  * max_records.  Returns the count; result[0] = stop position, result[1] =
  * status (LOGQ_SCAN_*); fields (or NULL) gets LOGQ_SCAN_FIELDS values per
