@@ -730,7 +730,7 @@ def test_codec_selector():
     from logq import _codec
     assert _codec.native_enabled() == (_codec.impl.NAME == "native")
     for name in ("crc32c", "handle", "release", "encode", "encode_batch", "Writer", "put",
-                 "prefault", "scan", "find_next"):
+                 "prefault", "wait", "wake", "scan", "find_next"):
         assert getattr(_codec, name) is getattr(_codec.impl, name)
     if N is not None and os.environ.get("LOGQ_PURE") != "1":
         assert _codec.native_enabled()
@@ -749,3 +749,18 @@ def test_prefault_maps_pages_and_changes_nothing(tmp_path):
         N.release(h)
         assert mm[:] == bytes(range(256)) * 64
         mm.close()
+
+
+@native
+def test_wait_reads_the_tail_word_like_the_reference():
+    for mod in (P, N):
+        ctl = mmap.mmap(-1, F.CONTROL_SIZE)
+        h = mod.handle(ctl)
+        struct.pack_into("=Q", ctl, F.CTL_TAIL_NEXT, 10)   # native-endian word
+        assert mod.wait(h, 9, 0) == 1                       # offset 9 is there
+        assert mod.wait(h, 10, 0) == 0                      # offset 10 is not
+        assert mod.wait(h, 10, 1_000_000) == 0              # nor after 1 ms
+        assert struct.unpack_from("=I", ctl, F.CTL_WAITERS)[0] == 0   # left as found
+        mod.wake(h)
+        mod.release(h)
+        ctl.close()
