@@ -57,6 +57,7 @@ class Recovery:
     scanned_bytes: int = 0
     truncated_bytes: int = 0          # torn bytes cut from the tail
     lost: list[tuple[int, int]] = field(default_factory=list)  # [first, end) offsets
+    damaged_bases: list[int] = field(default_factory=list)    # sealed segments repaired
     durable_lost: int = 0             # records below the checkpoint that are gone
 
 
@@ -324,6 +325,8 @@ class Log:
                 end = found if found >= 0 else _data_end(seg, stop)
                 if end > stop:
                     self._quarantine_bytes(seg, stop, end, F.SCAN_REASONS[status])
+                if base not in rep.damaged_bases:
+                    rep.damaged_bases.append(base)
                 resume = seg.offset_at(found) if found >= 0 else limit
                 seg._lose(nxt, resume, stop, "not on disk after a restart")
                 rep.lost.append((nxt, resume))

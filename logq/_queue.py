@@ -135,7 +135,8 @@ class Queue:
                 lg.sync_segments(checkpoint[0] if checkpoint else 0)
                 self._index.set_checkpoint(lg.active.base, lg.pos, lg.next, clean=False, force=True)
                 if not rec.clean:
-                    self._index.drop_segments([lg.active.base])
+                    # Stored indexes of what recovery cut or zeroed are stale.
+                    self._index.drop_segments([lg.active.base] + rec.damaged_bases)
                 for group, mark in self._index.clamp_groups(lg.next):
                     log.warning("queue %s: group %r had acknowledged up to offset %d, but the log "
                                 "now ends at %d; its position is clamped so new messages are "
@@ -457,7 +458,12 @@ class Queue:
             mm = seg.mm
             out = [mm[p:p + n] for p, n in zip(fields[1::5], fields[2::5])]
             if seg.known_next >= limit > seg.stored_next and seg.base < lg.active.base:
-                self._store_sparse(seg)     # a sealed segment, now fully indexed
+                # A sealed segment, now fully indexed.  The index may only
+                # point at data on stable storage: segments below the
+                # checkpoint's are (rolling does not fsync; checkpoints do).
+                stored = self._index.checkpoint()
+                if stored and seg.base < stored[0]:
+                    self._store_sparse(seg)
             return at, out
 
     @staticmethod

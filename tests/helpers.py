@@ -395,7 +395,17 @@ def build_queue(qdir: str, n: int, tag: str = "t", *, segment_bytes: int = 4096,
             q.put_many(items[k:k + 7])
         assert q.next_offset == n
         if read_all:
+            q.flush()   # the checkpoint vouches for the sealed segments: their indexes may be stored
             assert [p for _, p in q.scan()] == items
+    if read_all:
+        import lmdb
+        env = lmdb.open(os.path.join(qdir, F.INDEX_DIR), max_dbs=16, readonly=True, lock=False)
+        try:
+            with env.begin() as txn:
+                stored = txn.stat(env.open_db(b"segments", txn=txn, create=False))["entries"]
+        finally:
+            env.close()
+        assert stored >= 2, "the sealed segments' sparse indexes were not stored"
     return items
 
 
