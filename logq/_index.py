@@ -238,6 +238,10 @@ class Index:
                 txn.put(K_CLEAN, b"1" if clean else b"0", db=self.main)
         self.write(fn)
 
+    def set_clean(self, clean: bool) -> None:
+        """Record whether the queue is closed cleanly (False while open)."""
+        self.write(lambda t: t.put(K_CLEAN, b"1" if clean else b"0", db=self.main))
+
     def was_clean(self) -> bool:
         return self.get(K_CLEAN) == b"1"
 

@@ -130,10 +130,17 @@ class Queue:
             if lg.alone:
                 checkpoint = self._index.checkpoint()
                 rec = lg.recover(checkpoint, self._index.was_clean())
-                # Every segment since the old checkpoint reaches the disk
-                # before the new checkpoint says so.
-                lg.sync_segments(checkpoint[0] if checkpoint else 0)
-                self._index.set_checkpoint(lg.active.base, lg.pos, lg.next, clean=False, force=True)
+                if checkpoint is None or checkpoint[0] not in lg.bases or checkpoint[2] > lg.next:
+                    # No usable checkpoint (a new or rebuilt index, or the log
+                    # was cut below it): make one at the tail, once every
+                    # segment it vouches for is on disk.
+                    lg.sync_segments(checkpoint[0] if checkpoint and checkpoint[0] in lg.bases else 0)
+                    self._index.set_checkpoint(lg.active.base, lg.pos, lg.next, clean=False, force=True)
+                else:
+                    # The old checkpoint still points at durable data; syncing
+                    # everything since (a SIGKILLed "never" writer may have
+                    # left gigabytes dirty) is not open's job.
+                    self._index.set_clean(False)
                 if not rec.clean:
                     # Stored indexes of what recovery cut or zeroed are stale.
                     self._index.drop_segments([lg.active.base] + rec.damaged_bases)
