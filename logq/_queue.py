@@ -441,8 +441,7 @@ class Queue:
             first, payloads = self.read_many(off, 4096 if stop is None else min(4096, stop - off))
             if not payloads:
                 return
-            for i, p in enumerate(payloads):
-                yield first + i, p
+            yield from zip(range(first, first + len(payloads)), payloads)
             off = first + len(payloads)
 
     def _read_run(self, offset: int, max_records: int) -> tuple[int, list[bytes]]:
