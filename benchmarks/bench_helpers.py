@@ -98,13 +98,6 @@ def batches(seq: Sequence[bytes], size: int) -> list[list[bytes]]:
     return [list(seq[i:i + size]) for i in range(0, len(seq), size)]
 
 
-def fdatasync_prealloc(dirpath: str, rounds: int = 200) -> float:
-    """Median seconds of fdatasync after writing 4 KiB in place into a
-    preallocated file, the way logq writes into its segments."""
-    from logq.bench import floor_fdatasync
-    return floor_fdatasync(dirpath, rounds, in_place=True)
-
-
 # -- checking what was measured -----------------------------------------------------
 def verify_range(q: Any, first: int, expected: Sequence[bytes], chunk: int = 4096) -> None:
     """Assert that the records ``first .. first+len(expected)-1`` of ``q``

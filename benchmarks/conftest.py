@@ -154,22 +154,23 @@ def floor_joined_1k(bench_dir: str, request: pytest.FixtureRequest) -> Floor:
     return _joined(bench_dir, request, 1024)
 
 
+def _sync_floor(bench_dir: str, request: pytest.FixtureRequest, name: str, in_place: bool) -> Floor:
+    lat = LB.floor_fdatasync(bench_dir, SYNC_ROUNDS, in_place=in_place)
+    return _register(request, Floor(name, lat, "s", f"{lat * 1e6:,.0f} us, {1 / lat:,.0f}/s",
+                                    f"median of {SYNC_ROUNDS}"))
+
+
 @pytest.fixture(scope="session")
 def floor_fdatasync(bench_dir: str, request: pytest.FixtureRequest) -> Floor:
-    """Median fdatasync latency (s) after a 4 KiB append (logq.bench.floor_fdatasync)."""
-    lat = LB.floor_fdatasync(bench_dir, SYNC_ROUNDS)
-    return _register(request, Floor("fdatasync after a 4 KiB append", lat, "s",
-                                    f"{lat * 1e6:,.0f} us, {1 / lat:,.0f}/s",
-                                    f"median of {SYNC_ROUNDS}"))
+    """Median fdatasync latency (s) after a 4 KiB append."""
+    return _sync_floor(bench_dir, request, "fdatasync after a 4 KiB append", False)
 
 
 @pytest.fixture(scope="session")
 def floor_fdatasync_prealloc(bench_dir: str, request: pytest.FixtureRequest) -> Floor:
-    """Median fdatasync latency (s) after overwriting 4 KiB of a posix_fallocate'd file in place."""
-    lat = H.fdatasync_prealloc(bench_dir, SYNC_ROUNDS)
-    return _register(request, Floor("fdatasync, 4 KiB in place in a preallocated file", lat, "s",
-                                    f"{lat * 1e6:,.0f} us, {1 / lat:,.0f}/s",
-                                    f"median of {SYNC_ROUNDS}"))
+    """Median fdatasync latency (s) after overwriting 4 KiB of a posix_fallocate'd
+    file in place, the way logq writes into its segments."""
+    return _sync_floor(bench_dir, request, "fdatasync, 4 KiB in place in a preallocated file", True)
 
 
 @pytest.fixture(scope="session")

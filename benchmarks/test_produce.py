@@ -20,6 +20,7 @@ import bench_helpers as H
 import pytest
 
 import logq
+from logq.bench import floor_fdatasync
 
 _ids = itertools.count()
 MiB = 1 << 20
@@ -35,7 +36,7 @@ def _close(q: logq.Queue) -> None:
 
 
 def _beside(qdir: str, lats: list[float]) -> None:
-    lats.append(H.fdatasync_prealloc(qdir, 30))
+    lats.append(floor_fdatasync(qdir, 30, in_place=True))
 
 
 def _beside_note(lats: list[float]) -> str:

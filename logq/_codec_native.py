@@ -30,7 +30,7 @@ _release = ffi.release
 
 _crc = lib.logq_crc32c
 _encode = lib.logq_encode
-_encode_batch = lib.logq_encode_batch_n
+_encode_batch = lib.logq_encode_batch
 _scan = lib.logq_scan
 _find_next = lib.logq_find_next
 

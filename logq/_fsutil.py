@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 
+from logq import _format as F
 from logq._errors import DiskFullError
 
 
@@ -15,6 +17,14 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def quarantine_path(qdir: str, name: str) -> str:
+    """A new path in ``<qdir>/quarantine/`` for damaged bytes named after
+    ``name``: they are kept aside, never deleted."""
+    where = os.path.join(qdir, F.QUARANTINE_DIR)
+    os.makedirs(where, exist_ok=True)
+    return os.path.join(where, f"{name}.{time.time_ns()}")
 
 
 def preallocate(fd: int, size: int, path: str) -> None:

@@ -20,7 +20,6 @@ import os
 import struct
 import sys
 import threading
-import time
 from array import array
 from typing import Any, Callable, TypeVar
 
@@ -28,7 +27,7 @@ import lmdb
 
 from logq import _format as F
 from logq._errors import CorruptionError, DiskFullError
-from logq._fsutil import fsync_dir
+from logq._fsutil import fsync_dir, quarantine_path
 
 log = logging.getLogger("logq")
 T = TypeVar("T")
@@ -178,12 +177,10 @@ class Index:
                          sync=True, metasync=True, readahead=False, meminit=False)
 
     def _quarantine(self, why: str) -> None:
-        qdir = os.path.join(self.qdir, F.QUARANTINE_DIR)
-        os.makedirs(qdir, exist_ok=True)
-        dest = os.path.join(qdir, f"index-{time.time_ns()}")
+        dest = quarantine_path(self.qdir, "index")
         if os.path.exists(self.path):
             os.rename(self.path, dest)
-            fsync_dir(qdir)
+            fsync_dir(os.path.dirname(dest))
             fsync_dir(self.qdir)
             log.warning("index %s is damaged (%s): moved to %s, rebuilding from the log",
                         self.path, why, dest)

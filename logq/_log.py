@@ -42,7 +42,7 @@ from typing import Callable
 from logq import _codec as C
 from logq import _format as F
 from logq._errors import FormatVersionError, NotAQueueError
-from logq._fsutil import fsync_dir, preallocate
+from logq._fsutil import fsync_dir, preallocate, quarantine_path
 from logq._segment import Segment, encode_header
 
 log = logging.getLogger("logq")
@@ -143,7 +143,6 @@ class Log:
         self.active: Segment | None = None
         self.w = C.Writer()
         self.holding = False
-        self.recovery: Recovery | None = None
         # Where sealed segments' stored sparse indexes come from (the Queue
         # plugs in its Index): base -> (end, count, positions) or None.
         self.sparse_source: Callable[[int], tuple[int, int, array] | None] | None = None
@@ -161,8 +160,9 @@ class Log:
         # Whether the machine restarted since the block was last set up: if
         # not, the page cache kept every write and only the newest segment
         # can end in a torn record.
-        self.rebooted = (bytes(self.ctl[:8]) != F.CONTROL_MAGIC or boot_id() is None
-                         or bytes(self.ctl[F.CTL_BOOT_ID:F.CTL_BOOT_ID + 16]) != boot_id())
+        boot = boot_id()
+        self.rebooted = (boot is None or bytes(self.ctl[:8]) != F.CONTROL_MAGIC
+                         or bytes(self.ctl[F.CTL_BOOT_ID:F.CTL_BOOT_ID + 16]) != boot)
         self.ctl_h = C.handle(self.ctl)
         # Whole native 8-byte words: a struct pack_into writes byte by byte,
         # and another process must never read a torn tail.
@@ -181,7 +181,8 @@ class Log:
 
     def close_last(self) -> bool:
         """Stop sharing the queue; whether no other process has it open (the
-        caller then owns the shutdown and must call ``end_close``)."""
+        caller then owns the clean shutdown).  Holds the open/close lock
+        until ``close``."""
         fcntl.flock(self.ctl_fd, fcntl.LOCK_EX)
         fcntl.flock(self.open_fd, fcntl.LOCK_UN)
         return _flock(self.open_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -258,7 +259,6 @@ class Log:
             rep.clean = True
             start = checkpoint[2] if checkpoint else 0
             self._set_active(self._new_segment(start, 0), F.SEGMENT_HEADER_SIZE, start)
-            self.recovery = rep
             return rep
         base = self.bases[-1]
         if not clean and self.rebooted:
@@ -274,16 +274,15 @@ class Log:
                 pos, nxt = F.SEGMENT_HEADER_SIZE, base
         if clean and C.scan(seg.h, pos, seg.size, nxt, 1)[2] == F.SCAN_END:
             self._set_active(seg, pos, nxt)
-            self.recovery = rep
             return rep
         rep.clean = False
         seg.reset_index()   # any stored one may describe records about to be cut
         start = pos
         pos, nxt, lost = scan_tail(seg, pos, nxt)
-        rep.scanned_bytes = pos - start
-        rep.lost = [(a, b) for a, b, _ in lost]
-        for a, b, at in lost:
-            seg._lose(a, b, at, "found by recovery")
+        rep.scanned_bytes += pos - start
+        for a, b, at, _ in lost:
+            seg.lose(a, b, at, "found by recovery")
+            rep.lost.append((a, b))
         if checkpoint and checkpoint[2] > nxt:
             rep.durable_lost = checkpoint[2] - nxt
             log.error("queue %s: %d record(s) below the durable checkpoint (offset %d) are gone; "
@@ -296,7 +295,6 @@ class Log:
             os.fsync(seg.fd)
             seg.header_problem = None
         self._set_active(seg, pos, nxt)
-        self.recovery = rep
         return rep
 
     def _validate_sealed(self, checkpoint: tuple[int, int, int] | None, rep: Recovery) -> None:
@@ -315,51 +313,39 @@ class Log:
             pos, nxt = F.SEGMENT_HEADER_SIZE, base
             if checkpoint and checkpoint[0] == base and checkpoint[1] <= seg.size:
                 pos, nxt = checkpoint[1], checkpoint[2]
-            while nxt < limit:
-                n, stop, status, _ = C.scan(seg.h, pos, seg.size, nxt, limit - nxt)
-                rep.scanned_bytes += stop - pos
-                pos, nxt = stop, nxt + n
-                if nxt >= limit:
-                    break
-                found = C.find_next(seg.h, stop, seg.size, nxt, limit - 1)
-                end = found if found >= 0 else _data_end(seg, stop)
-                if end > stop:
-                    self._quarantine_bytes(seg, stop, end, F.SCAN_REASONS[status])
-                if base not in rep.damaged_bases:
-                    rep.damaged_bases.append(base)
-                resume = seg.offset_at(found) if found >= 0 else limit
-                seg._lose(nxt, resume, stop, "not on disk after a restart")
-                rep.lost.append((nxt, resume))
-                if found < 0:
-                    break
-                pos, nxt = found, resume
+            end, _, lost = scan_tail(seg, pos, nxt, limit=limit)
+            rep.scanned_bytes += end - pos
+            for first_lost, end_lost, at, found in lost:
+                stop = found if found >= 0 else _data_end(seg, at)
+                if stop > at:
+                    self._quarantine_bytes(seg, at, stop)
+                seg.lose(first_lost, end_lost, at, "not on disk after a restart")
+                rep.lost.append((first_lost, end_lost))
+            if lost:
+                rep.damaged_bases.append(base)
             seg.reset_index()
 
-    def _quarantine_bytes(self, seg: Segment, start: int, end: int, why: str) -> None:
+    def _quarantine_bytes(self, seg: Segment, start: int, end: int) -> None:
         """Keep seg's bytes [start, end) in quarantine/, then zero them."""
-        qdir = os.path.join(self.dir, F.QUARANTINE_DIR)
-        os.makedirs(qdir, exist_ok=True)
-        dest = os.path.join(qdir, f"{F.segment_name(seg.base)}.{start}-{end}.{time.time_ns()}")
+        dest = quarantine_path(self.dir, f"{F.segment_name(seg.base)}.{start}-{end}")
         with open(dest, "wb") as f:
             f.write(seg.mm[start:end])
             f.flush()
             os.fsync(f.fileno())
-        fsync_dir(qdir)
+        fsync_dir(os.path.dirname(dest))
         seg.mm[start:end] = bytes(end - start)
         os.fdatasync(seg.fd)
-        log.error("segment %s: bytes %d..%d did not hold whole records after a restart (%s); "
-                  "kept in %s and zeroed", seg.path, start, end, why, dest)
+        log.error("segment %s: bytes %d..%d did not hold whole records after a restart; "
+                  "kept in %s and zeroed", seg.path, start, end, dest)
 
     def _rebuild_short(self, seg: Segment, rep: Recovery) -> Segment:
         """The newest segment is too short to hold its header (a torn
         creation or a truncated file): keep its bytes aside, start it anew."""
         base = seg.base
-        qdir = os.path.join(self.dir, F.QUARANTINE_DIR)
-        os.makedirs(qdir, exist_ok=True)
-        dest = os.path.join(qdir, f"{F.segment_name(base)}.{time.time_ns()}")
+        dest = quarantine_path(self.dir, F.segment_name(base))
         self.segments.pop(base).close()
         os.rename(seg.path, dest)
-        fsync_dir(qdir)
+        fsync_dir(os.path.dirname(dest))
         log.error("segment %s is too short (%d bytes) to be a segment: moved to %s",
                   seg.path, seg.size, dest)
         rep.clean = False
@@ -393,13 +379,17 @@ class Log:
         """Join a queue that another process has open: adopt its tail."""
         if bytes(self.ctl[:8]) != F.CONTROL_MAGIC:
             raise NotAQueueError(f"{self.dir}: control block not initialised by the process that has it open")
-        self._adopt_tail()
+        self.adopt_tail()
 
-    def _adopt_tail(self) -> None:
+    def adopt_tail(self) -> None:
+        """Take the published tail as this process's own (mapping all of the
+        active segment, which another process may have grown)."""
         base = self.ctl_get(F.CTL_TAIL_BASE)
         if base not in self.segments and base not in self.bases:
             self.refresh_bases()
-        self._point_at(self.segment(base))
+        seg = self.segment(base)
+        seg.refresh_size()
+        self._point_at(seg)
         self.pos = self.ctl_get(F.CTL_TAIL_POS)
         self.next = self.ctl_get(F.CTL_TAIL_NEXT)
 
@@ -417,9 +407,7 @@ class Log:
                 if _flock(self.append_fd, fcntl.LOCK_EX | fcntl.LOCK_NB):
                     break
         self.ctl_set(F.CTL_WANT, 0)
-        self._adopt_tail()
-        self.active.refresh_size()
-        self._point_at(self.active)
+        self.adopt_tail()
         dead = self.ctl_get(F.CTL_HOLDER)
         if dead:
             self._repair_after(dead)
@@ -512,6 +500,12 @@ class Log:
             os.fdatasync(seg.fd)
 
     # -- reading --------------------------------------------------------------
+    def first(self) -> int:
+        """The first offset still retained (segments are listed afresh:
+        another process may have deleted some)."""
+        self.refresh_bases()
+        return self.bases[0] if self.bases else self.next
+
     def tail(self) -> int:
         """The offset after the last record visible to this process."""
         if self.holding:
@@ -551,28 +545,36 @@ class Log:
         self._fds = []
 
 
-def scan_tail(seg: Segment, pos: int, nxt: int, *, resync: bool = True
-              ) -> tuple[int, int, list[tuple[int, int, int]]]:
-    """Scan the newest segment from a known record boundary to its end.
+def scan_tail(seg: Segment, pos: int, nxt: int, *, limit: int | None = None,
+              resync: bool = True) -> tuple[int, int, list[tuple[int, int, int, int]]]:
+    """Scan a segment from a known record boundary: to its end (the newest
+    segment), or up to offset ``limit`` (a sealed one, whose next segment
+    starts there).
 
     Returns (position after the last intact record, next offset, lost
-    ranges as (first offset, end offset, position of the damage)).  With ``resync``, a bad record followed later by intact records
-    with higher offsets is damage in the middle (its offsets are lost, the
-    scan goes on); a bad record with nothing intact after it is the tail."""
-    lost: list[tuple[int, int, int]] = []
+    ranges as (first offset, end offset, position of the damage, position
+    of the intact record after it or -1)).  With ``resync``, a bad record
+    followed later by an intact record with a higher offset is damage in the
+    middle (its offsets are lost, the scan goes on); with nothing intact
+    after it, it is the tail, or (before ``limit``) the loss of the rest.
+    Resynchronisation never lands inside a batch (on a CONT record): its
+    head may be the torn record, and a batch is kept whole or not at all."""
+    lost: list[tuple[int, int, int, int]] = []
     while True:
-        n, stop, status, _ = C.scan(seg.h, pos, seg.size, nxt, 1 << 62)
+        room = (1 << 62) if limit is None else limit - nxt
+        n, stop, status, _ = C.scan(seg.h, pos, seg.size, nxt, room)
         pos, nxt = stop, nxt + n
-        if not resync or stop >= seg.size:
+        if n == room or not resync or stop >= seg.size and limit is None:
             return pos, nxt, lost
-        most = nxt + (seg.size - stop) // F.RECORD_HEADER_SIZE
-        # Not on a record inside a batch (CONT): its head may be the torn
-        # record, and a batch is kept whole or not at all.
+        most = limit - 1 if limit is not None else nxt + (seg.size - stop) // F.RECORD_HEADER_SIZE
         found = C.find_next(seg.h, stop, seg.size, nxt, most)
         if found < 0:
+            if limit is not None:
+                lost.append((nxt, limit, stop, -1))
+                nxt = limit
             return pos, nxt, lost
         resume = seg.offset_at(found)
-        lost.append((nxt, resume, stop))
+        lost.append((nxt, resume, stop, found))
         pos, nxt = found, resume
 
 

@@ -3,9 +3,11 @@
 Commit order, in one place (``_sync_to``):
   1. append: records are copied into the mapped active segment (a page-cache
      write: it survives the death of the process as soon as it is done);
-  2. fsync the data (``fdatasync`` of the segment; rolls fsync the sealed one);
+  2. fsync the data (``fdatasync`` of every segment written since the last
+     sync: rolling to a new segment does not fsync the sealed one);
   3. commit the LMDB checkpoint that refers to it (at most once per
      ``checkpoint_interval``: it only bounds how much recovery scans);
+     a segment's sparse index is stored the same way, after an fdatasync;
   4. update what this process believes durable, and wake the waiters.
 """
 
@@ -129,7 +131,7 @@ class Queue:
             self._index_rebuilt = self._index.rebuilt and bool(lg.bases)
             if lg.alone:
                 checkpoint = self._index.checkpoint()
-                rec = lg.recover(checkpoint, self._index.was_clean())
+                rec = self._recovery = lg.recover(checkpoint, self._index.was_clean())
                 if checkpoint is None or checkpoint[0] not in lg.bases or checkpoint[2] > lg.next:
                     # No usable checkpoint (a new or rebuilt index, or the log
                     # was cut below it): make one at the tail, once every
@@ -154,7 +156,7 @@ class Queue:
                              rec.truncated_bytes, sum(b - a for a, b in rec.lost))
             else:
                 lg.attach()
-                lg.recovery = Recovery()
+                self._recovery = Recovery()     # another process recovered it
         except BaseException:
             if self._index is not None:
                 self._index.close()
@@ -420,7 +422,7 @@ class Queue:
             if not out and at == offset:
                 lg = self._open_log()
                 raise OffsetError(f"offset {offset} is not in {self.path} "
-                                  f"(it holds [{self._first(lg)}, {lg.tail()}))")
+                                  f"(it holds [{lg.first()}, {lg.tail()}))")
         if at != offset:
             raise RecordLostError(offset, f"record {offset} of {self.path} was lost to damage")
         return out[0]
@@ -451,9 +453,9 @@ class Queue:
         while True:
             loc = lg.locate(offset)
             if loc is None:
-                if offset < self._first(lg):
+                if offset < lg.first():
                     raise OffsetError(f"offset {offset} is below the first offset "
-                                      f"{self._first(lg)} retained in {self.path}")
+                                      f"{lg.first()} retained in {self.path}")
                 return offset, []
             seg, limit = loc
             run = seg.read_run(offset, max_records, limit)
@@ -462,24 +464,18 @@ class Queue:
                 continue
             at, fields = run
             mm = seg.mm
-            out = [mm[p:p + n] for p, n in zip(fields[1::5], fields[2::5])]
+            out = [mm[p:p + n] for p, n in zip(fields[1::F.SCAN_FIELDS], fields[2::F.SCAN_FIELDS])]
             if seg.known_next >= limit > seg.stored_next and seg.base < lg.active.base:
-                # A sealed segment, now fully indexed.  The index may only
-                # point at data on stable storage: segments below the
-                # checkpoint's are (rolling does not fsync; checkpoints do).
-                stored = self._index.checkpoint()
-                if stored and seg.base < stored[0]:
-                    self._store_sparse(seg)
+                self._store_sparse(seg)     # a sealed segment, now fully indexed
             return at, out
 
-    @staticmethod
-    def _first(lg: Log) -> int:
-        return lg.bases[0] if lg.bases else lg.next
-
     def _store_sparse(self, seg: Any) -> None:
-        # Keep a segment's sparse index (derived data, safe to lose), so that
-        # later opens read it without scanning the segment.
+        """Keep a segment's sparse index (derived data, safe to lose), so
+        that later opens read it without scanning the segment.  Once per
+        segment; the segment is fsynced first (rolling did not), so the index
+        never points at data that is not on stable storage."""
         if not seg.lost and seg.known_next > seg.stored_next:
+            os.fdatasync(seg.fd)
             self._index.set_sparse(seg.base, seg.known_pos, seg.known_next - seg.base, seg.sparse)
         seg.stored_next = seg.known_next
 
@@ -487,9 +483,7 @@ class Queue:
     @property
     def first_offset(self) -> int:
         with self._lock:
-            lg = self._open_log()
-            lg.refresh_bases()
-            return lg.bases[0] if lg.bases else lg.next
+            return self._open_log().first()
 
     @property
     def next_offset(self) -> int:
@@ -499,7 +493,7 @@ class Queue:
     def __len__(self) -> int:
         with self._lock:
             lg = self._open_log()
-            return lg.tail() - (lg.bases[0] if lg.bases else lg.next)
+            return lg.tail() - lg.first()
 
     @property
     def queue_id(self) -> str:
@@ -510,10 +504,9 @@ class Queue:
         """A snapshot of the queue's state and counters."""
         with self._lock:
             lg = self._open_log()
-            lg.refresh_bases()
+            first = lg.first()
             sizes = sum(os.path.getsize(os.path.join(self.path, F.segment_name(b))) for b in lg.bases)
-            rec = lg.recovery or Recovery()
-            first = lg.bases[0] if lg.bases else lg.next
+            rec = self._recovery
             return {
                 "path": self.path,
                 "queue_id": lg.queue_id,
@@ -577,7 +570,7 @@ class Queue:
                 lg.release()
             try:
                 if lg.close_last() and lg.ctl_get(F.CTL_HOLDER) == 0 and self._failed is None:
-                    lg._adopt_tail()
+                    lg.adopt_tail()
                     stored = self._index.checkpoint()
                     lg.sync_segments(stored[0] if stored else 0)
                     # The active segment's index too: the next open reads its

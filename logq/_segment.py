@@ -1,9 +1,11 @@
 """One segment file: created preallocated, mapped, read by offset through a
 sparse index that is built lazily by scanning.
 
-A segment's size is fixed when it is created and never changes while any
-process may map it (so a mapping never reaches past the end of its file).
-Only recovery, run while no other process has the queue open, truncates.
+A segment file never shrinks while any process may map it (so a mapping
+never reaches past the end of its file).  It grows only while it holds no
+record yet (a record larger than ``segment_bytes``), and readers remap when
+they find it grown.  Only recovery, run while no other process has the
+queue open, truncates.
 """
 
 from __future__ import annotations
@@ -146,7 +148,7 @@ class Segment:
         written).  Damage found on the way is skipped and recorded in
         ``lost``: every record below ``limit`` is supposed to exist."""
         if self.h is None and not self.refresh_size():
-            self._lose(self.known_next, limit, self.known_pos, "segment file is empty")
+            self.lose(self.known_next, limit, self.known_pos, "segment file is empty")
             return
         while self.known_next <= want and self.known_next < limit:
             rel = self.known_next - self.base
@@ -162,16 +164,10 @@ class Segment:
     def _resync(self, stop: int, status: int, limit: int) -> None:
         if stop + F.RECORD_HEADER_SIZE >= self.size and self.refresh_size():
             return  # the records go on in the part of the file mapped just now
-        first = self.known_next
-        # Below the limit every batch was written whole: records inside one
-        # (CONT) are fair places to resume.
-        found = C.find_next(self.h, stop, self.size, first, limit - 1, True)
+        found, resume = self._skip_damage(stop, self.known_next, status, limit)
         if found < 0:
-            self._lose(first, limit, stop, F.SCAN_REASONS[status])
             self.known_next = limit
             return
-        resume = self.offset_at(found)
-        self._lose(first, resume, stop, F.SCAN_REASONS[status])
         # Sparse entries for strides starting inside the lost range point at
         # the first intact record after it.
         while len(self.sparse) * _STRIDE + self.base <= resume:
@@ -179,7 +175,18 @@ class Segment:
         self.known_pos = found
         self.known_next = resume
 
-    def _lose(self, first: int, end: int, pos: int, reason: str) -> None:
+    def _skip_damage(self, stop: int, bad: int, status: int, limit: int) -> tuple[int, int]:
+        """Offset ``bad`` did not validate at ``stop``: record the offsets lost
+        up to the next intact record below ``limit``; that record's
+        (position, offset), or (-1, limit) if there is none.  Below the limit
+        every batch was written whole, so a record inside one (CONT) is a
+        fair place to resume."""
+        found = C.find_next(self.h, stop, self.size, bad, limit - 1, True)
+        resume = self.offset_at(found) if found >= 0 else limit
+        self.lose(bad, resume, stop, F.SCAN_REASONS[status])
+        return found, resume
+
+    def lose(self, first: int, end: int, pos: int, reason: str) -> None:
         """Record (once) and log that offsets [first, end) were destroyed."""
         if first >= end or any(a <= first < b for a, b in self.lost):
             return
@@ -218,10 +225,7 @@ class Segment:
                 status = one[2]
             # Damage found in a part that was already indexed (a stored
             # index, or bytes changed since): record it, skip to what follows.
-            bad = at + n
-            found = C.find_next(self.h, stop, self.size, bad, limit - 1, True)
-            resume = self.offset_at(found) if found >= 0 else limit
-            self._lose(bad, resume, stop, F.SCAN_REASONS[status])
+            found, resume = self._skip_damage(stop, at + n, status, limit)
             if found < 0:
                 return None
             if offset < resume:

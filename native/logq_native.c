@@ -285,11 +285,11 @@ int64_t logq_encode(uint8_t *buf, uint64_t pos, uint64_t end, uint64_t offset,
     return (int64_t)put(buf, pos, offset, ts, payload, len, priority, flags, meta, meta_len);
 }
 
-int64_t logq_encode_batch_n(uint8_t *buf, uint64_t pos, uint64_t end,
-                            uint64_t first_offset, uint64_t ts,
-                            const uint8_t *joined, uint64_t joined_len,
-                            const uint32_t *lengths, uint64_t n,
-                            uint32_t priority)
+int64_t logq_encode_batch(uint8_t *buf, uint64_t pos, uint64_t end,
+                          uint64_t first_offset, uint64_t ts,
+                          const uint8_t *joined, uint64_t joined_len,
+                          const uint32_t *lengths, uint64_t n,
+                          uint32_t priority)
 {
     uint64_t i, at = 0;
 
@@ -329,21 +329,6 @@ int64_t logq_encode_batch_n(uint8_t *buf, uint64_t pos, uint64_t end,
             LOGQ_RECORD_MARK, NULL, 0);
     }
     return (int64_t)pos;
-}
-
-int64_t logq_encode_batch(uint8_t *buf, uint64_t pos, uint64_t end,
-                          uint64_t first_offset, uint64_t ts,
-                          const uint8_t *joined, const uint32_t *lengths,
-                          uint64_t n, uint32_t priority)
-{
-    uint64_t i, total = 0, room = pos <= end ? end - pos : 0;
-    for (i = 0; i < n; i++) {
-        total += lengths[i];
-        if (total > room)             /* also keeps the sum from overflowing */
-            return LOGQ_E_NOFIT;
-    }
-    return logq_encode_batch_n(buf, pos, end, first_offset, ts, joined, total,
-                               lengths, n, priority);
 }
 
 static uint64_t now_ns(void)

@@ -64,21 +64,16 @@ int64_t logq_encode(uint8_t *buf, uint64_t pos, uint64_t end, uint64_t offset,
                     uint32_t priority, uint32_t flags,
                     const uint8_t *meta, uint64_t meta_len);
 
-/* n records whose payloads are consecutive slices of joined (lengths[i]
- * bytes each), offsets first_offset, first_offset + 1, ...; all or nothing. */
+/* n records whose payloads are consecutive slices of joined (joined_len
+ * bytes; lengths[i] each), offsets first_offset, first_offset + 1, ...; all
+ * or nothing.  Records 1..n-1 carry LOGQ_FLAG_CONT and record 0 is written
+ * last.  As in _codec_py.encode_batch, the fit check counts joined_len and a
+ * payload running past joined_len is cut short there. */
 int64_t logq_encode_batch(uint8_t *buf, uint64_t pos, uint64_t end,
                           uint64_t first_offset, uint64_t ts,
-                          const uint8_t *joined, const uint32_t *lengths,
-                          uint64_t n, uint32_t priority);
-
-/* logq_encode_batch with the exact semantics of _codec_py.encode_batch when
- * joined holds joined_len bytes: the fit check counts joined_len, and a
- * payload running past joined_len is cut short there. */
-int64_t logq_encode_batch_n(uint8_t *buf, uint64_t pos, uint64_t end,
-                            uint64_t first_offset, uint64_t ts,
-                            const uint8_t *joined, uint64_t joined_len,
-                            const uint32_t *lengths, uint64_t n,
-                            uint32_t priority);
+                          const uint8_t *joined, uint64_t joined_len,
+                          const uint32_t *lengths, uint64_t n,
+                          uint32_t priority);
 
 /* The writer of one process: the active segment's mapping, the control
  * block, and the fields LOGQ_W_POS (where the next record goes), LOGQ_W_END
