@@ -31,8 +31,9 @@ with :class:`logq.FormatVersionError`, naming the version found.
 Segment file
 ============
 A segment starts with a 32-byte header, followed by records packed back to
-back (no padding).  Segment files are preallocated to ``segment_bytes`` and
-their size never changes while the queue is open; the unused tail is zero.
+back (no padding).  Segment files are preallocated to ``segment_bytes`` (or
+more, for a record that would not fit) and never shrink while the queue is
+open; the unused tail is zero.
 
 =====  ====  ==================================================================
 off    size  field

@@ -136,72 +136,60 @@ def run(*, messages: int = 300_000, payload_size: int = 100, dirpath: str | None
         f_sync = floor_fdatasync(base)
         sync_rate = 1 / f_sync
 
-        say("put, fsync=never")
-        with logq.open(os.path.join(base, "q1"), fsync="never") as q:
-            put = q.put
-            t = time.perf_counter()
-            for _ in range(messages):
-                put(payload)
-            r = _rate(messages, time.perf_counter() - t)
-        out.append(Result("put() fsync=never", r, r * mb, "os.write per record", f_write))
+        def timed(name: str, n: int, body: Callable[[logq.Queue], object], **opts: str) -> float:
+            """msgs/s of ``body(q)`` handling ``n`` records of queue ``name``."""
+            say(name)
+            with logq.open(os.path.join(base, name), **opts) as q:
+                t = time.perf_counter()
+                body(q)
+                return _rate(n, time.perf_counter() - t)
 
-        say("put_many(1000), fsync=never")
-        with logq.open(os.path.join(base, "q2"), fsync="never") as q:
-            batch = [payload] * 1000
-            rounds = max(1, messages // 1000)
-            t = time.perf_counter()
-            for _ in range(rounds):
-                q.put_many(batch)
-            r = _rate(rounds * 1000, time.perf_counter() - t)
-        out.append(Result("put_many(1000) fsync=never", r, r * mb, "joined 1 MiB writes", f_joined))
-
-        say("put, fsync=always")
-        n_always = 2000
-        with logq.open(os.path.join(base, "q3"), fsync="always") as q:
-            t = time.perf_counter()
-            for _ in range(n_always):
-                q.put(payload)
-            r = _rate(n_always, time.perf_counter() - t)
-        out.append(Result("put() fsync=always, 1 thread", r, r * mb, "1 / fdatasync latency", sync_rate))
-
-        say("put, fsync=always, 8 threads")
-        with logq.open(os.path.join(base, "q4"), fsync="always") as q:
-            def worker() -> None:
-                for _ in range(n_always // 8 * 2):
+        def put_loop(count: int) -> Callable[[logq.Queue], None]:
+            def body(q: logq.Queue) -> None:
+                for _ in range(count):
                     q.put(payload)
-            threads = [threading.Thread(target=worker) for _ in range(8)]
-            t = time.perf_counter()
+            return body
+
+        def put_many_loop(size: int, rounds: int) -> Callable[[logq.Queue], None]:
+            batch = [payload] * size
+            def body(q: logq.Queue) -> None:
+                for _ in range(rounds):
+                    q.put_many(batch)
+            return body
+
+        def in_threads(q: logq.Queue) -> None:
+            threads = [threading.Thread(target=put_loop(n_always // 4), args=(q,)) for _ in range(8)]
             for th in threads:
                 th.start()
             for th in threads:
                 th.join()
-            r = _rate(n_always * 2, time.perf_counter() - t)
-        out.append(Result("put() fsync=always, 8 threads", r, r * mb, "1 / fdatasync latency", sync_rate))
 
-        say("put_many(100), fsync=always")
-        with logq.open(os.path.join(base, "q5"), fsync="always") as q:
-            batch = [payload] * 100
-            rounds = 500
-            t = time.perf_counter()
-            for _ in range(rounds):
-                q.put_many(batch)
-            r = _rate(rounds * 100, time.perf_counter() - t)
-        out.append(Result("put_many(100) fsync=always", r, r * mb, "100 records / fdatasync", 100 * sync_rate))
-
-        say("sequential read")
-        with logq.open(os.path.join(base, "q2"), fsync="never") as q:
-            t = time.perf_counter()
-            n = 0
+        def read_all(q: logq.Queue) -> None:
             off = q.first_offset
             while True:
                 first, got = q.read_many(off, 4096)
                 if not got:
-                    break
-                n += len(got)
+                    return
                 off = first + len(got)
-            r = _rate(n, time.perf_counter() - t)
-        f_read = floor_slices(os.path.join(base, "q2"))
-        out.append(Result("read_many(4096) sequential", r, r * mb, "mmap slice loop", f_read))
+
+        n_always = 2000
+        rounds = max(1, messages // 1000)
+        rows = [
+            ("put() fsync=never", timed("q1", messages, put_loop(messages), fsync="never"),
+             "os.write per record", f_write),
+            ("put_many(1000) fsync=never",
+             timed("q2", rounds * 1000, put_many_loop(1000, rounds), fsync="never"),
+             "joined 1 MiB writes", f_joined),
+            ("put() fsync=always, 1 thread", timed("q3", n_always, put_loop(n_always), fsync="always"),
+             "1 / fdatasync latency", sync_rate),
+            ("put() fsync=always, 8 threads", timed("q4", 8 * (n_always // 4), in_threads, fsync="always"),
+             "1 / fdatasync latency", sync_rate),
+            ("put_many(100) fsync=always", timed("q5", 500 * 100, put_many_loop(100, 500), fsync="always"),
+             "100 records / fdatasync", 100 * sync_rate),
+            ("read_many(4096) sequential", timed("q2", rounds * 1000, read_all, fsync="never"),
+             "mmap slice loop", floor_slices(os.path.join(base, "q2"))),
+        ]
+        out = [Result(name, r, r * mb, floor, value) for name, r, floor, value in rows]
     finally:
         shutil.rmtree(base, ignore_errors=True)
     return out
