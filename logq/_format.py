@@ -12,7 +12,13 @@ Queue directory
       logq.meta                  identity file: magic, format version, queue id
       00000000000000000000.log   segment files, named {base_offset:020d}.log
       00000000000000012345.log
-      index/                     LMDB environment (derived state + group state)
+      index/                     LMDB environment (derived state + group state),
+                                 fsynced on every commit
+      leases/                    LMDB environment of consumer leases and cursors,
+                                 never fsynced: it survives the death of
+                                 processes, and is deleted after a reboot
+      owners/                    one flock(2)ed file per process consuming:
+                                 its leases die with it
       control                    shared-memory coordination between live
                                  processes (never trusted after a reboot)
       append.lock, open.lock     flock(2) files
@@ -128,6 +134,8 @@ FORMAT_VERSION = 1
 META_FILE = "logq.meta"
 META_MAGIC = "logq-queue"
 INDEX_DIR = "index"
+LEASES_DIR = "leases"
+OWNERS_DIR = "owners"
 CONTROL_FILE = "control"
 APPEND_LOCK_FILE = "append.lock"
 OPEN_LOCK_FILE = "open.lock"

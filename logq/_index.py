@@ -21,7 +21,7 @@ import struct
 import sys
 import threading
 from array import array
-from typing import Any, Callable, TypeVar
+from typing import Any, Callable, Iterator, TypeVar
 
 import lmdb
 
@@ -36,6 +36,23 @@ _U64x3 = struct.Struct("<QQQ")
 _LMDB_MAGIC = 0xBEEFC0DE
 _LMDB_META = struct.Struct("<II")    # magic, version at byte 16 of a meta page
 _INITIAL_MAP = 8 << 20
+
+# The databases.  ``main``: checkpoint and flags; ``segments``: sparse
+# indexes; the rest is consumer-group and producer state (``_groups``):
+# every key there ends with the big-endian u64 offset it is about, except
+# in ``groups`` (name -> watermark first) and the dedup databases.
+DBS = (b"main", b"segments", b"groups", b"acks", b"sched", b"pending", b"dead",
+       b"dedup", b"dedup_time")
+# Disk kept allocated beyond LMDB's last page, so that acks and deletes can
+# still commit when the disk is full (LMDB is copy-on-write: even a delete
+# writes new pages).
+RESERVE_BYTES = 4 << 20
+
+# A group's value in ``groups``: its watermark (every offset below it is
+# settled), then counters kept with the state they count.
+GROUP = struct.Struct("<QQQQQQ")   # watermark, delivered, acked, redelivered, dead, dropped
+G_WATERMARK, G_DELIVERED, G_ACKED, G_REDELIVERED, G_DEAD, G_DROPPED = range(6)
+_DEDUP = struct.Struct("<QQ")      # offset, put time ns
 
 K_CHECKPOINT = b"checkpoint"   # (segment base, position, next offset), durable
 K_CLEAN = b"clean"             # b"1" after a clean shutdown of the last process
@@ -83,7 +100,7 @@ def lmdb_file_problem(path: str) -> str | None:
     return None
 
 
-_shared: dict[str, "Index"] = {}
+_shared: dict[str, Any] = {}
 _shared_lock = threading.Lock()
 
 
@@ -117,7 +134,79 @@ def _after_fork_in_child() -> None:
 os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
-class Index:
+class _Env:
+    """What both environments share: transactions that grow the map and
+    map LMDB's errors to ours, and the reserve of allocated disk."""
+
+    env: lmdb.Environment
+    path: str
+    fd = -1
+    psize = 4096
+    allocated = 0
+
+    def _start_reserve(self) -> None:
+        self.psize = self.env.stat()["psize"]
+        self.fd = os.open(os.path.join(self.path, "data.mdb"), os.O_RDWR | os.O_CLOEXEC)
+        self.allocated = 0
+        self._keep_reserve()
+
+    # -- transactions -----------------------------------------------------
+    def write(self, fn: Callable[[Any], T]) -> T:
+        """Run ``fn(txn)`` in one durable write transaction, growing the map
+        as needed."""
+        while True:
+            try:
+                with self.env.begin(write=True) as txn:
+                    out = fn(txn)
+                self._keep_reserve()
+                return out
+            except lmdb.MapFullError:
+                self.env.set_mapsize(self.env.info()["map_size"] * 2)
+            except lmdb.MapResizedError:
+                self.env.set_mapsize(0)
+            except lmdb.DiskError as e:
+                raise DiskFullError(28, f"no space to commit the index in {self.path}: {e}") from e
+            except lmdb.Error as e:
+                if "No space" in str(e):
+                    raise DiskFullError(28, f"no space to commit the index in {self.path}") from e
+                raise CorruptionError(f"index {self.path}: {e}; close every process using the "
+                                      "queue and open it again to rebuild the index") from e
+
+    def _keep_reserve(self) -> None:
+        """Keep RESERVE_BYTES of disk allocated past the used pages (a full
+        disk leaves the reserve smaller; commits then write into it)."""
+        info = self.env.info()
+        used = (info["last_pgno"] + 1) * self.psize
+        if used + RESERVE_BYTES // 2 > self.allocated:
+            try:
+                os.posix_fallocate(self.fd, 0, used + RESERVE_BYTES)
+                self.allocated = used + RESERVE_BYTES
+            except OSError:
+                pass    # a full disk: commits use what is left of the reserve
+
+    def disk_bytes(self) -> int:
+        """Bytes the index holds on disk (allocated blocks)."""
+        total = 0
+        for name in os.listdir(self.path):
+            try:
+                total += os.stat(os.path.join(self.path, name)).st_blocks * 512
+            except FileNotFoundError:
+                pass
+        return total
+
+    def read(self, fn: Callable[[Any], T]) -> T:
+        while True:
+            try:
+                with self.env.begin() as txn:
+                    return fn(txn)
+            except lmdb.MapResizedError:
+                self.env.set_mapsize(0)
+
+    def get(self, key: bytes, db: Any) -> bytes | None:
+        return self.read(lambda t: t.get(key, db=db))
+
+
+class Index(_Env):
     """One LMDB environment in ``<queue>/index``, shared by every process that
     has the queue open.  Thread-safe; every write is one durable transaction.
     Open it with :func:`open_index`."""
@@ -147,19 +236,20 @@ class Index:
                                       "using the queue and open it again to rebuild it") from e
             self._quarantine(f"LMDB reports: {e}")
             self._open_and_probe()
-        if self.get(K_CHECKPOINT) is None:
+        if self.get(K_CHECKPOINT, self.main) is None:
             self.rebuilt = True
+        self._start_reserve()
 
     def _open_and_probe(self) -> None:
         """Open the environment and touch every page of it once, so that
         damage is found now (and repaired) rather than in a later write."""
         self.env = self._open()
         try:
-            self.main = self.env.open_db(b"main")
-            self.segments = self.env.open_db(b"segments")
-            self.groups = self.env.open_db(b"groups")
+            dbs = [self.env.open_db(name) for name in DBS]
+            for name, db in zip(DBS, dbs):
+                setattr(self, name.decode(), db)
             with self.env.begin(write=True) as txn:
-                for db in (self.main, self.segments, self.groups):
+                for db in dbs:
                     for _ in txn.cursor(db=db).iternext(keys=True, values=True):
                         pass
                 txn.put(b"probe", b"", db=self.main)
@@ -186,41 +276,9 @@ class Index:
                         self.path, why, dest)
         self.rebuilt = True
 
-    # -- transactions -----------------------------------------------------
-    def write(self, fn: Callable[[Any], T]) -> T:
-        """Run ``fn(txn)`` in one durable write transaction, growing the map
-        as needed."""
-        while True:
-            try:
-                with self.env.begin(write=True) as txn:
-                    return fn(txn)
-            except lmdb.MapFullError:
-                self.env.set_mapsize(self.env.info()["map_size"] * 2)
-            except lmdb.MapResizedError:
-                self.env.set_mapsize(0)
-            except lmdb.DiskError as e:
-                raise DiskFullError(28, f"no space to commit the index in {self.path}: {e}") from e
-            except lmdb.Error as e:
-                if "No space" in str(e):
-                    raise DiskFullError(28, f"no space to commit the index in {self.path}") from e
-                raise CorruptionError(f"index {self.path}: {e}; close every process using the "
-                                      "queue and open it again to rebuild the index") from e
-
-    def read(self, fn: Callable[[Any], T]) -> T:
-        while True:
-            try:
-                with self.env.begin() as txn:
-                    return fn(txn)
-            except lmdb.MapResizedError:
-                self.env.set_mapsize(0)
-
-    def get(self, key: bytes, db: Any = None) -> bytes | None:
-        db = self.main if db is None else db
-        return self.read(lambda t: t.get(key, db=db))
-
     # -- the checkpoint: the last point known to be on stable storage -----
     def checkpoint(self) -> tuple[int, int, int] | None:
-        raw = self.get(K_CHECKPOINT)
+        raw = self.get(K_CHECKPOINT, self.main)
         return _U64x3.unpack(raw) if raw and len(raw) == _U64x3.size else None
 
     def set_checkpoint(self, base: int, pos: int, next_offset: int, *,
@@ -240,7 +298,7 @@ class Index:
         self.write(lambda t: t.put(K_CLEAN, b"1" if clean else b"0", db=self.main))
 
     def was_clean(self) -> bool:
-        return self.get(K_CLEAN) == b"1"
+        return self.get(K_CLEAN, self.main) == b"1"
 
     # -- consumer groups ----------------------------------------------------
     # The ``groups`` database belongs to the consumer layer.  The one rule
@@ -249,9 +307,10 @@ class Index:
 
     def clamp_groups(self, next_offset: int) -> list[tuple[bytes, int]]:
         """After recovery cut the log back to ``next_offset``: pull every
-        group's watermark down to it, so that records put from now on (which
-        reuse the lost offsets) are delivered, not taken as acknowledged.
-        Returns (group, old watermark) for each group changed."""
+        group's watermark down to it and forget group and dedup state about
+        offsets at or above it, so that records put from now on (which
+        reuse the lost offsets) are delivered, not taken as settled.
+        Returns (group, old watermark) for each group whose watermark moved."""
         def fn(txn: Any) -> list[tuple[bytes, int]]:
             changed = []
             for name, value in txn.cursor(db=self.groups):
@@ -260,8 +319,90 @@ class Index:
                     if mark > next_offset:
                         txn.put(name, struct.pack("<Q", next_offset) + value[8:], db=self.groups)
                         changed.append((bytes(name), mark))
+            for db in (self.sched, self.pending, self.dead):
+                doomed = [bytes(k) for k in txn.cursor(db=db).iternext(values=False)
+                          if int.from_bytes(k[-8:], "big") >= next_offset]
+                for k in doomed:
+                    txn.delete(k, db=db)
+            cur = txn.cursor(db=self.acks)
+            for k, v in list(cur.iternext()):
+                start, (end,) = int.from_bytes(k[-8:], "big"), struct.unpack("<Q", v)
+                if start >= next_offset:
+                    txn.delete(k, db=self.acks)
+                elif end > next_offset:
+                    txn.put(k, struct.pack("<Q", next_offset), db=self.acks)
+            for k, v in list(txn.cursor(db=self.dedup).iternext()):
+                if struct.unpack_from("<Q", v, 0)[0] >= next_offset:
+                    txn.delete(k, db=self.dedup)
             return changed
         return self.write(fn)
+
+    def watermarks(self) -> dict[str, int]:
+        """Each group's watermark."""
+        return self.read(lambda t: {bytes(k).decode(): struct.unpack_from("<Q", v)[0]
+                                    for k, v in t.cursor(db=self.groups)})
+
+    def drop_below(self, offset: int) -> dict[str, int]:
+        """Settle everything below ``offset`` for every group (its segments
+        are being deleted to make room): watermarks rise to it, state about
+        lower offsets goes, and each group counts the unsettled messages it
+        lost as dropped.  Returns group -> messages dropped."""
+        def fn(txn: Any) -> dict[str, int]:
+            dropped = {}
+            for name, value in list(txn.cursor(db=self.groups)):
+                g = list(GROUP.unpack(value))
+                if g[G_WATERMARK] >= offset:
+                    continue
+                prefix = bytes(name) + b"\0"
+                lost = offset - g[G_WATERMARK]
+                cur = txn.cursor(db=self.acks)
+                for k, v in list(_prefixed(cur, prefix)):
+                    a, (b,) = int.from_bytes(k[-8:], "big"), struct.unpack("<Q", v)
+                    if a >= offset:
+                        break
+                    lost -= min(b, offset) - a
+                    txn.delete(k, db=self.acks)
+                    if b > offset:
+                        txn.put(prefix + offset.to_bytes(8, "big"), v, db=self.acks)
+                # (dead letters keep their own copy of the payload: they stay)
+                for k, due in list(_prefixed(txn.cursor(db=self.pending), prefix)):
+                    if int.from_bytes(k[-8:], "big") >= offset:
+                        break
+                    txn.delete(prefix + due + k[-8:], db=self.sched)
+                    txn.delete(k, db=self.pending)
+                g[G_WATERMARK] = offset
+                g[G_DROPPED] += lost
+                txn.put(name, GROUP.pack(*g), db=self.groups)
+                dropped[bytes(name).decode()] = lost
+            return dropped
+        return self.write(fn)
+
+    # -- idempotent producers -----------------------------------------------
+    def dedup_find(self, key: bytes, since_ns: int) -> int | None:
+        """The offset first put with ``key`` at or after ``since_ns``, or None."""
+        raw = self.get(key, self.dedup)
+        if raw is None:
+            return None
+        offset, ts = _DEDUP.unpack(raw)
+        return offset if ts >= since_ns else None
+
+    def dedup_add(self, key: bytes, offset: int, now_ns: int, since_ns: int) -> None:
+        """Remember ``key`` -> ``offset``; forget keys older than ``since_ns``."""
+        def fn(txn: Any) -> None:
+            cur = txn.cursor(db=self.dedup_time)
+            expired = []
+            for k in cur.iternext(values=False):
+                if int.from_bytes(k[:8], "big") >= since_ns or len(expired) >= 64:
+                    break
+                expired.append(bytes(k))
+            for k in expired:
+                txn.delete(k, db=self.dedup_time)
+                old = txn.get(k[8:], db=self.dedup)
+                if old is not None and _DEDUP.unpack(old)[1] == int.from_bytes(k[:8], "big"):
+                    txn.delete(k[8:], db=self.dedup)
+            txn.put(key, _DEDUP.pack(offset, now_ns), db=self.dedup)
+            txn.put(now_ns.to_bytes(8, "big") + key, b"", db=self.dedup_time)
+        self.write(fn)
 
     # -- segment table ----------------------------------------------------
     def sparse(self, base: int) -> tuple[int, int, array] | None:
@@ -290,11 +431,87 @@ class Index:
         self.write(fn)
 
     def close(self) -> None:
-        with _shared_lock:
-            self.users -= 1
-            if self.users > 0:
-                return
-            if _shared.get(self.key) is self:
-                del _shared[self.key]
-        self.env.close()
+        _close_shared(self)
 
+
+
+def _prefixed(cur: Any, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+    """(key, value) of every entry whose key starts with ``prefix``."""
+    if not cur.set_range(prefix):
+        return
+    for k, v in cur.iternext():
+        if not bytes(k[:len(prefix)]) == prefix:
+            return
+        yield bytes(k), bytes(v)
+
+
+class Scratch(_Env):
+    """The volatile environment in ``<queue>/leases``: consumer leases,
+    cursors and counters that only live processes need.  Commits are not
+    fsynced: it survives the death of any process (the page cache keeps
+    it), not a machine restart, after which the queue's first opener
+    deletes it.  Open it with :func:`open_scratch`."""
+
+    users = 0
+    key = ""
+
+    def __init__(self, qdir: str, *, may_reset: bool) -> None:
+        self.path = os.path.join(qdir, F.LEASES_DIR)
+        self.pid = os.getpid()
+        try:
+            self._open()
+        except lmdb.Error as e:
+            if not may_reset:
+                raise CorruptionError(f"lease table {self.path} is damaged ({e}); close every "
+                                      "process using the queue and open it again") from e
+            log.warning("lease table %s is damaged (%s): starting a new one; messages out for "
+                        "delivery will be delivered again", self.path, e)
+            reset_scratch(qdir)
+            self._open()
+        self._start_reserve()
+
+    def _open(self) -> None:
+        os.makedirs(self.path, exist_ok=True)
+        if lmdb_file_problem(os.path.join(self.path, "data.mdb")) is not None:
+            raise lmdb.CorruptedError("the data file is damaged")
+        self.env = lmdb.open(self.path, subdir=True, map_size=_INITIAL_MAP, max_dbs=4,
+                             sync=False, metasync=False, readahead=False, meminit=False)
+        self.claims = self.env.open_db(b"claims")     # group\0 kind offset -> Claim
+        self.cursors = self.env.open_db(b"cursors")   # group\0 level -> next offset to scan
+        self.counters = self.env.open_db(b"counters")
+
+    def close(self) -> None:
+        _close_shared(self)
+
+
+def reset_scratch(qdir: str) -> None:
+    """Delete the lease table (only while no process has the queue open)."""
+    path = os.path.join(qdir, F.LEASES_DIR)
+    for name in ("data.mdb", "lock.mdb"):
+        try:
+            os.unlink(os.path.join(path, name))
+        except FileNotFoundError:
+            pass
+
+
+def open_scratch(qdir: str, *, may_reset: bool) -> Scratch:
+    """The lease table of ``qdir`` for this process (shared, counted)."""
+    key = os.path.realpath(qdir) + "#leases"
+    with _shared_lock:
+        env = _shared.get(key)
+        if env is None or env.pid != os.getpid():
+            env = _shared[key] = Scratch(qdir, may_reset=may_reset)
+            env.key = key
+        env.users += 1
+        return env
+
+
+def _close_shared(env: Any) -> None:
+    with _shared_lock:
+        env.users -= 1
+        if env.users > 0:
+            return
+        if _shared.get(env.key) is env:
+            del _shared[env.key]
+    env.env.close()
+    os.close(env.fd)

@@ -146,6 +146,9 @@ class Log:
         # Where sealed segments' stored sparse indexes come from (the Queue
         # plugs in its Index): base -> (end, count, positions) or None.
         self.sparse_source: Callable[[int], tuple[int, int, array] | None] | None = None
+        # Called with a new segment's size before it is created (the Queue's
+        # disk budget); may delete old segments, or raise to refuse.
+        self.before_roll: Callable[[int], None] | None = None
         self._fds: list[int] = []
         ctl_path = os.path.join(qdir, F.CONTROL_FILE)
         self.ctl_fd = self._open_fd(ctl_path)
@@ -479,6 +482,8 @@ class Log:
         fsynced here: whoever needs its records durable syncs it
         (``sync_segments``), and recovery after a restart validates every
         segment written since the last checkpoint."""
+        if self.before_roll is not None:
+            self.before_roll(max(self.segment_bytes, _round_up(F.SEGMENT_HEADER_SIZE + need)))
         seg = self._new_segment(self.next, need)
         self._point_at(seg)
         self.pos = F.SEGMENT_HEADER_SIZE
@@ -526,7 +531,12 @@ class Log:
             self.refresh_bases()
         i = bisect.bisect_right(self.bases, offset) - 1
         limit = self.bases[i + 1] if i + 1 < len(self.bases) else tail
-        return self.segment(self.bases[i]), limit
+        try:
+            return self.segment(self.bases[i]), limit
+        except FileNotFoundError:
+            # Deleted by retention in another process since it was listed.
+            self.refresh_bases()
+            return self.locate(offset)
 
     def close(self) -> None:
         with self.w:

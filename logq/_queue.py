@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 import threading
 import time
 import weakref
@@ -25,13 +26,19 @@ from typing import Any, Callable, Iterable, Iterator
 from logq import _codec as C
 from logq import _format as F
 from logq._errors import (LogqError, MessageTooLargeError, OffsetError, QueueClosedError,
-                          RecordLostError)
-from logq._index import open_index
+                          QueueFullError, RecordLostError)
+from logq._index import RESERVE_BYTES, open_index, reset_scratch
+from logq._fsutil import fsync_dir
 from logq._log import Log, Recovery
 
 log = logging.getLogger("logq")
 
 FSYNC_POLICIES = ("always", "batch", "never")
+ON_FULL = ("block", "reject", "drop_oldest")
+MAX_PRIORITY = 9              # put(priority=0..MAX_PRIORITY); higher is delivered first
+MAX_KEY_BYTES = 256
+_ROOM_POLL = 0.02             # a put blocked at max_bytes looks for room this often (s)
+_RETAIN_EVERY = 1.0           # the housekeeper deletes settled segments this often (s)
 _HDR = F.RECORD_HEADER_SIZE
 _WAIT_SLICE = 1.0             # wait() looks at the clock and for close() this often
 _PREFAULT_AHEAD = 32 << 20    # the housekeeper maps this much ahead of the writer
@@ -48,6 +55,11 @@ class Options:
     segment_bytes: int = 64 << 20     # roll the active segment at this size
     max_message_bytes: int = 16 << 20
     checkpoint_interval: float = 1.0  # most often the index checkpoint is committed (s)
+    retention: float | None = None    # keep a settled segment at least this long (s)
+    max_bytes: int | None = None      # disk budget: log, index and lease table together
+    on_full: str = "block"            # at max_bytes: "block" | "reject" | "drop_oldest"
+    put_timeout: float | None = None  # "block": longest a put waits for room (None: no limit)
+    dedup_window: float = 600.0       # put(key=k) within this long of k's first put stores nothing (s)
 
     def __post_init__(self) -> None:
         if self.fsync not in FSYNC_POLICIES:
@@ -57,6 +69,20 @@ class Options:
         _check_int("max_message_bytes", self.max_message_bytes, 1, F.MAX_PAYLOAD)
         _check_seconds("fsync_interval", self.fsync_interval)
         _check_seconds("checkpoint_interval", self.checkpoint_interval)
+        _check_seconds("dedup_window", self.dedup_window)
+        if self.retention is not None:
+            _check_seconds("retention", self.retention)
+        if self.put_timeout is not None:
+            _check_seconds("put_timeout", self.put_timeout)
+        if self.on_full not in ON_FULL:
+            raise ValueError(f"on_full must be one of {', '.join(map(repr, ON_FULL))}, not {self.on_full!r}")
+        if self.max_bytes is not None:
+            least = 2 * self.segment_bytes + 3 * RESERVE_BYTES
+            _check_int("max_bytes", self.max_bytes, 1, 1 << 60)
+            if self.max_bytes < least:
+                raise ValueError(f"max_bytes={self.max_bytes} leaves no room to work: with "
+                                 f"segment_bytes={self.segment_bytes} it must be at least {least} "
+                                 "(two segments and the index reserves)")
 
 
 def _check_int(name: str, value: Any, lo: int, hi: int) -> None:
@@ -71,6 +97,17 @@ def _check_seconds(name: str, value: Any) -> None:
         raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
     if not 0 < value < 1e9:
         raise ValueError(f"{name} must be a positive number of seconds, not {value}")
+
+
+def _check_number(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
+    if not 0 <= value < 1e11:
+        raise ValueError(f"{name} must be a finite, non-negative number of seconds, not {value!r}")
+
+
+class _NoRoom(Exception):
+    """Internal: the disk budget has no room for a new segment yet."""
 
 
 def _as_bytes(data: Any) -> bytes:
@@ -122,7 +159,9 @@ class Queue:
         self._batch = opts.fsync == "batch"
         self._syncs = opts.fsync != "never"     # puts have fsync work to do
         self._max = opts.max_message_bytes
+        self._close_hooks: list[Callable[[], None]] = []   # consumer groups commit at close
         lg = Log(self.path, segment_bytes=opts.segment_bytes)
+        lg.before_roll = self._before_roll
         self._index = None
         try:
             self._index = open_index(self.path, may_rebuild=lg.alone)
@@ -130,6 +169,11 @@ class Queue:
             # (a new queue has no segments yet, and nothing to rebuild)
             self._index_rebuilt = self._index.rebuilt and bool(lg.bases)
             if lg.alone:
+                if lg.rebooted:
+                    # Leases of a previous boot: every holder is gone, and the
+                    # unsynced table may be torn.  Deliveries start over from
+                    # the durable group state.
+                    reset_scratch(self.path)
                 checkpoint = self._index.checkpoint()
                 rec = self._recovery = lg.recover(checkpoint, self._index.was_clean())
                 if checkpoint is None or checkpoint[0] not in lg.bases or checkpoint[2] > lg.next:
@@ -177,16 +221,29 @@ class Queue:
         _open_queues.add(self)
 
     # -- producing ------------------------------------------------------------
-    def put(self, data: bytes | bytearray | memoryview) -> int:
+    def put(self, data: bytes | bytearray | memoryview, *, key: bytes | str | None = None,
+            priority: int = 0, delay: float | None = None,
+            deliver_at: float | None = None) -> int:
         """Append one message; its offset.  Durable on return as the fsync
-        policy says.  Raises TypeError for a non-bytes payload,
-        MessageTooLargeError, DiskFullError (nothing stored, retry later),
-        QueueClosedError."""
+        policy says.
+
+        ``priority`` (0..MAX_PRIORITY, default 0): consumers deliver higher
+        first.  ``delay`` (seconds) or ``deliver_at`` (epoch seconds): no
+        consumer gets it before then.  ``key``: an idempotency key; if a
+        message with this key was put within ``dedup_window`` seconds
+        (by any process, across restarts), nothing is stored and that
+        message's offset is returned.
+
+        Raises TypeError/ValueError for bad arguments, MessageTooLargeError,
+        QueueFullError (at ``max_bytes``; DiskFullError when the disk is
+        full: nothing stored, retry later), QueueClosedError."""
         if type(data) is not bytes:
             data = _as_bytes(data)
         n = len(data)
         if n > self._max:
             raise MessageTooLargeError(f"message of {n} bytes exceeds max_message_bytes={self._max}")
+        if key is not None or priority or delay is not None or deliver_at is not None:
+            return self._put_with(data, key, priority, delay, deliver_at)
         # The fast path: one C call (its own mutex) while this process holds
         # the append lock and the record fits in the active segment.
         off = _put(self._writer, data, n)
@@ -199,26 +256,174 @@ class Queue:
             self._after_write(off + 1, n + _HDR)
         return off
 
-    def _append(self, need: int, count: int, encode: Callable[[Log, int], int]) -> int:
+    def _put_with(self, data: bytes, key: Any, priority: Any, delay: Any, deliver_at: Any) -> int:
+        """put() with attributes: checked, then stored in the record's meta."""
+        _check_int("priority", priority, 0, MAX_PRIORITY)
+        due_ns = None
+        if delay is not None and deliver_at is not None:
+            raise ValueError("give delay or deliver_at, not both")
+        if delay is not None:
+            _check_number("delay", delay)
+            due_ns = time.time_ns() + int(delay * 1e9)
+        elif deliver_at is not None:
+            _check_number("deliver_at", deliver_at)
+            due_ns = int(deliver_at * 1e9)
+        if due_ns is not None:
+            due_ns = max(0, min(due_ns, (1 << 63) - 1))
+        if key is not None:
+            if isinstance(key, str):
+                key = key.encode()
+            if not isinstance(key, bytes):
+                raise TypeError(f"key must be bytes or str, not {type(key).__name__}")
+            if not 0 < len(key) <= MAX_KEY_BYTES:
+                raise ValueError(f"key must be 1 to {MAX_KEY_BYTES} bytes, not {len(key)}")
+        flags, meta = F.encode_meta(due_ns, key)
+        off = self._append(_HDR + len(meta) + len(data), 1, lambda lg, first: C.encode(
+            lg.h, lg.pos, lg.end, first, time.time_ns(), data, priority, flags, meta), key=key)
+        if self._syncs:
+            self._after_write(off + 1, len(data) + _HDR)
+        return off
+
+    def _append(self, need: int, count: int, encode: Callable[[Log, int], int],
+                key: bytes | None = None) -> int:
         """The slow path of every append: take the append lock if needed,
         make room for ``need`` bytes, write ``count`` records with
         ``encode(log, first_offset) -> new position``, publish the tail.
-        Returns the first offset."""
-        with self._lock:
-            lg = self._open_log()
-            self._check_failed()
-            with lg.w:
-                if lg.wanted():
-                    lg.yield_turn()
-                if not lg.holding:
-                    lg.acquire()
-                    self._kick.set()  # the housekeeper hands the lock back when idle
-                lg.room(need)
-                first = lg.next
-                lg.pos = encode(lg, first)
-                lg.next = first + count
-                lg.publish()
-        return first
+        Returns the first offset (with ``key``: the offset the key was
+        first put at, if within the dedup window, and nothing is written).
+        At ``max_bytes`` with on_full="block", waits for room outside the
+        locks (consumers need them to make room)."""
+        waited_since = None
+        while True:
+            try:
+                with self._lock:
+                    lg = self._open_log()
+                    self._check_failed()
+                    with lg.w:
+                        if lg.wanted():
+                            lg.yield_turn()
+                        if not lg.holding:
+                            lg.acquire()
+                            self._kick.set()  # the housekeeper hands the lock back when idle
+                        if key is not None:
+                            # Holding the append lock: no other put of this key can interleave.
+                            now = time.time_ns()
+                            since = now - int(self.options.dedup_window * 1e9)
+                            seen = self._index.dedup_find(key, since)
+                            if seen is not None:
+                                return seen
+                        lg.room(need)
+                        first = lg.next
+                        lg.pos = encode(lg, first)
+                        lg.next = first + count
+                        lg.publish()
+                        if key is not None:
+                            # After the record: a key must never name an offset
+                            # that holds nothing (recovery forgets keys past a cut tail).
+                            self._index.dedup_add(key, first, now, since)
+                return first
+            except _NoRoom:
+                now_s = time.monotonic()
+                if waited_since is None:
+                    waited_since = now_s
+                timeout = self.options.put_timeout
+                if timeout is not None and now_s - waited_since >= timeout:
+                    raise QueueFullError(
+                        f"queue {self.path} is at max_bytes={self.options.max_bytes} and no room "
+                        f"was freed within put_timeout={timeout}s (consumers settle messages "
+                        "so that their segments can be deleted)") from None
+                time.sleep(_ROOM_POLL)
+
+    # -- the disk budget ------------------------------------------------------
+    def _before_roll(self, size: int) -> None:
+        """Called (under the locks) before a new segment of ``size`` bytes is
+        created: keep the directory within ``max_bytes``."""
+        budget = self.options.max_bytes
+        if budget is None:
+            return
+        while self._disk_bytes() + size > budget:
+            if self._retain():
+                continue
+            if self.options.on_full == "drop_oldest" and self._drop_oldest():
+                continue
+            if self.options.on_full == "reject":
+                raise QueueFullError(f"queue {self.path} is at max_bytes={budget}; nothing was stored")
+            raise _NoRoom()
+
+    def _disk_bytes(self) -> int:
+        """Bytes allocated on disk for the log, the index and the lease table
+        (the quarantine is not counted: it is the operator's to clear)."""
+        total = 0
+        for d in (self.path, os.path.join(self.path, F.INDEX_DIR), os.path.join(self.path, F.LEASES_DIR)):
+            try:
+                names = os.listdir(d)
+            except FileNotFoundError:
+                continue
+            for name in names:
+                try:
+                    st = os.stat(os.path.join(d, name), follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if not stat.S_ISDIR(st.st_mode):
+                    total += st.st_blocks * 512
+        return total
+
+    def _retain(self) -> bool:
+        """Delete the sealed segments that every consumer group has settled
+        (and, with ``retention``, that are older than it); whether any went.
+        Deletes nothing while no group exists.  Call under ``self._lock``."""
+        marks = self._index.watermarks()
+        if not marks:
+            return False
+        lowest = min(marks.values())
+        lg = self._open_log()
+        lg.refresh_bases()
+        sealed = lg.bases[:-1]
+        doomed = []
+        now = time.time()
+        for base, after in zip(sealed, lg.bases[1:]):
+            if after > lowest:
+                break
+            if self.options.retention is not None:
+                try:
+                    age = now - os.stat(os.path.join(self.path, F.segment_name(base))).st_mtime
+                except FileNotFoundError:
+                    continue
+                if age < self.options.retention:
+                    break
+            doomed.append(base)
+        if doomed:
+            self._delete_segments(doomed, "settled by every consumer group")
+        return bool(doomed)
+
+    def _drop_oldest(self) -> bool:
+        """on_full="drop_oldest": delete the oldest sealed segment even if
+        groups have not settled it; they count its messages as dropped."""
+        lg = self._open_log()
+        lg.refresh_bases()
+        if len(lg.bases) < 2 or lg.bases[0] == lg.active.base:
+            return False
+        base, after = lg.bases[0], lg.bases[1]
+        dropped = self._index.drop_below(after)
+        self._delete_segments([base], "to stay within max_bytes (on_full='drop_oldest')")
+        for group, n in dropped.items():
+            if n:
+                log.warning("queue %s: group %r lost %d unsettled message(s) below offset %d "
+                            "to max_bytes (on_full='drop_oldest')", self.path, group, n, after)
+        return True
+
+    def _delete_segments(self, bases: list[int], why: str) -> None:
+        lg = self._open_log()
+        for base in bases:
+            try:
+                os.unlink(os.path.join(self.path, F.segment_name(base)))
+            except FileNotFoundError:
+                pass        # another process deleted it first
+        fsync_dir(self.path)
+        lg.refresh_bases()
+        self._index.drop_segments(bases)
+        log.info("queue %s: deleted %d segment(s) from offset %d (%s)", self.path, len(bases),
+                 bases[0], why)
 
     def _after_write(self, end: int, nbytes: int) -> None:
         """The fsync policy's part of a put: wait for the group commit
@@ -347,12 +552,13 @@ class Queue:
         or asked for by another process."""
         last_next = -1
         prefaulted: tuple[Any, int] = (None, 0)   # (segment, position) mapped ahead
+        retained = time.monotonic()
         while not self._stop:
             lg = self._log
             if lg is None:
                 return
             holding = lg.holding
-            wait = 0.005 if holding else (self.options.fsync_interval if self._batch else None)
+            wait = 0.005 if holding else (self.options.fsync_interval if self._batch else _RETAIN_EVERY)
             self._kick.wait(wait)
             self._kick.clear()
             if self._stop or self._log is None:
@@ -367,6 +573,11 @@ class Queue:
                     prefaulted = self._prefault(lg, *prefaulted)
                 if self._batch and self._durable_next < lg.next:
                     self._sync_to(lg.next)
+                if time.monotonic() - retained >= _RETAIN_EVERY:
+                    retained = time.monotonic()
+                    with self._lock:
+                        if self._log is not None:
+                            self._retain()
             except LogqError:
                 pass    # already recorded in self._failed; puts report it
             except Exception:  # pragma: no cover - a bug; keep the queue usable
@@ -446,7 +657,33 @@ class Queue:
             yield from zip(range(first, first + len(payloads)), payloads)
             off = first + len(payloads)
 
+    def _fetch(self, offset: int, max_records: int, payloads: bool = True
+               ) -> tuple[int, list[bytes] | None, list[int], list[int], dict[int, bytes]]:
+        """For consumers: like read_many, plus each record's timestamp and
+        attrs (meta_len | priority << 16 | flags << 24) and the meta of the
+        records that have one (index in the run -> bytes)."""
+        with self._lock:
+            at, fields, mm = self._read_fields(offset, max_records)
+            if not fields:
+                return at, [] if payloads else None, [], [], {}
+            out = ([mm[p:p + n] for p, n in zip(fields[1::F.SCAN_FIELDS], fields[2::F.SCAN_FIELDS])]
+                   if payloads else None)
+            attrs = fields[4::F.SCAN_FIELDS]
+            metas = {}
+            if max(attrs) & 0xFFFF:
+                for i, a in enumerate(attrs):
+                    if a & 0xFFFF:
+                        rec = fields[i * F.SCAN_FIELDS] + _HDR
+                        metas[i] = mm[rec:rec + (a & 0xFFFF)]
+            return at, out, fields[3::F.SCAN_FIELDS], attrs, metas
+
     def _read_run(self, offset: int, max_records: int) -> tuple[int, list[bytes]]:
+        at, fields, mm = self._read_fields(offset, max_records)
+        if not fields:
+            return at, []
+        return at, [mm[p:p + n] for p, n in zip(fields[1::F.SCAN_FIELDS], fields[2::F.SCAN_FIELDS])]
+
+    def _read_fields(self, offset: int, max_records: int) -> tuple[int, list[int], Any]:
         lg = self._open_log()
         if isinstance(offset, bool) or not isinstance(offset, int):
             raise TypeError(f"offset must be an int, not {type(offset).__name__}")
@@ -456,18 +693,16 @@ class Queue:
                 if offset < lg.first():
                     raise OffsetError(f"offset {offset} is below the first offset "
                                       f"{lg.first()} retained in {self.path}")
-                return offset, []
+                return offset, [], None
             seg, limit = loc
             run = seg.read_run(offset, max_records, limit)
             if run is None:
                 offset = limit      # the rest of this segment was lost: go on
                 continue
             at, fields = run
-            mm = seg.mm
-            out = [mm[p:p + n] for p, n in zip(fields[1::F.SCAN_FIELDS], fields[2::F.SCAN_FIELDS])]
             if seg.known_next >= limit > seg.stored_next and seg.base < lg.active.base:
                 self._store_sparse(seg)     # a sealed segment, now fully indexed
-            return at, out
+            return at, fields, seg.mm
 
     def _store_sparse(self, seg: Any) -> None:
         """Keep a segment's sparse index (derived data, safe to lose), so
@@ -551,6 +786,11 @@ class Queue:
             lg = self._log
             if lg is None:
                 return
+        for hook in list(self._close_hooks):
+            try:
+                hook()
+            except Exception:
+                log.exception("queue %s: closing a consumer group failed", self.path)
         if self._syncs and self._failed is None:
             self._sync_to(lg.next)
         self._stop = True

@@ -1,0 +1,214 @@
+"""Consumer-group bookkeeping as a pure state machine: no I/O, no clock,
+no randomness of its own.  ``_groups`` stores what these functions decide;
+``_consumer`` drives them.  Everything here is tested exhaustively by
+``tests/test_leases.py``.
+
+Vocabulary (per group):
+
+* **watermark** ``W``: every offset below it is settled (acked or
+  dead-lettered); above it, settled offsets are kept as disjoint intervals.
+* **claim**: offsets leased to one owner (a process) until a deadline.  A
+  *range claim* covers a run of offsets first delivered together (fresh
+  from the log); a *single claim* covers one offset (a redelivery, or a
+  message whose lease was extended on its own).  A single claim overrides
+  the range claim around it.
+* **schedule**: offsets waiting for a time (a retry after a failure, a
+  delayed message), with the number of deliveries made so far.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from logq._retry import backoff_delay
+
+_CLAIM = struct.Struct("<QQqIq")    # end, owner, deadline ns (monotonic), attempt, due ns (0: none)
+
+
+@dataclass(slots=True)
+class Claim:
+    """A lease on ``[start, end)``, by ``owner`` (8 bytes as an int), until
+    ``deadline`` (monotonic ns), at delivery ``attempt``.  ``due`` is the
+    schedule entry the offset was delivered from (single claims), else 0."""
+    start: int
+    end: int
+    owner: int
+    deadline: int
+    attempt: int
+    due: int = 0
+
+    def pack(self) -> bytes:
+        return _CLAIM.pack(self.end, self.owner, self.deadline, self.attempt, self.due)
+
+    @classmethod
+    def unpack(cls, start: int, raw: bytes) -> "Claim":
+        end, owner, deadline, attempt, due = _CLAIM.unpack(raw)
+        return cls(start, end, owner, deadline, attempt, due)
+
+
+def runs(offsets: Iterable[int]) -> list[tuple[int, int]]:
+    """Sorted, merged half-open runs covering ``offsets``."""
+    out: list[list[int]] = []
+    for o in sorted(offsets):
+        if out and o <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], o + 1)
+        else:
+            out.append([o, o + 1])
+    return [(a, b) for a, b in out]
+
+
+def merge_settled(watermark: int, intervals: list[tuple[int, int]],
+                  new: list[tuple[int, int]]) -> tuple[int, list[tuple[int, int]]]:
+    """Add the runs ``new`` to the settled set (``watermark`` plus the
+    disjoint ``intervals`` above it); the new watermark and intervals.  The
+    watermark advances over every interval that touches it."""
+    merged: list[list[int]] = []
+    for a, b in sorted([(a, b) for a, b in intervals if b > watermark] +
+                       [(max(a, watermark), b) for a, b in new if b > watermark]):
+        if merged and a <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], b)
+        else:
+            merged.append([a, b])
+    while merged and merged[0][0] <= watermark:
+        watermark = max(watermark, merged.pop(0)[1])
+    return watermark, [(a, b) for a, b in merged]
+
+
+def is_settled(offset: int, watermark: int, intervals: Iterable[tuple[int, int]]) -> bool:
+    return offset < watermark or any(a <= offset < b for a, b in intervals)
+
+
+def after_failure(attempt: int, *, max_attempts: int, backoff_base: float, backoff_max: float,
+                  delay: float | None = None,
+                  rand: Callable[[], float] | None = None) -> float | None:
+    """What happens to a message whose delivery ``attempt`` failed (a nack,
+    an expired lease): seconds until it is delivered again, or None when
+    it has used its ``max_attempts`` deliveries and goes to the dead-letter
+    queue.  An explicit ``delay`` wins over the backoff."""
+    if attempt >= max_attempts:
+        return None
+    if delay is not None:
+        return delay
+    if rand is None:
+        return backoff_delay(attempt, backoff_base, backoff_max)
+    return backoff_delay(attempt, backoff_base, backoff_max, rand)
+
+
+def level_order(heads: dict[int, int], now_ns: int, aging_ns: int) -> list[int]:
+    """The order in which to serve priority levels, given each level's
+    oldest waiting message timestamp (``heads``: level -> ts ns).  Higher
+    levels first, except that a level whose oldest message has waited
+    ``aging_ns`` or longer is served before all others (oldest first): no
+    message waits behind higher priorities for much longer than that."""
+    aged = sorted((ts, -lvl) for lvl, ts in heads.items() if now_ns - ts >= aging_ns)
+    first = [-neg for _, neg in aged]
+    return first + sorted((lvl for lvl in heads if lvl not in first), reverse=True)
+
+
+class NotDelivered(ValueError):
+    """Raised by ``Ledger`` for an offset that is not out for delivery."""
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One message out with this process: its ``attempt``, lease
+    ``deadline`` (monotonic ns), and the claim it is under (``range_start``
+    of a range claim, or -1 for a single claim, whose schedule entry is
+    ``due``, 0 when it has none)."""
+    offset: int
+    attempt: int
+    deadline: int
+    range_start: int
+    due: int = 0
+    single: bool = False      # a single claim of its own exists (delivered from the schedule, or extended)
+
+
+@dataclass(slots=True)
+class Settlement:
+    """What one commit writes: acked deliveries, and failed ones with the
+    delay asked for (None: backoff) and the error text."""
+    acks: list[Delivery]
+    nacks: list[tuple[Delivery, float | None, str | None]]
+
+
+class Ledger:
+    """The messages one process has out for one group, and the acks and
+    nacks not yet committed.  Not thread-safe: the consumer locks around it.
+
+    An offset is *out* from ``deliver`` until ``ack``/``nack``/``forget``;
+    acking or nacking an offset that is not out raises NotDelivered (a
+    second ack of one delivery, or a message of another group)."""
+
+    def __init__(self) -> None:
+        self.out: dict[int, Delivery] = {}
+        self.ranges: dict[int, list[int]] = {}   # range claim start -> [end, offsets still out]
+        self.acks: list[Delivery] = []
+        self.nacks: list[tuple[Delivery, float | None, str | None]] = []
+
+    def add_range(self, start: int, end: int, count: int) -> None:
+        """A range claim over [start, end) holding ``count`` deliveries."""
+        self.ranges[start] = [end, count]
+
+    def deliver(self, d: Delivery) -> None:
+        self.out[d.offset] = d
+
+    def _take(self, offset: int) -> Delivery:
+        d = self.out.pop(offset, None)
+        if d is None:
+            raise NotDelivered(f"offset {offset} is not out for delivery to this group "
+                               "(already acked or nacked, or never delivered here)")
+        return d
+
+    def ack(self, offset: int) -> None:
+        self.acks.append(self._take(offset))
+
+    def nack(self, offset: int, delay: float | None, error: str | None) -> None:
+        self.nacks.append((self._take(offset), delay, error))
+
+    def extend(self, offset: int, deadline: int) -> Delivery:
+        """Give ``offset`` its own lease until ``deadline``; the caller
+        stores the single claim."""
+        d = self.out.get(offset)
+        if d is None:
+            raise NotDelivered(f"offset {offset} is not out for delivery to this group")
+        d.deadline = max(d.deadline, deadline)
+        d.single = True
+        return d
+
+    def forget(self, offset: int) -> Delivery | None:
+        """Drop an offset without settling it (its lease was lost)."""
+        return self.out.pop(offset, None)
+
+    def pending(self) -> int:
+        return len(self.acks) + len(self.nacks)
+
+    def take(self) -> Settlement:
+        """Hand the uncommitted acks and nacks to a commit: ``settled``
+        once it is durable, ``restore`` if it failed."""
+        s = Settlement(self.acks, self.nacks)
+        self.acks, self.nacks = [], []
+        return s
+
+    def restore(self, s: Settlement) -> None:
+        self.acks[:0] = s.acks
+        self.nacks[:0] = s.nacks
+
+    def settled(self, s: Settlement) -> list[int]:
+        """Record that ``s`` is durable; the range claims with nothing left
+        out (the caller deletes them)."""
+        done = []
+        for d in [*s.acks, *(n[0] for n in s.nacks)]:
+            r = self.ranges.get(d.range_start)
+            if r is not None:
+                r[1] -= 1
+                if r[1] <= 0:
+                    done.append(d.range_start)
+                    del self.ranges[d.range_start]
+        return done
+
+    def expired(self, now: int) -> list[Delivery]:
+        """Deliveries whose lease has run out (another consumer may have
+        them now)."""
+        return [d for d in self.out.values() if d.deadline <= now]
