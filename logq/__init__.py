@@ -9,15 +9,17 @@ See README.md for the durability table and docs/ for the on-disk format.
 """
 
 from logq._codec import native_enabled
-from logq._errors import (CorruptionError, DiskFullError, FormatVersionError, LogqError,
-                          MessageTooLargeError, NotAQueueError, OffsetError, QueueClosedError,
-                          QueueFullError, RecordLostError)
-from logq._queue import FSYNC_POLICIES, Options, Queue, open
+from logq._errors import (CorruptionError, DiskFullError, Empty, FormatVersionError, LogqError,
+                          MessageTooLargeError, NotAQueueError, NotDeliveredError, OffsetError,
+                          QueueClosedError, QueueFullError, RecordLostError)
+from logq._queue import FSYNC_POLICIES, MAX_PRIORITY, ON_FULL, Options, Queue, open
+from logq._consumer import Consumer, DeadLetter, GroupOptions, Message
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "open", "Queue", "Options", "FSYNC_POLICIES", "native_enabled",
-    "LogqError", "CorruptionError", "RecordLostError", "FormatVersionError", "NotAQueueError",
+    "open", "Queue", "Options", "FSYNC_POLICIES", "ON_FULL", "MAX_PRIORITY", "native_enabled",
+    "Consumer", "GroupOptions", "Message", "DeadLetter",
+    "LogqError", "Empty", "NotDeliveredError", "CorruptionError", "RecordLostError", "FormatVersionError", "NotAQueueError",
     "OffsetError", "QueueClosedError", "QueueFullError", "DiskFullError", "MessageTooLargeError",
 ]

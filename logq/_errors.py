@@ -60,3 +60,13 @@ class DiskFullError(QueueFullError, OSError):
 
 class MessageTooLargeError(LogqError, ValueError):
     """A payload is larger than the queue's ``max_message_bytes``."""
+
+
+class NotDeliveredError(LogqError, ValueError):
+    """An ack, nack or extend names a message that is not out for delivery
+    to this consumer group: acked or nacked already, fetched by another
+    group, or not a message at all."""
+
+
+class Empty(LogqError, queue.Empty):
+    """``Consumer.get`` found no message within its timeout."""

@@ -377,6 +377,21 @@ class Index(_Env):
             return dropped
         return self.write(fn)
 
+    def group_rows(self) -> dict[str, tuple[tuple[int, ...], int, int, int]]:
+        """Per group: (its value, offsets settled above the watermark,
+        scheduled entries, dead letters)."""
+        def fn(txn: Any) -> dict[str, tuple[tuple[int, ...], int, int, int]]:
+            out = {}
+            for name, value in txn.cursor(db=self.groups):
+                p = bytes(name) + b"\0"
+                settled = sum(struct.unpack("<Q", v)[0] - int.from_bytes(k[-8:], "big")
+                              for k, v in _prefixed(txn.cursor(db=self.acks), p))
+                sched = sum(1 for _ in _prefixed(txn.cursor(db=self.pending), p))
+                dead = sum(1 for _ in _prefixed(txn.cursor(db=self.dead), p))
+                out[bytes(name).decode()] = (GROUP.unpack(value), settled, sched, dead)
+            return out
+        return self.read(fn)
+
     # -- idempotent producers -----------------------------------------------
     def dedup_find(self, key: bytes, since_ns: int) -> int | None:
         """The offset first put with ``key`` at or after ``since_ns``, or None."""
@@ -515,3 +530,25 @@ def _close_shared(env: Any) -> None:
             del _shared[env.key]
     env.env.close()
     os.close(env.fd)
+
+
+def in_flight(qdir: str, groups: Any) -> dict[str, int]:
+    """Per group, how many offsets live processes hold leased (claims in
+    the lease table; 0 without one).  Ranges may include offsets settled
+    but not yet freed: an upper bound between commits."""
+    if not os.path.exists(os.path.join(qdir, F.LEASES_DIR, "data.mdb")):
+        return {}
+    sc = open_scratch(qdir, may_reset=False)
+    try:
+        def fn(txn: Any) -> dict[str, int]:
+            out: dict[str, int] = {}
+            for name in groups:
+                p = name.encode() + b"\0"
+                n = 0
+                for k, v in _prefixed(txn.cursor(db=sc.claims), p):
+                    n += struct.unpack_from("<Q", v)[0] - int.from_bytes(k[-8:], "big")
+                out[name] = n
+            return out
+        return sc.read(fn)
+    finally:
+        sc.close()

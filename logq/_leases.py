@@ -22,6 +22,7 @@ import struct
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
+from logq._errors import NotDeliveredError
 from logq._retry import backoff_delay
 
 _CLAIM = struct.Struct("<QQqIq")    # end, owner, deadline ns (monotonic), attempt, due ns (0: none)
@@ -107,22 +108,27 @@ def level_order(heads: dict[int, int], now_ns: int, aging_ns: int) -> list[int]:
     return first + sorted((lvl for lvl in heads if lvl not in first), reverse=True)
 
 
-class NotDelivered(ValueError):
-    """Raised by ``Ledger`` for an offset that is not out for delivery."""
-
-
-@dataclass(slots=True)
 class Delivery:
-    """One message out with this process: its ``attempt``, lease
-    ``deadline`` (monotonic ns), and the claim it is under (``range_start``
-    of a range claim, or -1 for a single claim, whose schedule entry is
-    ``due``, 0 when it has none)."""
-    offset: int
-    attempt: int
-    deadline: int
-    range_start: int
-    due: int = 0
-    single: bool = False      # a single claim of its own exists (delivered from the schedule, or extended)
+    """One message out with this process: its ``attempt`` (1 on the first
+    delivery), lease ``deadline`` (monotonic ns), the range claim it was
+    delivered under (``range_start``, -1 for none), the schedule entry it
+    was delivered from (``due`` ns, 0 for none), and whether it has a
+    single claim of its own (``single``: delivered from the schedule, or
+    its lease extended on its own).  ``Message`` extends it."""
+
+    __slots__ = ("offset", "attempt", "deadline", "range_start", "due", "single")
+
+    def __init__(self, offset: int, attempt: int, deadline: int, range_start: int,
+                 due: int = 0, single: bool = False) -> None:
+        self.offset = offset
+        self.attempt = attempt
+        self.deadline = deadline
+        self.range_start = range_start
+        self.due = due
+        self.single = single
+
+    def __repr__(self) -> str:
+        return (f"<{type(self).__name__} offset={self.offset} attempt={self.attempt}>")
 
 
 @dataclass(slots=True)
@@ -151,35 +157,54 @@ class Ledger:
         """A range claim over [start, end) holding ``count`` deliveries."""
         self.ranges[start] = [end, count]
 
-    def deliver(self, d: Delivery) -> None:
-        self.out[d.offset] = d
+    def deliver(self, ds: Iterable[Delivery]) -> None:
+        for d in ds:
+            self.out[d.offset] = d
 
-    def _take(self, offset: int) -> Delivery:
-        d = self.out.pop(offset, None)
-        if d is None:
-            raise NotDelivered(f"offset {offset} is not out for delivery to this group "
-                               "(already acked or nacked, or never delivered here)")
+    def _take(self, d: Delivery) -> Delivery:
+        if self.out.get(d.offset) is not d:
+            raise NotDeliveredError(f"offset {d.offset} is not out for delivery to this group "
+                                    "(acked or nacked already, its lease was lost, or it was "
+                                    "delivered to another group)")
+        del self.out[d.offset]
         return d
 
-    def ack(self, offset: int) -> None:
-        self.acks.append(self._take(offset))
+    def ack(self, d: Delivery) -> None:
+        self.acks.append(self._take(d))
 
-    def nack(self, offset: int, delay: float | None, error: str | None) -> None:
-        self.nacks.append((self._take(offset), delay, error))
+    def ack_many(self, ds: Iterable[Delivery]) -> None:
+        """Ack all of ``ds``, or (if one is not out) none of them."""
+        out = self.out
+        ds = list(ds)
+        if len({d.offset for d in ds}) != len(ds) or any(out.get(d.offset) is not d for d in ds):
+            for d in ds:
+                self._take(d)       # raises for the first one that is not out
+            raise NotDeliveredError("the same message twice in one ack_many")
+        for d in ds:
+            del out[d.offset]
+        self.acks += ds
 
-    def extend(self, offset: int, deadline: int) -> Delivery:
-        """Give ``offset`` its own lease until ``deadline``; the caller
-        stores the single claim."""
-        d = self.out.get(offset)
-        if d is None:
-            raise NotDelivered(f"offset {offset} is not out for delivery to this group")
+    def nack(self, d: Delivery, delay: float | None, error: str | None) -> None:
+        self.nacks.append((self._take(d), delay, error))
+
+    def extend(self, d: Delivery, deadline: int) -> None:
+        """Give ``d`` its own lease until ``deadline`` (never shorter); the
+        caller stores the single claim."""
+        if self.out.get(d.offset) is not d:
+            raise NotDeliveredError(f"offset {d.offset} is not out for delivery to this group")
         d.deadline = max(d.deadline, deadline)
         d.single = True
-        return d
 
-    def forget(self, offset: int) -> Delivery | None:
-        """Drop an offset without settling it (its lease was lost)."""
-        return self.out.pop(offset, None)
+    def forget(self, d: Delivery) -> None:
+        """Drop ``d`` without settling it (its lease ran out, or the
+        consumer is closing): its claim is left to be reaped."""
+        if self.out.get(d.offset) is d:
+            del self.out[d.offset]
+            r = self.ranges.get(d.range_start)
+            if r is not None:
+                r[1] -= 1
+                if r[1] <= 0:
+                    del self.ranges[d.range_start]
 
     def pending(self) -> int:
         return len(self.acks) + len(self.nacks)

@@ -27,7 +27,8 @@ from logq import _codec as C
 from logq import _format as F
 from logq._errors import (LogqError, MessageTooLargeError, OffsetError, QueueClosedError,
                           QueueFullError, RecordLostError)
-from logq._index import RESERVE_BYTES, open_index, reset_scratch
+from logq._index import (G_ACKED, G_DEAD, G_DELIVERED, G_DROPPED, G_REDELIVERED, G_WATERMARK,
+                         RESERVE_BYTES, in_flight, open_index, reset_scratch)
 from logq._fsutil import fsync_dir
 from logq._log import Log, Recovery
 
@@ -160,6 +161,7 @@ class Queue:
         self._syncs = opts.fsync != "never"     # puts have fsync work to do
         self._max = opts.max_message_bytes
         self._close_hooks: list[Callable[[], None]] = []   # consumer groups commit at close
+        self._groups: dict[str, Any] = {}                  # consumer-group state (``_consumer``)
         lg = Log(self.path, segment_bytes=opts.segment_bytes)
         lg.before_roll = self._before_roll
         self._index = None
@@ -598,6 +600,23 @@ class Queue:
             at += n
         return seg, at
 
+    # -- consumer groups --------------------------------------------------------
+    # ``_consumer`` plugs its Consumer class in here: it is the layer above.
+    _consumer_class: Any = None
+
+    def consumer(self, group: str, **options: Any) -> Any:
+        """A consumer in the durable group ``group`` (created on first use).
+        Options (keyword-only): see ``logq.GroupOptions``."""
+        self._open_log()
+        return self._consumer_class(self, group, **options)
+
+    def _poke(self) -> None:
+        """Wake every process waiting for the queue to change (consumers
+        look again: something was scheduled or given back)."""
+        lg = self._log
+        if lg is not None:
+            C.wake(lg.ctl_h)
+
     # -- reading --------------------------------------------------------------
     def wait(self, offset: int, timeout: float | None = None) -> bool:
         """Block until the record at ``offset`` (or a later one) has been
@@ -736,20 +755,26 @@ class Queue:
         return self._open_log().queue_id
 
     def stats(self) -> dict[str, Any]:
-        """A snapshot of the queue's state and counters."""
+        """A snapshot of the queue's state and counters, with one entry per
+        consumer group under ``"groups"``.  Derived from the log and the
+        index (and, for what is in flight, the lease table), so it is right
+        after a crash too."""
         with self._lock:
             lg = self._open_log()
             first = lg.first()
+            tail = lg.tail()
             sizes = sum(os.path.getsize(os.path.join(self.path, F.segment_name(b))) for b in lg.bases)
             rec = self._recovery
-            return {
+            out = {
                 "path": self.path,
                 "queue_id": lg.queue_id,
                 "first_offset": first,
-                "next_offset": lg.tail(),
-                "messages": lg.tail() - first,
+                "next_offset": tail,
+                "messages": tail - first,
                 "segments": len(lg.bases),
                 "segment_bytes_on_disk": sizes,
+                "disk_bytes": self._disk_bytes(),
+                "max_bytes": self.options.max_bytes,
                 "fsync": self.options.fsync,
                 "fsyncs": self._fsyncs,
                 "durable_next_offset": self._durable_next,
@@ -759,6 +784,40 @@ class Queue:
                 "index_rebuilt": self._index_rebuilt,
                 "native": C.native_enabled(),
             }
+        out["groups"] = self._group_stats(tail)
+        return out
+
+    def _group_stats(self, tail: int) -> dict[str, dict[str, Any]]:
+        rows = self._index.group_rows()
+        if not rows:
+            return {}
+        flight = in_flight(self.path, rows)
+        now = time.time_ns()
+        out = {}
+        for name, (g, settled, scheduled, dead) in rows.items():
+            mark = g[G_WATERMARK]
+            backlog = max(0, tail - mark - settled)
+            age = 0.0
+            if backlog:
+                try:
+                    at, _p, ts, _a, _m = self._fetch(mark, 1, payloads=False)
+                    age = max(0.0, (now - ts[0]) / 1e9) if ts else 0.0
+                except OffsetError:
+                    pass
+            out[name] = {
+                "backlog": backlog,
+                "in_flight": flight.get(name, 0),
+                "scheduled": scheduled,
+                "delivered": g[G_DELIVERED],
+                "acked": g[G_ACKED],
+                "redelivered": g[G_REDELIVERED],
+                "dead_lettered": g[G_DEAD],
+                "dead_letters": dead,
+                "dropped": g[G_DROPPED],
+                "oldest_unacked_age": age,
+                "watermark": mark,
+            }
+        return out
 
     # -- lifecycle --------------------------------------------------------------
     def _open_log(self) -> Log:

@@ -1,0 +1,1003 @@
+"""Consumer groups: get, ack, nack, extend, commit; retries, dead letters,
+delays and priorities, over the queue, the index and the lease table.
+
+Where each piece of state lives, and why:
+
+* **durable** (``index/``, fsynced on commit): a group's watermark, settled
+  intervals above it, the schedule (retries and delayed messages, with
+  their attempt counts and last errors), dead letters, counters.  This is
+  what "acked and committed" means; it survives crashes and power cuts.
+* **volatile** (``leases/``, never fsynced): claims (which process holds
+  which offsets until when) and scan cursors.  Only live processes need
+  them; a claim whose owner died is reaped at once (each process holds a
+  flock on ``owners/<id>``; the kernel drops it when the process dies),
+  and after a reboot the table is deleted and delivery resumes from the
+  durable state.
+
+Commit order (``_Group.commit``): the durable transaction (acks, nacks,
+dead letters) first, then the volatile one that frees the claims.  A crash
+in between leaves claims whose offsets are settled; reaping skips them.
+
+Delivery guarantee: at least once.  A message acked and committed is never
+delivered to that group again; one delivered and not committed (acks are
+committed every ``commit_every`` acks or ``commit_interval`` seconds, or by
+``commit()``) is delivered again after a crash.  An ack that arrives after
+the message's lease ran out is still accepted, but the message may already
+have gone to another consumer.
+"""
+
+from __future__ import annotations
+
+import bisect
+import fcntl
+import logging
+import os
+import struct
+import threading
+import time
+from collections import deque
+from itertools import repeat
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from logq import _format as F
+from logq._errors import Empty, LogqError, NotDeliveredError, QueueClosedError, RecordLostError, OffsetError
+from logq._index import GROUP, G_ACKED, G_DEAD, G_DELIVERED, G_REDELIVERED, G_WATERMARK, open_scratch, _prefixed
+from logq._leases import Claim, Delivery, Ledger, after_failure, level_order, merge_settled, runs
+from logq._queue import MAX_PRIORITY, Queue
+
+log = logging.getLogger("logq")
+
+START = ("earliest", "latest")
+_MAX_NAME = 200
+_SCAN_CHUNK = 1024
+_IDLE_LOOK = 0.5        # a waiting get looks for reaped leases and other processes' nacks this often (s)
+_LATE_NS = 1_000_000_000  # an ack within this of its lease deadline checks for a redelivery
+_ERROR_MAX = 4096
+_DEAD = struct.Struct("<IQQI")   # attempts, dead-letter time ns, message timestamp ns, error length
+_SCHED = struct.Struct("<I")     # deliveries made so far; the last error follows
+_U64 = struct.Struct("<Q")
+_ALL = 255                       # the cursor of a group that has seen no priorities
+
+
+def _be(n: int) -> bytes:
+    return n.to_bytes(8, "big")
+
+
+@dataclass(frozen=True)
+class GroupOptions:
+    """A consumer group's options, with their defaults.  They belong to the
+    consumers of this process; the group's durable state does not record
+    them (``start`` applies only when the group is created)."""
+    visibility_timeout: float = 30.0   # a delivered message is leased for this long (s)
+    max_attempts: int = 5              # deliveries before a message goes to the dead letters
+    backoff_base: float = 1.0          # first retry within this many seconds...
+    backoff_max: float = 300.0         # ...doubling up to this cap, with full jitter
+    start: str = "earliest"            # a new group starts at the oldest message, or the end
+    commit_every: int = 1000           # commit acks after this many...
+    commit_interval: float = 1.0       # ...or this many seconds, whichever first
+    prefetch: int = 256                # most messages get() claims at once
+    priority_aging: float = 60.0       # a message waiting this long is served before priorities (s)
+
+    def __post_init__(self) -> None:
+        from logq._queue import _check_int, _check_seconds
+        _check_seconds("visibility_timeout", self.visibility_timeout)
+        _check_int("max_attempts", self.max_attempts, 1, 1 << 30)
+        _check_seconds("backoff_base", self.backoff_base)
+        _check_seconds("backoff_max", self.backoff_max)
+        _check_seconds("commit_interval", self.commit_interval)
+        _check_seconds("priority_aging", self.priority_aging)
+        _check_int("commit_every", self.commit_every, 1, 1 << 30)
+        _check_int("prefetch", self.prefetch, 1, 1 << 20)
+        if self.start not in START:
+            raise ValueError(f"start must be 'earliest' or 'latest', not {self.start!r}")
+
+
+class Message(Delivery):
+    """A delivered message: ``offset``, ``data`` (bytes), ``timestamp``
+    (when it was put, epoch seconds), ``attempt`` (1 on first delivery),
+    ``key`` and ``priority`` (as put).  Ack or nack it through the consumer
+    that delivered it."""
+
+    __slots__ = ("data", "ts_ns", "key", "priority", "_group")
+
+    def __init__(self, offset: int, data: bytes, ts_ns: int, attempt: int, deadline: int,
+                 range_start: int, group: "_Group", due: int = 0, key: bytes | None = None,
+                 priority: int = 0) -> None:
+        self.offset = offset
+        self.data = data
+        self.ts_ns = ts_ns
+        self.attempt = attempt
+        self.deadline = deadline
+        self.range_start = range_start
+        self.due = due
+        self.single = due != 0
+        self.key = key
+        self.priority = priority
+        self._group = group
+
+    @property
+    def timestamp(self) -> float:
+        return self.ts_ns / 1e9
+
+
+@dataclass(frozen=True)
+class DeadLetter:
+    """A message that used up its attempts: its original ``offset``,
+    ``data``, ``timestamp``, the ``attempts`` made, the last ``error`` text,
+    and when it was dead-lettered (``dead_at``, epoch seconds)."""
+    offset: int
+    data: bytes
+    timestamp: float
+    attempts: int
+    error: str
+    dead_at: float
+
+
+# -- owners: one per process and queue directory --------------------------------
+_owners: dict[str, tuple[int, int, int]] = {}   # realpath -> (pid, owner id, fd)
+_owners_lock = threading.Lock()
+
+
+def _owner_of(qdir: str) -> int:
+    """This process's owner id for ``qdir``: a random id whose file in
+    ``owners/`` this process holds an exclusive flock on until it dies."""
+    key = os.path.realpath(qdir)
+    with _owners_lock:
+        got = _owners.get(key)
+        if got is not None and got[0] == os.getpid():
+            return got[1]
+        d = os.path.join(qdir, F.OWNERS_DIR)
+        os.makedirs(d, exist_ok=True)
+        while True:
+            owner = int.from_bytes(os.urandom(8), "little") >> 1 or 1
+            path = os.path.join(d, f"{owner:016x}")
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            _owners[key] = (os.getpid(), owner, fd)
+            return owner
+
+
+def _owner_alive(qdir: str, owner: int) -> bool:
+    path = os.path.join(qdir, F.OWNERS_DIR, f"{owner:016x}")
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    try:
+        os.unlink(path)     # its holder is gone: nobody will ask again
+    except FileNotFoundError:
+        pass
+    return False
+
+
+def _after_fork_in_child() -> None:
+    # The child shares the parent's locked file descriptions: drop its copies
+    # (the parent's locks stay) so that the child takes an id of its own.
+    for _pid, _owner, fd in _owners.values():
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _owners.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def clear_owners(qdir: str) -> None:
+    """Remove the owner files of dead processes (any that is not locked)."""
+    d = os.path.join(qdir, F.OWNERS_DIR)
+    try:
+        names = os.listdir(d)
+    except FileNotFoundError:
+        return
+    for name in names:
+        try:
+            _owner_alive(qdir, int(name, 16))
+        except ValueError:
+            pass
+
+
+def _check_name(name: Any) -> bytes:
+    if not isinstance(name, str):
+        raise TypeError(f"a group name must be a str, not {type(name).__name__}")
+    raw = name.encode()
+    if not 0 < len(raw) <= _MAX_NAME or "\0" in name:
+        raise ValueError(f"a group name must be 1 to {_MAX_NAME} bytes of UTF-8 without NUL, "
+                         f"not {name!r}")
+    return raw
+
+
+class _Group:
+    """One consumer group as seen by one Queue object: the ledger of
+    messages out, the prefetch buffer, and the commit timer.  Consumer
+    objects of the same group on the same Queue share it (and so compete
+    for its messages)."""
+
+    def __init__(self, q: Queue, name: str, opts: GroupOptions) -> None:
+        self.q = q
+        self.name = name
+        self.prefix = _check_name(name) + b"\0"
+        self.opts = opts
+        self.idx = q._index
+        clear_owners(q.path)
+        self.scratch = open_scratch(q.path, may_reset=False)
+        self.owner = _owner_of(q.path)
+        self.lock = threading.Lock()          # ledger, buffer, counters
+        self.claiming = threading.Lock()      # one claim at a time per process
+        self.ledger = Ledger()
+        self.buffer: deque[Message] = deque()
+        self.delivered = 0                    # counted since the last commit
+        self.redelivered = 0
+        self.users = 0
+        self.closed = False
+        self.rate = 0.0                       # get() calls per second, smoothed
+        self._last_claim = time.monotonic()
+        self._gets = 0
+        self._vt_ns = int(opts.visibility_timeout * 1e9)
+        self._create(opts.start)
+        self._timer_wake = threading.Condition(self.lock)
+        self._timer = threading.Thread(target=self._commit_timer, daemon=True,
+                                       name=f"logq-commit-{name}")
+        self._timer.start()
+
+    def _create(self, start: str) -> None:
+        q = self.q
+        origin = q.first_offset if start == "earliest" else q.next_offset
+
+        def fn(txn: Any) -> None:
+            if txn.get(self.prefix[:-1], db=self.idx.groups) is None:
+                txn.put(self.prefix[:-1], GROUP.pack(origin, 0, 0, 0, 0, 0), db=self.idx.groups)
+        self.idx.write(fn)
+
+    # -- claiming ---------------------------------------------------------------
+    def claim(self, n: int) -> list[Message]:
+        """Lease up to ``n`` deliverable messages to this process: due
+        retries and delayed messages first, then new ones (by priority).
+        Reaps expired claims and those of dead processes on the way."""
+        with self.claiming:
+            if self.closed:
+                raise QueueClosedError(f"the consumer of group {self.name!r} is closed")
+            sc = self.scratch
+            while True:
+                try:
+                    with sc.env.begin(write=True) as vt:    # serialises claimers of every process
+                        return self._claim_in(vt, n)
+                except Exception as e:
+                    import lmdb
+                    if isinstance(e, lmdb.MapFullError):
+                        sc.env.set_mapsize(sc.env.info()["map_size"] * 2)
+                        continue
+                    if isinstance(e, lmdb.MapResizedError):
+                        sc.env.set_mapsize(0)
+                        continue
+                    raise
+
+    def _claim_in(self, vt: Any, n: int) -> list[Message]:
+        sc, idx, p = self.scratch, self.idx, self.prefix
+        now, wall = time.monotonic_ns(), time.time_ns()
+        deadline = now + self._vt_ns
+        self._reap(vt, now, wall)
+        g = GROUP.unpack(idx.get(p[:-1], idx.groups))
+        mark = g[G_WATERMARK]
+        out: list[Message] = []
+        # 1. the schedule: retries and delayed messages that are due
+        due = self._due(vt, wall, n)
+        for due_ns, off, attempts in due:
+            m = self._load_one(off, attempts + 1, deadline, due_ns)
+            if m is None:
+                continue
+            vt.put(p + b"S" + _be(off), Claim(off, off + 1, self.owner, deadline, m.attempt, due_ns).pack(),
+                   db=sc.claims)
+            out.append(m)
+        # 2. new messages, from the cursors
+        if len(out) < n:
+            out += self._fresh(vt, n - len(out), mark, wall, deadline)
+        with self.lock:
+            self.ledger.deliver(out)
+            for m in out:
+                if m.attempt > 1:
+                    self.redelivered += 1
+            self.delivered += len(out)
+        return out
+
+    def _reap(self, vt: Any, now: int, wall: int) -> None:
+        """Give back the claims that expired or whose owner died: each of
+        their unsettled offsets is scheduled again (an expired lease with
+        backoff; a dead owner's at once), or dead-lettered if it used its
+        attempts."""
+        sc, p = self.scratch, self.prefix
+        alive: dict[int, bool] = {self.owner: True}
+        doomed: list[tuple[bytes, Claim, bool]] = []
+        for k, v in _prefixed(vt.cursor(db=sc.claims), p):
+            kind, start = k[len(p):len(p) + 1], int.from_bytes(k[-8:], "big")
+            c = Claim.unpack(start, v)
+            if c.owner not in alive:
+                alive[c.owner] = _owner_alive(self.q.path, c.owner)
+            if not alive[c.owner] or c.deadline <= now:
+                doomed.append((k, c, alive[c.owner]))
+        if not doomed:
+            return
+        singles = {int.from_bytes(k[-8:], "big") for k, _ in _prefixed(vt.cursor(db=sc.claims), p + b"S")}
+        reaped: list[tuple[int, int, int, bool]] = []    # (offset, attempt, due, expired)
+        for k, c, owner_alive in doomed:
+            if k[len(p):len(p) + 1] == b"S":
+                reaped.append((c.start, c.attempt, c.due, owner_alive))
+            else:
+                reaped += [(o, c.attempt, 0, owner_alive) for o in range(c.start, c.end)
+                           if o not in singles]
+        self._fail(reaped, wall, "lease expired", None)
+        for k, c, _ in doomed:
+            vt.delete(k, db=sc.claims)
+        n_expired = sum(1 for *_, e in reaped if e)
+        log.info("queue %s group %r: %d lease(s) reaped (%d expired, %d of dead processes)",
+                 self.q.path, self.name, len(doomed), n_expired, len(reaped) - n_expired)
+
+    def _fail(self, items: list[tuple[int, int, int, bool]], wall: int, default_error: str,
+              delays: dict[int, tuple[float | None, str | None]] | None) -> None:
+        """Schedule or dead-letter failed deliveries (offset, attempt, the
+        due of the schedule entry it came from or 0, whether to back off) in
+        one durable transaction.  Offsets already settled are skipped; an
+        offset with a schedule entry made since keeps it."""
+        if not items:
+            return
+        idx, p, o = self.idx, self.prefix, self.opts
+        dead: list[tuple[int, int, str]] = []
+
+        def fn(txn: Any) -> None:
+            g = list(GROUP.unpack(txn.get(p[:-1], db=idx.groups)))
+            for off, attempt, from_due, backoff in items:
+                if _is_settled(txn, idx, p, g[G_WATERMARK], off):
+                    continue
+                pend = txn.get(p + _be(off), db=idx.pending)
+                if pend is not None and int.from_bytes(pend, "big") != from_due:
+                    continue    # nacked and scheduled since: that entry rules
+                delay, error = (delays or {}).get(off, (None, None))
+                error = error if error is not None else default_error
+                if delay is None and not backoff:
+                    delay = 0.0
+                after = after_failure(attempt, max_attempts=o.max_attempts, backoff_base=o.backoff_base,
+                                      backoff_max=o.backoff_max, delay=delay)
+                if pend is not None:
+                    txn.delete(p + pend + _be(off), db=idx.sched)
+                if after is None:
+                    txn.delete(p + _be(off), db=idx.pending)
+                    dead.append((off, attempt, error))
+                    continue
+                due = wall + int(after * 1e9)
+                txn.put(p + _be(due) + _be(off), _SCHED.pack(attempt) + error.encode()[:_ERROR_MAX],
+                        db=idx.sched)
+                txn.put(p + _be(off), _be(due), db=idx.pending)
+            if dead:
+                self._bury(txn, g, dead, wall)
+            txn.put(p[:-1], GROUP.pack(*g), db=idx.groups)
+        dead.clear()
+        idx.write(fn)
+        for off, attempt, error in dead:
+            log.warning("queue %s group %r: message %d dead-lettered after %d attempt(s): %s",
+                        self.q.path, self.name, off, attempt, error)
+
+    def _bury(self, txn: Any, g: list[int], dead: list[tuple[int, int, str]], wall: int) -> None:
+        """Move messages to the dead letters (with a copy of each payload)
+        and settle them."""
+        idx, p = self.idx, self.prefix
+        for off, attempt, error in dead:
+            try:
+                at, payloads, ts, _attrs, _m = self.q._fetch(off, 1)
+            except OffsetError:
+                at, payloads, ts = -1, [], []
+            if at != off or not payloads:
+                continue    # the record is gone (dropped, or lost to damage): nothing to keep
+            err = error.encode()[:_ERROR_MAX]
+            txn.put(p + _be(off), _DEAD.pack(attempt, wall, ts[0], len(err)) + err + payloads[0],
+                    db=idx.dead)
+            g[G_DEAD] += 1
+        _settle(txn, idx, p, g, [(off, off + 1) for off, _a, _e in dead])
+
+    def _due(self, vt: Any, wall: int, n: int) -> list[tuple[int, int, int]]:
+        """Up to ``n`` schedule entries due by ``wall`` that no live
+        process holds: (due, offset, deliveries so far)."""
+        idx, p, sc = self.idx, self.prefix, self.scratch
+        out = []
+
+        def fn(txn: Any) -> None:
+            for k, v in _prefixed(txn.cursor(db=idx.sched), p):
+                due = int.from_bytes(k[-16:-8], "big")
+                if due > wall or len(out) >= n:
+                    return
+                off = int.from_bytes(k[-8:], "big")
+                if vt.get(p + b"S" + _be(off), db=sc.claims) is None:
+                    out.append((due, off, _SCHED.unpack_from(v)[0]))
+        idx.read(fn)
+        return out
+
+    def next_due(self) -> int | None:
+        """The earliest schedule time (wall ns), or None."""
+        def fn(txn: Any) -> int | None:
+            for k, _ in _prefixed(txn.cursor(db=self.idx.sched), self.prefix):
+                return int.from_bytes(k[-16:-8], "big")
+            return None
+        return self.idx.read(fn)
+
+    def _load_one(self, off: int, attempt: int, deadline: int, due: int) -> Message | None:
+        try:
+            at, payloads, ts, attrs, metas = self.q._fetch(off, 1)
+        except OffsetError:
+            at, payloads = -1, []
+        if at != off or not payloads:
+            # Dropped (max_bytes) or lost to damage since it was scheduled.
+            self._forget_scheduled(off, due)
+            return None
+        _deliver_at, key = F.decode_meta(attrs[0] >> 24, metas[0]) if 0 in metas else (None, None)
+        return Message(off, payloads[0], ts[0], attempt, deadline, -1, self, due, key,
+                       (attrs[0] >> 16) & 0xFF)
+
+    def _forget_scheduled(self, off: int, due: int) -> None:
+        idx, p = self.idx, self.prefix
+
+        def fn(txn: Any) -> None:
+            txn.delete(p + _be(due) + _be(off), db=idx.sched)
+            txn.delete(p + _be(off), db=idx.pending)
+            g = list(GROUP.unpack(txn.get(p[:-1], db=idx.groups)))
+            _settle(txn, idx, p, g, [(off, off + 1)])
+            txn.put(p[:-1], GROUP.pack(*g), db=idx.groups)
+        idx.write(fn)
+        log.warning("queue %s group %r: scheduled message %d is no longer in the log",
+                    self.q.path, self.name, off)
+
+    # -- new messages -------------------------------------------------------------
+    def _fresh(self, vt: Any, n: int, mark: int, wall: int, deadline: int) -> list[Message]:
+        """Up to ``n`` messages never delivered to this group, from its
+        cursor; once a record with a priority has been seen, from one cursor
+        per level, higher levels first (aged ones before them)."""
+        sc, p = self.scratch, self.prefix
+        tail = self.q.next_offset
+        cursors = {k[-1]: _U64.unpack(v)[0] for k, v in _prefixed(vt.cursor(db=sc.cursors), p)}
+        if not cursors:
+            cursors = {_ALL: mark}
+        for lvl, c in cursors.items():
+            if c > tail or c < mark:
+                cursors[lvl] = mark     # the log was cut below it, or the group moved past it
+        skip = _Skips(self.idx, p, min(cursors.values()), tail)
+        delayed: list[tuple[int, int]] = []
+        picks: dict[int, list[_Pick]] = {}
+        resume: dict[int, int] = {}
+        order: list[int] = []
+        if _ALL in cursors:
+            picks[_ALL], resume[_ALL], prio_at = self._scan(_ALL, cursors[_ALL], tail, n, wall,
+                                                            skip, delayed)
+            order.append(_ALL)
+            if prio_at is not None:
+                # The first priority: from here on, one cursor per level.
+                vt.delete(p + bytes([_ALL]), db=sc.cursors)
+                cursors = {lvl: prio_at for lvl in range(MAX_PRIORITY + 1)}
+        if _ALL not in cursors:
+            left = n - len(picks.get(_ALL, ()))
+            for lvl in range(MAX_PRIORITY + 1):
+                picks[lvl], resume[lvl], _ = self._scan(lvl, cursors[lvl], tail, left, wall,
+                                                        skip, delayed)
+            heads = {lvl: ps[0][2] for lvl, ps in picks.items() if lvl != _ALL and ps}
+            order += level_order(heads, wall, int(self.opts.priority_aging * 1e9))
+            order += [lvl for lvl in range(MAX_PRIORITY + 1) if lvl not in order]
+        if delayed:
+            self._schedule_delayed(delayed)
+        out: list[Message] = []
+        for lvl in order:
+            ps = picks[lvl]
+            take = min(n - len(out), len(ps))
+            if lvl in cursors:
+                # Past what was taken; past the whole scan if all of it was.
+                cursors[lvl] = ps[take][0] if take < len(ps) else resume[lvl]
+            out += self._lease_run(vt, ps[:take], deadline)
+        for lvl, c in cursors.items():
+            vt.put(p + bytes([lvl]), _U64.pack(c), db=sc.cursors)
+        return out
+
+    def _scan(self, lvl: int, start: int, stop: int, n: int, wall: int, skip: "_Skips",
+              delayed: list[tuple[int, int]]) -> tuple[list["_Pick"], int, int | None]:
+        """Scan [start, stop) for up to ``n`` deliverable records of
+        priority ``lvl`` (of any, for _ALL).  Returns the picks, the offset
+        to resume the scan at once all of them are taken, and (for _ALL)
+        the offset of the first record with a priority, where it stops.
+        Delayed records not yet due go to ``delayed`` instead."""
+        picks: list[_Pick] = []
+        off = start
+        while off < stop and len(picks) < n:
+            at, payloads, ts, attrs, metas = self.q._fetch(off, min(_SCAN_CHUNK, stop - off))
+            if not attrs:
+                break
+            if lvl == _ALL and not skip and max(attrs) & 0xFF_FFFF == 0:
+                # The common case: no meta, no priority, nothing to skip.
+                take = min(n - len(picks), len(attrs))
+                picks += zip(range(at, at + take), payloads, ts, repeat(0, take), repeat(None, take))
+                off = at + take
+                continue
+            off = at + len(attrs)
+            for i, a in enumerate(attrs):
+                o = at + i
+                if len(picks) >= n:
+                    off = o
+                    break
+                prio = (a >> 16) & 0xFF
+                if lvl == _ALL and prio:
+                    return picks, o, o
+                if (lvl != _ALL and prio != lvl) or o in skip:
+                    continue
+                key = None
+                if a & 0xFFFF:
+                    due, key = F.decode_meta(a >> 24, metas[i])
+                    if due is not None and due > wall:
+                        delayed.append((due, o))
+                        continue
+                picks.append((o, payloads[i], ts[i], prio, key))
+        return picks, off, None
+
+    def _schedule_delayed(self, delayed: list[tuple[int, int]]) -> None:
+        idx, p = self.idx, self.prefix
+
+        def fn(txn: Any) -> None:
+            for due, off in delayed:
+                if txn.get(p + _be(off), db=idx.pending) is None:
+                    txn.put(p + _be(due) + _be(off), _SCHED.pack(0), db=idx.sched)
+                    txn.put(p + _be(off), _be(due), db=idx.pending)
+        idx.write(fn)
+
+    def _lease_run(self, vt: Any, picks: list["_Pick"], deadline: int) -> list[Message]:
+        """Range claims over runs of consecutive picks; their messages."""
+        out: list[Message] = []
+        i = 0
+        sc, p = self.scratch, self.prefix
+        while i < len(picks):
+            j = i + 1
+            while j < len(picks) and picks[j][0] == picks[j - 1][0] + 1:
+                j += 1
+            start, end = picks[i][0], picks[j - 1][0] + 1
+            vt.put(p + b"R" + _be(start), Claim(start, end, self.owner, deadline, 1).pack(), db=sc.claims)
+            self.ledger.add_range(start, end, j - i)
+            out += [Message(o, d, t, 1, deadline, start, self, 0, k, pr) for o, d, t, pr, k in picks[i:j]]
+            i = j
+        return out
+
+    # -- settling -----------------------------------------------------------------
+    def commit(self) -> None:
+        """Make every ack and nack so far durable (one transaction)."""
+        with self.lock:
+            s = self.ledger.take()
+            delivered, redelivered = self.delivered, self.redelivered
+            self.delivered = self.redelivered = 0
+        if not s.acks and not s.nacks and not delivered:
+            return
+        idx, p, sc = self.idx, self.prefix, self.scratch
+        now, wall = time.monotonic_ns(), time.time_ns()
+        try:
+            def fn(txn: Any) -> None:
+                g = list(GROUP.unpack(txn.get(p[:-1], db=idx.groups)))
+                g[G_DELIVERED] += delivered
+                g[G_REDELIVERED] += redelivered
+                g[G_ACKED] += len(s.acks)
+                for d in s.acks:
+                    if d.due or d.single or now > d.deadline - _LATE_NS:
+                        # It may have a schedule entry: delivered from one, or
+                        # reaped (and scheduled again) after its lease ran out.
+                        pend = txn.get(p + _be(d.offset), db=idx.pending)
+                        if pend is not None:
+                            txn.delete(p + pend + _be(d.offset), db=idx.sched)
+                            txn.delete(p + _be(d.offset), db=idx.pending)
+                _settle(txn, idx, p, g, runs(d.offset for d in s.acks))
+                txn.put(p[:-1], GROUP.pack(*g), db=idx.groups)
+            if s.acks or delivered:
+                idx.write(fn)
+            if s.nacks:
+                self._fail([(d.offset, d.attempt, d.due, True) for d, _dl, _e in s.nacks], wall,
+                           "nacked", {d.offset: (dl, e) for d, dl, e in s.nacks})
+        except BaseException:
+            with self.lock:
+                self.ledger.restore(s)
+                self.delivered += delivered
+                self.redelivered += redelivered
+            raise
+        with self.lock:
+            done = self.ledger.settled(s)
+        self._free_claims(done, [d.offset for d in s.acks if d.single] +
+                          [d.offset for d, _dl, _e in s.nacks if d.single])
+        if s.nacks:
+            self.q._poke()
+
+    def _free_claims(self, ranges: list[int], singles: list[int]) -> None:
+        """Delete claims whose messages are all settled or given back.  (A
+        range claim never hides a schedule entry: a message nacked out of a
+        live range is delivered from the schedule, and reaping the range
+        skips it.)"""
+        if not ranges and not singles:
+            return
+        sc, p = self.scratch, self.prefix
+        with sc.env.begin(write=True) as vt:
+            for start in ranges:
+                vt.delete(p + b"R" + _be(start), db=sc.claims)
+            for off in singles:
+                vt.delete(p + b"S" + _be(off), db=sc.claims)
+
+    def extend(self, m: Message, seconds: float) -> None:
+        from logq._queue import _check_seconds
+        _check_seconds("seconds", seconds)
+        deadline = time.monotonic_ns() + int(seconds * 1e9)
+        with self.lock:
+            self.ledger.extend(m, deadline)
+        sc, p = self.scratch, self.prefix
+        with sc.env.begin(write=True) as vt:
+            vt.put(p + b"S" + _be(m.offset), Claim(m.offset, m.offset + 1, self.owner, m.deadline,
+                                                   m.attempt, m.due).pack(), db=sc.claims)
+
+    def release(self) -> None:
+        """Give back what this process holds: buffered messages not handed
+        out yet (no attempt counted: they are scheduled at once as they
+        were) and messages out and not settled (a failed attempt: delivered
+        again at once, or dead-lettered)."""
+        with self.lock:
+            buffered = list(self.buffer)
+            self.buffer.clear()
+            out = list(self.ledger.out.values())
+            ranges = set(self.ledger.ranges) | {m.range_start for m in out if m.range_start >= 0}
+            for m in out:
+                self.ledger.forget(m)
+        if not out:
+            return
+        held = {id(m) for m in buffered}
+        wall = time.time_ns()
+        self._fail([(m.offset, m.attempt, m.due, False) for m in out if id(m) not in held], wall,
+                   "its consumer closed before settling it", None)
+        unseen = [m.offset for m in buffered if not m.due]   # (the others keep their schedule entry)
+        if unseen:
+            idx, p = self.idx, self.prefix
+
+            def fn(txn: Any) -> None:
+                for off in unseen:
+                    if txn.get(p + _be(off), db=idx.pending) is None:
+                        txn.put(p + _be(wall) + _be(off), _SCHED.pack(0), db=idx.sched)
+                        txn.put(p + _be(off), _be(wall), db=idx.pending)
+            idx.write(fn)
+        self._free_claims(sorted(ranges), [m.offset for m in out if m.single])
+        self.q._poke()
+
+    def _commit_timer(self) -> None:
+        while True:
+            with self.lock:
+                self._timer_wake.wait(self.opts.commit_interval)
+                if self.closed:
+                    return
+                pending = self.ledger.pending() or self.delivered
+            if pending:
+                try:
+                    self.commit()
+                except QueueClosedError:
+                    return
+                except Exception:
+                    log.exception("queue %s group %r: a timed commit failed", self.q.path, self.name)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self.commit()
+            self.release()
+        finally:
+            with self.lock:
+                self.closed = True
+                self._timer_wake.notify_all()
+            if self._timer is not threading.current_thread():
+                self._timer.join()
+            self.scratch.close()
+
+
+_Pick = tuple  # (offset, payload, ts ns, priority, key)
+
+
+def _intervals(txn: Any, idx: Any, p: bytes, lo: int) -> Iterator[tuple[bytes, int, int]]:
+    """(key, start, end) of the group's settled intervals that end after
+    ``lo``, in order."""
+    cur = txn.cursor(db=idx.acks)
+    if cur.set_range(p + _be(lo)):
+        if not cur.prev():
+            cur.first()
+        elif bytes(cur.key()[:len(p)]) != p:
+            cur.next()      # the interval before belongs to another group
+    elif not cur.last():
+        return
+    while True:
+        k = bytes(cur.key())
+        if k[:len(p)] == p:
+            a, b = int.from_bytes(k[-8:], "big"), _U64.unpack(cur.value())[0]
+            if b > lo:
+                yield k, a, b
+        elif k > p:
+            return
+        if not cur.next():
+            return
+
+
+class _Skips:
+    """Offsets in [lo, hi) already settled or scheduled: none unless the
+    cursors were lost (after a reboot) or a group moved."""
+
+    def __init__(self, idx: Any, p: bytes, lo: int, hi: int) -> None:
+        def fn(txn: Any) -> tuple[list[tuple[int, int]], set[int]]:
+            spans = []
+            for _k, a, b in _intervals(txn, idx, p, lo):
+                if a >= hi:
+                    break
+                spans.append((a, b))
+            sched = set()
+            cur = txn.cursor(db=idx.pending)
+            if cur.set_range(p + _be(lo)):
+                for k in cur.iternext(values=False):
+                    if bytes(k[:len(p)]) != p or int.from_bytes(k[-8:], "big") >= hi:
+                        break
+                    sched.add(int.from_bytes(k[-8:], "big"))
+            return spans, sched
+        self.spans, self.sched = idx.read(fn)
+        self.starts = [a for a, _ in self.spans]
+
+    def __bool__(self) -> bool:
+        return bool(self.spans or self.sched)
+
+    def __contains__(self, o: int) -> bool:
+        if o in self.sched:
+            return True
+        i = bisect.bisect_right(self.starts, o) - 1
+        return i >= 0 and o < self.spans[i][1]
+
+
+def _is_settled(txn: Any, idx: Any, p: bytes, mark: int, off: int) -> bool:
+    if off < mark:
+        return True
+    for _k, a, b in _intervals(txn, idx, p, off):
+        return a <= off < b
+    return False
+
+
+def _settle(txn: Any, idx: Any, p: bytes, g: list[int], new: list[tuple[int, int]]) -> None:
+    """Add runs to the group's settled set in ``txn``; ``g`` (its value) is
+    updated in place: the watermark moves over what touches it."""
+    if not new:
+        return
+    lo, hi = new[0][0], new[-1][1]
+    near, keys = [], []
+    for k, a, b in _intervals(txn, idx, p, max(lo - 1, 0)):
+        if a > hi:
+            break
+        near.append((a, b))
+        keys.append(k)
+    mark, merged = merge_settled(g[G_WATERMARK], near, new)
+    for k in keys:
+        txn.delete(k, db=idx.acks)
+    for a, b in merged:
+        txn.put(p + _be(a), _U64.pack(b), db=idx.acks)
+    g[G_WATERMARK] = mark
+
+
+class Consumer:
+    """A consumer in a group: ``get``/``get_many``/iteration, ``ack``,
+    ``nack``, ``extend``, ``commit``.  Thread-safe; consumers of one group
+    (threads, or processes with the queue open) compete for its messages,
+    each message leased to one at a time.  Create with ``Queue.consumer``."""
+
+    def __init__(self, q: Queue, group: str, **options: Any) -> None:
+        self.queue = q
+        self.group = group
+        self.options = GroupOptions(**options)
+        g = q._groups.get(group)
+        if g is None or g.closed:
+            g = q._groups[group] = _Group(q, group, self.options)
+            q._close_hooks.append(g.close)
+        g.users += 1
+        self._g = g
+        self._closed = False
+
+    # -- delivery -------------------------------------------------------------------
+    def get(self, timeout: float | None = None) -> Message:
+        """The next message, leased for ``visibility_timeout``.  Blocks up to
+        ``timeout`` seconds (None: until one comes); raises logq.Empty then."""
+        msgs = self._get(1, timeout, True)
+        if not msgs:
+            raise Empty(f"no message for group {self.group!r} within {timeout}s")
+        return msgs[0]
+
+    def get_many(self, max_messages: int, timeout: float | None = 0.0) -> list[Message]:
+        """Up to ``max_messages`` messages (at least one unless ``timeout``
+        seconds pass first: then []).  ``timeout=None`` waits for one."""
+        if isinstance(max_messages, bool) or not isinstance(max_messages, int) or max_messages < 1:
+            raise ValueError(f"max_messages must be a positive int, not {max_messages!r}")
+        return self._get(max_messages, timeout, False)
+
+    def __iter__(self) -> Iterator[Message]:
+        while True:
+            yield self.get()
+
+    def _get(self, n: int, timeout: float | None, single: bool) -> list[Message]:
+        g = self._g
+        if self._closed:
+            raise QueueClosedError(f"consumer of group {self.group!r} is closed")
+        limit = None if timeout is None else time.monotonic() + timeout
+        while True:
+            out: list[Message] = []
+            with g.lock:
+                while g.buffer and len(out) < n:
+                    m = g.buffer.popleft()
+                    if m.deadline > time.monotonic_ns():
+                        out.append(m)
+                    else:
+                        g.ledger.forget(m)      # expired while buffered: left to the reaper
+                if single:
+                    g._gets += 1
+            if out:
+                return out
+            tail = self.queue.next_offset
+            want = n
+            if single:
+                now = time.monotonic()
+                span = max(now - g._last_claim, 1e-6)
+                g.rate = 0.7 * g.rate + 0.3 * (g._gets / span)
+                g._gets, g._last_claim = 0, now
+                want = max(1, min(self.options.prefetch,
+                                  int(g.rate * self.options.visibility_timeout / 8)))
+            got = g.claim(want)
+            if got:
+                if len(got) > n:
+                    with g.lock:
+                        g.buffer.extend(got[n:])
+                return got[:n]
+            # Nothing: sleep until a put, a due time, or a look around.
+            now = time.monotonic()
+            if limit is not None and now >= limit:
+                return []
+            sleep = _IDLE_LOOK
+            due = g.next_due()
+            if due is not None:
+                sleep = min(sleep, max(0.0, (due - time.time_ns()) / 1e9))
+            if limit is not None:
+                sleep = min(sleep, limit - now)
+            self.queue.wait(tail, sleep)
+
+    # -- settling -------------------------------------------------------------------
+    def _own(self, m: Any) -> Message:
+        if m is None:
+            raise NotDeliveredError("ack/nack/extend of None: pass the Message that get() returned")
+        if not isinstance(m, Message):
+            raise NotDeliveredError(f"ack/nack/extend needs a logq Message, not {type(m).__name__}")
+        if m._group is not self._g:
+            raise NotDeliveredError(f"message {m.offset} was not delivered to this consumer's group "
+                                    f"{self.group!r} on this queue")
+        if self._closed or self._g.closed:
+            raise QueueClosedError(f"consumer of group {self.group!r} is closed")
+        return m
+
+    def ack(self, m: Message) -> None:
+        """Settle ``m``: never delivered to this group again once committed."""
+        self._own(m)
+        g = self._g
+        with g.lock:
+            g.ledger.ack(m)
+            full = g.ledger.pending() >= self.options.commit_every
+        if full:
+            g.commit()
+
+    def ack_many(self, ms: list[Message]) -> None:
+        """Ack every message in ``ms`` (all or, on an error, none)."""
+        ms = list(ms)
+        for m in ms:
+            self._own(m)
+        g = self._g
+        with g.lock:
+            g.ledger.ack_many(ms)
+            full = g.ledger.pending() >= self.options.commit_every
+        if full:
+            g.commit()
+
+    def nack(self, m: Message, delay: float | None = None, error: str | None = None) -> None:
+        """Delivery of ``m`` failed: redeliver it after ``delay`` seconds, or
+        with exponential backoff and full jitter when None; after
+        ``max_attempts`` deliveries it goes to the dead letters with
+        ``error`` (text) as the reason."""
+        self._own(m)
+        if delay is not None:
+            from logq._queue import _check_number
+            _check_number("delay", delay)
+        if error is not None and not isinstance(error, str):
+            error = repr(error)
+        g = self._g
+        with g.lock:
+            g.ledger.nack(m, delay, error)
+            full = g.ledger.pending() >= self.options.commit_every
+        if full:
+            g.commit()
+
+    def extend(self, m: Message, seconds: float) -> None:
+        """Keep ``m`` leased for at least ``seconds`` from now."""
+        self._own(m)
+        self._g.extend(m, seconds)
+
+    def commit(self) -> None:
+        """Return once every ack and nack made so far (by any consumer of
+        this group on this queue object) is durable."""
+        if self._closed:
+            raise QueueClosedError(f"consumer of group {self.group!r} is closed")
+        self._g.commit()
+
+    # -- dead letters -----------------------------------------------------------------
+    def dead_letters(self, limit: int | None = None) -> list[DeadLetter]:
+        """The group's dead letters, oldest offset first."""
+        g = self._g
+
+        def fn(txn: Any) -> list[DeadLetter]:
+            out = []
+            for k, v in _prefixed(txn.cursor(db=g.idx.dead), g.prefix):
+                attempts, dead_at, ts, elen = _DEAD.unpack_from(v)
+                body = v[_DEAD.size:]
+                out.append(DeadLetter(int.from_bytes(k[-8:], "big"), bytes(body[elen:]), ts / 1e9,
+                                      attempts, bytes(body[:elen]).decode(errors="replace"), dead_at / 1e9))
+                if limit is not None and len(out) >= limit:
+                    break
+            return out
+        return g.idx.read(fn)
+
+    def replay(self, offsets: list[int] | None = None) -> list[int]:
+        """Put dead letters (all, or those at ``offsets``) back into the queue
+        as new messages, with their priority, and remove them from the dead
+        letters; their new offsets.  Every group sees the new messages."""
+        return self._take_dead(offsets, replay=True)
+
+    def purge(self, offsets: list[int] | None = None) -> int:
+        """Delete dead letters (all, or those at ``offsets``); how many."""
+        return len(self._take_dead(offsets, replay=False))
+
+    def _take_dead(self, offsets: list[int] | None, replay: bool) -> list[int]:
+        g = self._g
+        letters = self.dead_letters()
+        if offsets is not None:
+            want = set(offsets)
+            letters = [d for d in letters if d.offset in want]
+        new: list[int] = []
+        for d in letters:
+            if replay:
+                new.append(self.queue.put(d.data))
+            g.idx.write(lambda txn, d=d: txn.delete(g.prefix + _be(d.offset), db=g.idx.dead))
+        return new if replay else [d.offset for d in letters]
+
+    def stats(self) -> dict[str, Any]:
+        """This group's entry of ``Queue.stats()["groups"]``."""
+        return self.queue.stats()["groups"].get(self.group, {})
+
+    def close(self) -> None:
+        """Commit, and give back the messages this consumer's process holds
+        for the group once its last consumer on this queue closes."""
+        if self._closed:
+            return
+        self._closed = True
+        g = self._g
+        g.users -= 1
+        if g.users <= 0:
+            g.close()
+            if self.queue._groups.get(self.group) is g:
+                del self.queue._groups[self.group]
+            try:
+                self.queue._close_hooks.remove(g.close)
+            except ValueError:
+                pass
+        else:
+            g.commit()
+
+    def __enter__(self) -> "Consumer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+Queue._consumer_class = Consumer
