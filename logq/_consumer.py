@@ -42,7 +42,7 @@ from typing import Any, Iterator
 
 from logq import _format as F
 from logq._errors import Empty, LogqError, NotDeliveredError, QueueClosedError, RecordLostError, OffsetError
-from logq._index import GROUP, G_ACKED, G_DEAD, G_DELIVERED, G_REDELIVERED, G_WATERMARK, open_scratch, _prefixed
+from logq._index import K_PRIORITIES, GROUP, G_ACKED, G_DEAD, G_DELIVERED, G_REDELIVERED, G_WATERMARK, open_scratch, _prefixed
 from logq._leases import Claim, Delivery, Ledger, after_failure, level_order, merge_settled, runs
 from logq._queue import MAX_PRIORITY, Queue
 
@@ -242,6 +242,7 @@ class _Group:
         self._last_claim = time.monotonic()
         self._gets = 0
         self._vt_ns = int(opts.visibility_timeout * 1e9)
+        self._priorities = False              # a record with a priority exists
         self._create(opts.start)
         self._timer_wake = threading.Condition(self.lock)
         self._timer = threading.Thread(target=self._commit_timer, daemon=True,
@@ -470,18 +471,25 @@ class _Group:
         picks: dict[int, list[_Pick]] = {}
         resume: dict[int, int] = {}
         order: list[int] = []
+        if _ALL in cursors and (self._priorities or
+                                self.idx.get(K_PRIORITIES, self.idx.main) is not None):
+            self._priorities = True     # (it never goes away)
+            vt.delete(p + bytes([_ALL]), db=sc.cursors)
+            cursors = {lvl: cursors[_ALL] for lvl in range(MAX_PRIORITY + 1)}
         if _ALL in cursors:
             picks[_ALL], resume[_ALL], prio_at = self._scan(_ALL, cursors[_ALL], tail, n, wall,
                                                             skip, delayed)
             order.append(_ALL)
             if prio_at is not None:
-                # The first priority: from here on, one cursor per level.
+                # The first priority: from here on, one cursor per level,
+                # all starting where this scan did.
                 vt.delete(p + bytes([_ALL]), db=sc.cursors)
-                cursors = {lvl: prio_at for lvl in range(MAX_PRIORITY + 1)}
+                cursors = {lvl: cursors[_ALL] for lvl in range(MAX_PRIORITY + 1)}
+                picks, resume, order = {}, {}, []
+                delayed.clear()
         if _ALL not in cursors:
-            left = n - len(picks.get(_ALL, ()))
             for lvl in range(MAX_PRIORITY + 1):
-                picks[lvl], resume[lvl], _ = self._scan(lvl, cursors[lvl], tail, left, wall,
+                picks[lvl], resume[lvl], _ = self._scan(lvl, cursors[lvl], tail, n, wall,
                                                         skip, delayed)
             heads = {lvl: ps[0][2] for lvl, ps in picks.items() if lvl != _ALL and ps}
             order += level_order(heads, wall, int(self.opts.priority_aging * 1e9))

@@ -46,7 +46,7 @@ DBS = (b"main", b"segments", b"groups", b"acks", b"sched", b"pending", b"dead",
 # Disk kept allocated beyond LMDB's last page, so that acks and deletes can
 # still commit when the disk is full (LMDB is copy-on-write: even a delete
 # writes new pages).
-RESERVE_BYTES = 4 << 20
+RESERVE_BYTES = 1 << 20
 
 # A group's value in ``groups``: its watermark (every offset below it is
 # settled), then counters kept with the state they count.
@@ -55,6 +55,7 @@ G_WATERMARK, G_DELIVERED, G_ACKED, G_REDELIVERED, G_DEAD, G_DROPPED = range(6)
 _DEDUP = struct.Struct("<QQ")      # offset, put time ns
 
 K_CHECKPOINT = b"checkpoint"   # (segment base, position, next offset), durable
+K_PRIORITIES = b"priorities"   # present once a record with a priority was put
 K_CLEAN = b"clean"             # b"1" after a clean shutdown of the last process
 
 

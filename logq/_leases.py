@@ -176,10 +176,11 @@ class Ledger:
         """Ack all of ``ds``, or (if one is not out) none of them."""
         out = self.out
         ds = list(ds)
-        if len({d.offset for d in ds}) != len(ds) or any(out.get(d.offset) is not d for d in ds):
-            for d in ds:
-                self._take(d)       # raises for the first one that is not out
-            raise NotDeliveredError("the same message twice in one ack_many")
+        for d in ds:
+            if out.get(d.offset) is not d:
+                self._take(d)       # raises, naming it; nothing was changed
+        if len({d.offset for d in ds}) != len(ds):
+            raise NotDeliveredError("the same message twice in one ack_many; nothing was acked")
         for d in ds:
             del out[d.offset]
         self.acks += ds

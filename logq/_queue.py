@@ -28,7 +28,7 @@ from logq import _format as F
 from logq._errors import (LogqError, MessageTooLargeError, OffsetError, QueueClosedError,
                           QueueFullError, RecordLostError)
 from logq._index import (G_ACKED, G_DEAD, G_DELIVERED, G_DROPPED, G_REDELIVERED, G_WATERMARK,
-                         RESERVE_BYTES, in_flight, open_index, reset_scratch)
+                         K_PRIORITIES, RESERVE_BYTES, in_flight, open_index, reset_scratch)
 from logq._fsutil import fsync_dir
 from logq._log import Log, Recovery
 
@@ -162,6 +162,7 @@ class Queue:
         self._max = opts.max_message_bytes
         self._close_hooks: list[Callable[[], None]] = []   # consumer groups commit at close
         self._groups: dict[str, Any] = {}                  # consumer-group state (``_consumer``)
+        self._priorities_marked = False
         lg = Log(self.path, segment_bytes=opts.segment_bytes)
         lg.before_roll = self._before_roll
         self._index = None
@@ -279,6 +280,12 @@ class Queue:
                 raise TypeError(f"key must be bytes or str, not {type(key).__name__}")
             if not 0 < len(key) <= MAX_KEY_BYTES:
                 raise ValueError(f"key must be 1 to {MAX_KEY_BYTES} bytes, not {len(key)}")
+        if priority and not self._priorities_marked:
+            # Before the first such record: consumers read this to serve by
+            # priority from the start instead of in log order.
+            if self._index.get(K_PRIORITIES, self._index.main) is None:
+                self._index.write(lambda t: t.put(K_PRIORITIES, b"1", db=self._index.main))
+            self._priorities_marked = True
         flags, meta = F.encode_meta(due_ns, key)
         off = self._append(_HDR + len(meta) + len(data), 1, lambda lg, first: C.encode(
             lg.h, lg.pos, lg.end, first, time.time_ns(), data, priority, flags, meta), key=key)
