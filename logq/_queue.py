@@ -346,7 +346,9 @@ class Queue:
     # -- the disk budget ------------------------------------------------------
     def _before_roll(self, size: int) -> None:
         """Called (under the locks) before a new segment of ``size`` bytes is
-        created: keep the directory within ``max_bytes``."""
+        created: delete what retention allows (on a full disk, that is what
+        makes room), and keep the directory within ``max_bytes``."""
+        self._retain()
         budget = self.options.max_bytes
         if budget is None:
             return

@@ -14,7 +14,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import helpers  # noqa: E402
 
-WATCHED = {"test_crash", "test_powercut", "test_tamper", "test_concurrency", "test_bad_input"}
+WATCHED = {"test_crash", "test_powercut", "test_tamper", "test_concurrency", "test_bad_input",
+           "test_consumer_crash"}
 TEST_TIMEOUT = float(os.environ.get("LOGQ_TEST_TIMEOUT", "120"))
 
 
