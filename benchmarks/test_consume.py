@@ -50,13 +50,22 @@ def _group() -> str:
     return f"bench{next(_groups)}"
 
 
+PIN = "pin"
+
+
 def _build(path: str, n: int, pool: list[bytes]) -> None:
     """A closed queue of ``n`` records, record i carrying ``pool[i % len(pool)]``,
-    written with put_many(1000) under fsync="never", then one flush."""
+    written with put_many(1000) under fsync="never", then one flush.
+
+    The queue gets a group that never consumes (PIN) first: logq deletes the
+    sealed segments that every group has settled (housekeeping, every few
+    seconds), so without one the log would be gone once a round's group had
+    drained it, and the next round's new group would start past it."""
     assert n % BATCH == 0
     cycle = H.batches(H.sequence(pool, len(pool) * BATCH), BATCH)   # len(pool) batches, repeating
     q = logq.open(path, fsync="never")
     try:
+        q.consumer(PIN).close()
         put_many = q.put_many
         for i in range(n // BATCH):
             put_many(cycle[i % len(cycle)])

@@ -351,8 +351,12 @@ class _Group:
             return
         idx, p, o = self.idx, self.prefix, self.opts
         dead: list[tuple[int, int, str]] = []
+        # Payloads of what may be dead-lettered, read now: the log is not
+        # read inside an index transaction (lock order: queue, then index).
+        bodies = {off: self._body(off) for off, attempt, _d, _b in items if attempt >= o.max_attempts}
 
         def fn(txn: Any) -> None:
+            dead.clear()
             g = list(GROUP.unpack(txn.get(p[:-1], db=idx.groups)))
             for off, attempt, from_due, backoff in items:
                 if _is_settled(txn, idx, p, g[G_WATERMARK], off):
@@ -377,27 +381,33 @@ class _Group:
                         db=idx.sched)
                 txn.put(p + _be(off), _be(due), db=idx.pending)
             if dead:
-                self._bury(txn, g, dead, wall)
+                self._bury(txn, g, dead, wall, bodies)
             txn.put(p[:-1], GROUP.pack(*g), db=idx.groups)
-        dead.clear()
         idx.write(fn)
         for off, attempt, error in dead:
             log.warning("queue %s group %r: message %d dead-lettered after %d attempt(s): %s",
                         self.q.path, self.name, off, attempt, error)
 
-    def _bury(self, txn: Any, g: list[int], dead: list[tuple[int, int, str]], wall: int) -> None:
+    def _body(self, off: int) -> tuple[bytes, int] | None:
+        """(payload, timestamp) of the record at ``off``, or None if it is
+        gone (dropped by max_bytes, or lost to damage)."""
+        try:
+            at, payloads, ts, _attrs, _m = self.q._fetch(off, 1)
+        except OffsetError:
+            return None
+        return (payloads[0], ts[0]) if at == off and payloads else None
+
+    def _bury(self, txn: Any, g: list[int], dead: list[tuple[int, int, str]], wall: int,
+              bodies: dict[int, tuple[bytes, int] | None]) -> None:
         """Move messages to the dead letters (with a copy of each payload)
         and settle them."""
         idx, p = self.idx, self.prefix
         for off, attempt, error in dead:
-            try:
-                at, payloads, ts, _attrs, _m = self.q._fetch(off, 1)
-            except OffsetError:
-                at, payloads, ts = -1, [], []
-            if at != off or not payloads:
-                continue    # the record is gone (dropped, or lost to damage): nothing to keep
+            body = bodies.get(off)
+            if body is None:
+                continue    # the record is gone: nothing to keep
             err = error.encode()[:_ERROR_MAX]
-            txn.put(p + _be(off), _DEAD.pack(attempt, wall, ts[0], len(err)) + err + payloads[0],
+            txn.put(p + _be(off), _DEAD.pack(attempt, wall, body[1], len(err)) + err + body[0],
                     db=idx.dead)
             g[G_DEAD] += 1
         _settle(txn, idx, p, g, [(off, off + 1) for off, _a, _e in dead])
