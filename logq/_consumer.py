@@ -37,13 +37,14 @@ import threading
 import time
 from collections import deque
 from itertools import repeat
+from operator import attrgetter
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterator, NamedTuple
 
 from logq import _format as F
 from logq._errors import Empty, LogqError, NotDeliveredError, QueueClosedError, RecordLostError, OffsetError
 from logq._index import K_PRIORITIES, GROUP, G_ACKED, G_DEAD, G_DELIVERED, G_REDELIVERED, G_WATERMARK, open_scratch, _prefixed
-from logq._leases import Claim, Delivery, Ledger, after_failure, level_order, merge_settled, runs
+from logq._leases import Claim, Delivery, Lease, Ledger, after_failure, level_order, merge_settled, runs
 from logq._queue import MAX_PRIORITY, Queue
 
 log = logging.getLogger("logq")
@@ -57,7 +58,13 @@ _ERROR_MAX = 4096
 _DEAD = struct.Struct("<IQQI")   # attempts, dead-letter time ns, message timestamp ns, error length
 _SCHED = struct.Struct("<I")     # deliveries made so far; the last error follows
 _U64 = struct.Struct("<Q")
+_OFFSET, _SINGLE, _DEADLINE = attrgetter("offset"), attrgetter("single"), attrgetter("deadline")
 _ALL = 255                       # the cursor of a group that has seen no priorities
+
+
+def check_singles(ds: list[Delivery]) -> list[Delivery]:
+    """The deliveries with a single claim of their own."""
+    return [d for d in ds if d.single] if any(map(_SINGLE, ds)) else []
 
 
 def _be(n: int) -> bytes:
@@ -95,26 +102,21 @@ class GroupOptions:
 
 class Message(Delivery):
     """A delivered message: ``offset``, ``data`` (bytes), ``timestamp``
-    (when it was put, epoch seconds), ``attempt`` (1 on first delivery),
-    ``key`` and ``priority`` (as put).  Ack or nack it through the consumer
-    that delivered it."""
+    (when it was put, epoch seconds; ``ts_ns`` in nanoseconds), ``attempt``
+    (1 on first delivery), ``key`` and ``priority`` (as put).  Ack or nack
+    it through a consumer of the group that delivered it."""
 
-    __slots__ = ("data", "ts_ns", "key", "priority", "_group")
+    __slots__ = ("data", "ts_ns")
 
-    def __init__(self, offset: int, data: bytes, ts_ns: int, attempt: int, deadline: int,
-                 range_start: int, group: "_Group", due: int = 0, key: bytes | None = None,
-                 priority: int = 0) -> None:
+    def __init__(self, offset: int, data: bytes, ts_ns: int, lease: Lease) -> None:
         self.offset = offset
         self.data = data
         self.ts_ns = ts_ns
-        self.attempt = attempt
-        self.deadline = deadline
-        self.range_start = range_start
-        self.due = due
-        self.single = due != 0
-        self.key = key
-        self.priority = priority
-        self._group = group
+        self._l = lease
+
+    key = property(lambda self: self._l.key)
+    priority = property(lambda self: self._l.priority)
+    _group = property(lambda self: self._l.group)
 
     @property
     def timestamp(self) -> float:
@@ -286,11 +288,23 @@ class _Group:
         now, wall = time.monotonic_ns(), time.time_ns()
         deadline = now + self._vt_ns
         self._reap(vt, now, wall)
-        g = GROUP.unpack(idx.get(p[:-1], idx.groups))
-        mark = g[G_WATERMARK]
+        tail = self.q.next_offset
+        cursors = {k[-1]: _U64.unpack(v)[0] for k, v in _prefixed(vt.cursor(db=sc.cursors), p)}
+
+        def snapshot(txn: Any) -> tuple[int, bool, list[tuple[int, int, int]], _Skips]:
+            # Everything this claim needs from the index, in one read.
+            mark = GROUP.unpack(txn.get(p[:-1], db=idx.groups))[G_WATERMARK]
+            prio = self._priorities or txn.get(K_PRIORITIES, db=idx.main) is not None
+            for lvl, c in (cursors or {_ALL: mark}).items():
+                if c > tail or c < mark:
+                    c = mark    # the log was cut below it, or the group moved past it
+                cursors[lvl] = c
+            return mark, prio, self._due(txn, vt, wall, n), \
+                _Skips(txn, idx, p, min(cursors.values()), tail)
+        mark, self._priorities, due, skip = idx.read(snapshot)
         out: list[Message] = []
         # 1. the schedule: retries and delayed messages that are due
-        due = self._due(vt, wall, n)
+        redelivered = 0
         for due_ns, off, attempts in due:
             m = self._load_one(off, attempts + 1, deadline, due_ns)
             if m is None:
@@ -298,14 +312,13 @@ class _Group:
             vt.put(p + b"S" + _be(off), Claim(off, off + 1, self.owner, deadline, m.attempt, due_ns).pack(),
                    db=sc.claims)
             out.append(m)
+            redelivered += attempts > 0
         # 2. new messages, from the cursors
         if len(out) < n:
-            out += self._fresh(vt, n - len(out), mark, wall, deadline)
+            out += self._fresh(vt, n - len(out), cursors, skip, tail, wall, deadline)
         with self.lock:
             self.ledger.deliver(out)
-            for m in out:
-                if m.attempt > 1:
-                    self.redelivered += 1
+            self.redelivered += redelivered
             self.delivered += len(out)
         return out
 
@@ -412,21 +425,18 @@ class _Group:
             g[G_DEAD] += 1
         _settle(txn, idx, p, g, [(off, off + 1) for off, _a, _e in dead])
 
-    def _due(self, vt: Any, wall: int, n: int) -> list[tuple[int, int, int]]:
+    def _due(self, txn: Any, vt: Any, wall: int, n: int) -> list[tuple[int, int, int]]:
         """Up to ``n`` schedule entries due by ``wall`` that no live
         process holds: (due, offset, deliveries so far)."""
-        idx, p, sc = self.idx, self.prefix, self.scratch
+        p, sc = self.prefix, self.scratch
         out = []
-
-        def fn(txn: Any) -> None:
-            for k, v in _prefixed(txn.cursor(db=idx.sched), p):
-                due = int.from_bytes(k[-16:-8], "big")
-                if due > wall or len(out) >= n:
-                    return
-                off = int.from_bytes(k[-8:], "big")
-                if vt.get(p + b"S" + _be(off), db=sc.claims) is None:
-                    out.append((due, off, _SCHED.unpack_from(v)[0]))
-        idx.read(fn)
+        for k, v in _prefixed(txn.cursor(db=self.idx.sched), p):
+            due = int.from_bytes(k[-16:-8], "big")
+            if due > wall or len(out) >= n:
+                break
+            off = int.from_bytes(k[-8:], "big")
+            if vt.get(p + b"S" + _be(off), db=sc.claims) is None:
+                out.append((due, off, _SCHED.unpack_from(v)[0]))
         return out
 
     def next_due(self) -> int | None:
@@ -447,8 +457,8 @@ class _Group:
             self._forget_scheduled(off, due)
             return None
         _deliver_at, key = F.decode_meta(attrs[0] >> 24, metas[0]) if 0 in metas else (None, None)
-        return Message(off, payloads[0], ts[0], attempt, deadline, -1, self, due, key,
-                       (attrs[0] >> 16) & 0xFF)
+        return Message(off, payloads[0], ts[0], Lease(attempt, deadline, -1, due, True, self, key,
+                                                      (attrs[0] >> 16) & 0xFF))
 
     def _forget_scheduled(self, off: int, due: int) -> None:
         idx, p = self.idx, self.prefix
@@ -464,38 +474,28 @@ class _Group:
                     self.q.path, self.name, off)
 
     # -- new messages -------------------------------------------------------------
-    def _fresh(self, vt: Any, n: int, mark: int, wall: int, deadline: int) -> list[Message]:
+    def _fresh(self, vt: Any, n: int, cursors: dict[int, int], skip: "_Skips", tail: int,
+               wall: int, deadline: int) -> list[Message]:
         """Up to ``n`` messages never delivered to this group, from its
-        cursor; once a record with a priority has been seen, from one cursor
+        cursor; once a record with a priority has been put, from one cursor
         per level, higher levels first (aged ones before them)."""
         sc, p = self.scratch, self.prefix
-        tail = self.q.next_offset
-        cursors = {k[-1]: _U64.unpack(v)[0] for k, v in _prefixed(vt.cursor(db=sc.cursors), p)}
-        if not cursors:
-            cursors = {_ALL: mark}
-        for lvl, c in cursors.items():
-            if c > tail or c < mark:
-                cursors[lvl] = mark     # the log was cut below it, or the group moved past it
-        skip = _Skips(self.idx, p, min(cursors.values()), tail)
         delayed: list[tuple[int, int]] = []
-        picks: dict[int, list[_Pick]] = {}
+        picks: dict[int, list[Any]] = {}
         resume: dict[int, int] = {}
         order: list[int] = []
-        if _ALL in cursors and (self._priorities or
-                                self.idx.get(K_PRIORITIES, self.idx.main) is not None):
-            self._priorities = True     # (it never goes away)
+        if _ALL in cursors and self._priorities:
             vt.delete(p + bytes([_ALL]), db=sc.cursors)
             cursors = {lvl: cursors[_ALL] for lvl in range(MAX_PRIORITY + 1)}
         if _ALL in cursors:
             picks[_ALL], resume[_ALL], prio_at = self._scan(_ALL, cursors[_ALL], tail, n, wall,
                                                             skip, delayed)
-            order.append(_ALL)
             if prio_at is not None:
                 # The first priority: from here on, one cursor per level,
                 # all starting where this scan did.
                 vt.delete(p + bytes([_ALL]), db=sc.cursors)
                 cursors = {lvl: cursors[_ALL] for lvl in range(MAX_PRIORITY + 1)}
-                picks, resume, order = {}, {}, []
+                picks, resume = {}, {}
                 delayed.clear()
         if _ALL not in cursors:
             for lvl in range(MAX_PRIORITY + 1):
@@ -507,8 +507,12 @@ class _Group:
         if delayed:
             self._schedule_delayed(delayed)
         out: list[Message] = []
+        if _ALL in cursors:
+            # One cursor: the scan stopped at n records; all of them go.
+            cursors[_ALL] = resume[_ALL]
+            out = self._lease_run(vt, picks[_ALL], deadline)
         for lvl in order:
-            ps = picks[lvl]
+            ps = picks[lvl]         # (tuples: level scans make no runs)
             take = min(n - len(out), len(ps))
             if lvl in cursors:
                 # Past what was taken; past the whole scan if all of it was.
@@ -525,22 +529,25 @@ class _Group:
         to resume the scan at once all of them are taken, and (for _ALL)
         the offset of the first record with a priority, where it stops.
         Delayed records not yet due go to ``delayed`` instead."""
-        picks: list[_Pick] = []
+        picks: list[Any] = []
+        count = 0
         off = start
-        while off < stop and len(picks) < n:
+        while off < stop and count < n:
             at, payloads, ts, attrs, metas = self.q._fetch(off, min(_SCAN_CHUNK, stop - off))
             if not attrs:
                 break
             if lvl == _ALL and not skip and max(attrs) & 0xFF_FFFF == 0:
-                # The common case: no meta, no priority, nothing to skip.
-                take = min(n - len(picks), len(attrs))
-                picks += zip(range(at, at + take), payloads, ts, repeat(0, take), repeat(None, take))
+                # The common case: no meta, no priority, nothing to skip: a
+                # run (start, payloads, timestamps), no tuple per record.
+                take = min(n - count, len(attrs))
+                picks.append(_Run(at, payloads[:take], ts[:take]))
+                count += take
                 off = at + take
                 continue
             off = at + len(attrs)
             for i, a in enumerate(attrs):
                 o = at + i
-                if len(picks) >= n:
+                if count >= n:
                     off = o
                     break
                 prio = (a >> 16) & 0xFF
@@ -555,6 +562,7 @@ class _Group:
                         delayed.append((due, o))
                         continue
                 picks.append((o, payloads[i], ts[i], prio, key))
+                count += 1
         return picks, off, None
 
     def _schedule_delayed(self, delayed: list[tuple[int, int]]) -> None:
@@ -567,20 +575,29 @@ class _Group:
                     txn.put(p + _be(off), _be(due), db=idx.pending)
         idx.write(fn)
 
-    def _lease_run(self, vt: Any, picks: list["_Pick"], deadline: int) -> list[Message]:
+    def _lease_run(self, vt: Any, picks: list[Any], deadline: int) -> list[Message]:
         """Range claims over runs of consecutive picks; their messages."""
         out: list[Message] = []
+        sc, p, put = self.scratch, self.prefix, vt.put
         i = 0
-        sc, p = self.scratch, self.prefix
         while i < len(picks):
-            j = i + 1
-            while j < len(picks) and picks[j][0] == picks[j - 1][0] + 1:
-                j += 1
-            start, end = picks[i][0], picks[j - 1][0] + 1
-            vt.put(p + b"R" + _be(start), Claim(start, end, self.owner, deadline, 1).pack(), db=sc.claims)
-            self.ledger.add_range(start, end, j - i)
-            out += [Message(o, d, t, 1, deadline, start, self, 0, k, pr) for o, d, t, pr, k in picks[i:j]]
-            i = j
+            if type(picks[i]) is _Run:
+                start, payloads, ts = picks[i]
+                i += 1
+                end = start + len(payloads)
+                ms = list(map(Message, range(start, end), payloads, ts,
+                              repeat(Lease(1, deadline, start, group=self))))
+            else:
+                j = i + 1
+                while j < len(picks) and type(picks[j]) is not _Run and picks[j][0] == picks[j - 1][0] + 1:
+                    j += 1
+                start, end = picks[i][0], picks[j - 1][0] + 1
+                ms = [Message(o, d, t, Lease(1, deadline, start, group=self, key=k, priority=pr))
+                      for o, d, t, pr, k in picks[i:j]]
+                i = j
+            put(p + b"R" + _be(start), Claim(start, end, self.owner, deadline, 1).pack(), db=sc.claims)
+            self.ledger.add_range(start, end, end - start)
+            out += ms
         return out
 
     # -- settling -----------------------------------------------------------------
@@ -600,15 +617,22 @@ class _Group:
                 g[G_DELIVERED] += delivered
                 g[G_REDELIVERED] += redelivered
                 g[G_ACKED] += len(s.acks)
-                for d in s.acks:
-                    if d.due or d.single or now > d.deadline - _LATE_NS:
+                # Only a message delivered from the schedule (``single``) or
+                # acked late may have a schedule entry: it came from one, or
+                # was reaped (and scheduled again) after its lease ran out.
+                check = s.acks
+                if s.acks and not any(map(_SINGLE, s.acks)) and \
+                        now <= min(map(_DEADLINE, s.acks)) - _LATE_NS:
+                    check = []
+                for d in check:
+                    if d.single or now > d.deadline - _LATE_NS:
                         # It may have a schedule entry: delivered from one, or
                         # reaped (and scheduled again) after its lease ran out.
                         pend = txn.get(p + _be(d.offset), db=idx.pending)
                         if pend is not None:
                             txn.delete(p + pend + _be(d.offset), db=idx.sched)
                             txn.delete(p + _be(d.offset), db=idx.pending)
-                _settle(txn, idx, p, g, runs(d.offset for d in s.acks))
+                _settle(txn, idx, p, g, runs(map(_OFFSET, s.acks)))
                 txn.put(p[:-1], GROUP.pack(*g), db=idx.groups)
             if s.acks or delivered:
                 idx.write(fn)
@@ -623,7 +647,7 @@ class _Group:
             raise
         with self.lock:
             done = self.ledger.settled(s)
-        self._free_claims(done, [d.offset for d in s.acks if d.single] +
+        self._free_claims(done, [d.offset for d in check_singles(s.acks)] +
                           [d.offset for d, _dl, _e in s.nacks if d.single])
         if s.nacks:
             self.q._poke()
@@ -717,6 +741,13 @@ class _Group:
 _Pick = tuple  # (offset, payload, ts ns, priority, key)
 
 
+class _Run(NamedTuple):
+    """Consecutive plain records picked together."""
+    start: int
+    payloads: list[bytes]
+    ts: list[int]
+
+
 def _intervals(txn: Any, idx: Any, p: bytes, lo: int) -> Iterator[tuple[bytes, int, int]]:
     """(key, start, end) of the group's settled intervals that end after
     ``lo``, in order."""
@@ -744,22 +775,19 @@ class _Skips:
     """Offsets in [lo, hi) already settled or scheduled: none unless the
     cursors were lost (after a reboot) or a group moved."""
 
-    def __init__(self, idx: Any, p: bytes, lo: int, hi: int) -> None:
-        def fn(txn: Any) -> tuple[list[tuple[int, int]], set[int]]:
-            spans = []
-            for _k, a, b in _intervals(txn, idx, p, lo):
-                if a >= hi:
+    def __init__(self, txn: Any, idx: Any, p: bytes, lo: int, hi: int) -> None:
+        self.spans: list[tuple[int, int]] = []
+        for _k, a, b in _intervals(txn, idx, p, lo):
+            if a >= hi:
+                break
+            self.spans.append((a, b))
+        self.sched: set[int] = set()
+        cur = txn.cursor(db=idx.pending)
+        if cur.set_range(p + _be(lo)):
+            for k in cur.iternext(values=False):
+                if bytes(k[:len(p)]) != p or int.from_bytes(k[-8:], "big") >= hi:
                     break
-                spans.append((a, b))
-            sched = set()
-            cur = txn.cursor(db=idx.pending)
-            if cur.set_range(p + _be(lo)):
-                for k in cur.iternext(values=False):
-                    if bytes(k[:len(p)]) != p or int.from_bytes(k[-8:], "big") >= hi:
-                        break
-                    sched.add(int.from_bytes(k[-8:], "big"))
-            return spans, sched
-        self.spans, self.sched = idx.read(fn)
+                self.sched.add(int.from_bytes(k[-8:], "big"))
         self.starts = [a for a, _ in self.spans]
 
     def __bool__(self) -> bool:
@@ -822,6 +850,15 @@ class Consumer:
     def get(self, timeout: float | None = None) -> Message:
         """The next message, leased for ``visibility_timeout``.  Blocks up to
         ``timeout`` seconds (None: until one comes); raises logq.Empty then."""
+        g = self._g
+        with g.lock:
+            # The fast path: a message this process already claimed.
+            if g.buffer and not self._closed:
+                m = g.buffer.popleft()
+                if m.deadline > time.monotonic_ns():
+                    g._gets += 1
+                    return m
+                g.ledger.forget(m)      # expired while buffered: left to the reaper
         msgs = self._get(1, timeout, True)
         if not msgs:
             raise Empty(f"no message for group {self.group!r} within {timeout}s")
@@ -898,22 +935,29 @@ class Consumer:
 
     def ack(self, m: Message) -> None:
         """Settle ``m``: never delivered to this group again once committed."""
-        self._own(m)
         g = self._g
+        led = g.ledger
         with g.lock:
-            g.ledger.ack(m)
-            full = g.ledger.pending() >= self.options.commit_every
+            if type(m) is not Message or led.out.get(m.offset) is not m or self._closed:
+                self._own(m)            # the precise error
+            led.ack(m)
+            full = len(led.acks) + len(led.nacks) >= self.options.commit_every
         if full:
             g.commit()
 
     def ack_many(self, ms: list[Message]) -> None:
         """Ack every message in ``ms`` (all or, on an error, none)."""
         ms = list(ms)
-        for m in ms:
-            self._own(m)
         g = self._g
+        if self._closed or g.closed:
+            raise QueueClosedError(f"consumer of group {self.group!r} is closed")
         with g.lock:
-            g.ledger.ack_many(ms)
+            try:
+                g.ledger.ack_many(ms)   # the ledger holds the very objects it delivered
+            except NotDeliveredError:
+                for m in ms:
+                    self._own(m)        # a clearer error for a foreign object
+                raise
             full = g.ledger.pending() >= self.options.commit_every
         if full:
             g.commit()

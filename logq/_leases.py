@@ -19,12 +19,16 @@ Vocabulary (per group):
 from __future__ import annotations
 
 import struct
+from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from operator import attrgetter
+from typing import Any, Callable, Iterable
 
 from logq._errors import NotDeliveredError
 from logq._retry import backoff_delay
 
+_OFFSET = attrgetter("offset")
+_RANGE_START = attrgetter("range_start")
 _CLAIM = struct.Struct("<QQqIq")    # end, owner, deadline ns (monotonic), attempt, due ns (0: none)
 
 
@@ -51,8 +55,11 @@ class Claim:
 
 def runs(offsets: Iterable[int]) -> list[tuple[int, int]]:
     """Sorted, merged half-open runs covering ``offsets``."""
+    ordered = sorted(offsets)
+    if ordered and ordered[-1] - ordered[0] + 1 == len(ordered) == len(set(ordered)):
+        return [(ordered[0], ordered[-1] + 1)]     # the usual case: one run
     out: list[list[int]] = []
-    for o in sorted(offsets):
+    for o in ordered:
         if out and o <= out[-1][1]:
             out[-1][1] = max(out[-1][1], o + 1)
         else:
@@ -108,27 +115,69 @@ def level_order(heads: dict[int, int], now_ns: int, aging_ns: int) -> list[int]:
     return first + sorted((lvl for lvl in heads if lvl not in first), reverse=True)
 
 
-class Delivery:
-    """One message out with this process: its ``attempt`` (1 on the first
-    delivery), lease ``deadline`` (monotonic ns), the range claim it was
-    delivered under (``range_start``, -1 for none), the schedule entry it
-    was delivered from (``due`` ns, 0 for none), and whether it has a
-    single claim of its own (``single``: delivered from the schedule, or
-    its lease extended on its own).  ``Message`` extends it."""
+class Lease:
+    """What a delivery's bookkeeping needs, shared by the messages
+    delivered together: ``attempt`` (1 on the first delivery), lease
+    ``deadline`` (monotonic ns), the range claim they were delivered under
+    (``range_start``, -1 for none), the schedule entry they came from
+    (``due`` ns, 0 for none), whether they hold a single claim of their own
+    (``single``: delivered from the schedule, or extended on their own),
+    and what the layer above attaches (``group``, ``key``, ``priority``)."""
 
-    __slots__ = ("offset", "attempt", "deadline", "range_start", "due", "single")
+    __slots__ = ("attempt", "deadline", "range_start", "due", "single", "group", "key", "priority")
 
-    def __init__(self, offset: int, attempt: int, deadline: int, range_start: int,
-                 due: int = 0, single: bool = False) -> None:
-        self.offset = offset
+    def __init__(self, attempt: int, deadline: int, range_start: int, due: int = 0,
+                 single: bool = False, group: Any = None, key: bytes | None = None,
+                 priority: int = 0) -> None:
         self.attempt = attempt
         self.deadline = deadline
         self.range_start = range_start
         self.due = due
         self.single = single
+        self.group = group
+        self.key = key
+        self.priority = priority
+
+    def copy(self, **change: Any) -> "Lease":
+        new = Lease(self.attempt, self.deadline, self.range_start, self.due, self.single,
+                    self.group, self.key, self.priority)
+        for k, v in change.items():
+            setattr(new, k, v)
+        return new
+
+
+class Delivery:
+    """One message out with this process: its ``offset`` and its lease
+    (shared with its batch until it is changed on its own: then copied)."""
+
+    __slots__ = ("offset", "_l")
+
+    def __init__(self, offset: int, lease: Lease) -> None:
+        self.offset = offset
+        self._l = lease
+
+    attempt = property(lambda self: self._l.attempt)
+    range_start = property(lambda self: self._l.range_start)
+    due = property(lambda self: self._l.due)
+
+    @property
+    def deadline(self) -> int:
+        return self._l.deadline
+
+    @deadline.setter
+    def deadline(self, value: int) -> None:
+        self._l = self._l.copy(deadline=value)
+
+    @property
+    def single(self) -> bool:
+        return self._l.single
+
+    @single.setter
+    def single(self, value: bool) -> None:
+        self._l = self._l.copy(single=value)
 
     def __repr__(self) -> str:
-        return (f"<{type(self).__name__} offset={self.offset} attempt={self.attempt}>")
+        return f"<{type(self).__name__} offset={self.offset} attempt={self.attempt}>"
 
 
 @dataclass(slots=True)
@@ -157,32 +206,41 @@ class Ledger:
         """A range claim over [start, end) holding ``count`` deliveries."""
         self.ranges[start] = [end, count]
 
-    def deliver(self, ds: Iterable[Delivery]) -> None:
-        for d in ds:
-            self.out[d.offset] = d
+    def deliver(self, ds: list[Delivery]) -> None:
+        self.out.update(zip(map(_OFFSET, ds), ds))
 
     def _take(self, d: Delivery) -> Delivery:
-        if self.out.get(d.offset) is not d:
-            raise NotDeliveredError(f"offset {d.offset} is not out for delivery to this group "
-                                    "(acked or nacked already, its lease was lost, or it was "
-                                    "delivered to another group)")
+        if not isinstance(d, Delivery) or self.out.get(d.offset) is not d:
+            raise NotDeliveredError(f"{d!r} is not out for delivery to this group (acked or "
+                                    "nacked already, its lease was lost, or it was delivered "
+                                    "to another group)")
         del self.out[d.offset]
         return d
 
     def ack(self, d: Delivery) -> None:
-        self.acks.append(self._take(d))
+        if self.out.get(d.offset) is not d:
+            self._take(d)           # raises
+        del self.out[d.offset]
+        self.acks.append(d)
 
     def ack_many(self, ds: Iterable[Delivery]) -> None:
         """Ack all of ``ds``, or (if one is not out) none of them."""
         out = self.out
         ds = list(ds)
-        for d in ds:
-            if out.get(d.offset) is not d:
-                self._take(d)       # raises, naming it; nothing was changed
-        if len({d.offset for d in ds}) != len(ds):
+        try:
+            offsets = list(map(_OFFSET, ds))
+        except AttributeError:
+            offsets = None
+        # (a list compares its items by identity first: this is a C loop)
+        if offsets is None or list(map(out.get, offsets)) != ds:
+            for d in ds:
+                if not isinstance(d, Delivery) or out.get(d.offset) is not d:
+                    raise NotDeliveredError(f"{d!r} is not out for delivery to this group (acked "
+                                            "or nacked already, its lease was lost, or it was "
+                                            "delivered to another group); nothing was acked")
+        if len(set(offsets)) != len(ds):
             raise NotDeliveredError("the same message twice in one ack_many; nothing was acked")
-        for d in ds:
-            del out[d.offset]
+        deque(map(out.pop, offsets), 0)
         self.acks += ds
 
     def nack(self, d: Delivery, delay: float | None, error: str | None) -> None:
@@ -193,8 +251,7 @@ class Ledger:
         caller stores the single claim."""
         if self.out.get(d.offset) is not d:
             raise NotDeliveredError(f"offset {d.offset} is not out for delivery to this group")
-        d.deadline = max(d.deadline, deadline)
-        d.single = True
+        d._l = d._l.copy(deadline=max(d.deadline, deadline), single=True)
 
     def forget(self, d: Delivery) -> None:
         """Drop ``d`` without settling it (its lease ran out, or the
@@ -225,13 +282,15 @@ class Ledger:
         """Record that ``s`` is durable; the range claims with nothing left
         out (the caller deletes them)."""
         done = []
-        for d in [*s.acks, *(n[0] for n in s.nacks)]:
-            r = self.ranges.get(d.range_start)
+        counts = Counter(map(_RANGE_START, s.acks))
+        counts.update(n[0].range_start for n in s.nacks)
+        for start, k in counts.items():
+            r = self.ranges.get(start)
             if r is not None:
-                r[1] -= 1
+                r[1] -= k
                 if r[1] <= 0:
-                    done.append(d.range_start)
-                    del self.ranges[d.range_start]
+                    done.append(start)
+                    del self.ranges[start]
         return done
 
     def expired(self, now: int) -> list[Delivery]:

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from logq import NotDeliveredError
-from logq._leases import (Claim, Delivery, Ledger, after_failure, is_settled, level_order,
+from logq._leases import (Claim, Delivery, Lease, Ledger, after_failure, is_settled, level_order,
                           merge_settled, runs)
 from logq._retry import CircuitBreaker, backoff_delay
 
@@ -93,7 +93,7 @@ def test_level_order_higher_first_then_aged_first():
 
 
 def d(offset: int, start: int = 0, attempt: int = 1) -> Delivery:
-    return Delivery(offset, attempt, 10**12, start)
+    return Delivery(offset, Lease(attempt, 10**12, start))
 
 
 def test_ledger_ack_nack_rules():
@@ -115,6 +115,18 @@ def test_ledger_ack_nack_rules():
     assert led.settled(s) == []          # offset 2 still out: the range stays
     led.ack(c)
     assert led.settled(led.take()) == [0]
+
+
+def test_a_lease_is_shared_until_changed_on_its_own():
+    led = Ledger()
+    shared = Lease(1, 100, 0)
+    a, b = Delivery(0, shared), Delivery(1, shared)
+    led.deliver([a, b])
+    led.extend(a, 500)
+    assert (a.deadline, a.single) == (500, True)
+    assert (b.deadline, b.single) == (100, False)     # b keeps the batch's lease
+    led.extend(b, 50)
+    assert b.deadline == 100                          # never shortened
 
 
 def test_ledger_restore_after_a_failed_commit():
