@@ -15,7 +15,9 @@ Floors and peers, all measured in the same run:
 * persist-queue, a durable queue with acks in SQLite, for get()+ack().
 
 Every round consumes with a group of its own (a new group starts at the
-first message) on a freshly opened Queue, and is checked afterwards:
+first message) on a freshly opened Queue (each queue also has a group that
+never consumes, so that logq keeps the segments the others have settled:
+see _build), and is checked afterwards:
 as many messages as asked, offsets contiguous from 0 with attempt 1,
 payloads right (every one for get(), one sampled message per batch of
 get_many()), and the group's durable counters (acked, watermark) saying
@@ -132,7 +134,7 @@ class ReadFloor:
         self.rate = 0.0
         for _ in range(3):
             self.again()
-        self.floor = add_floor(f"read_many(off, 1000), first {n:,} records", self.rate, "msgs/s",
+        self.floor = add_floor("read_many(off, 1000), sequential (consume log)", self.rate, "msgs/s",
                                f"{self.rate * SIZE / 1e6:,.1f} MB/s",
                                f"best of 3 x {n:,} records, and beside each round")
 
@@ -140,6 +142,7 @@ class ReadFloor:
         secs, got, last = _read_many_loop(self.log["path"], self.n)
         assert got == self.n, f"read_many read {got} records of {self.n}"
         assert last == self.log["seq"][self.n - 1], "read_many read the wrong records"
+        # (the records themselves were verified when the log was built)
         if self.n / secs > self.rate:
             self.rate = self.n / secs
             if self.floor is not None:
@@ -275,7 +278,7 @@ def test_get_many_ack_many(benchmark, log_1m, report, floor_read_all, floor_mmap
     fl = floor_read_all.floor
     report("get_many(1000)+ack_many, 100 B, fsync=batch", n / r.best, "msgs/s", fl.name, fl.value,
            median=n / r.median, target=(">=", 2e6),
-           note=f"{n:,} messages per round, commit_every=1000")
+           note=f"{n:,} messages in {log_1m['segments']} segments per round, commit_every=1000")
     report("get_many(1000)+ack_many vs mmap slice loop", n / r.best, "msgs/s", floor_mmap.name,
            floor_mmap.value, median=n / r.median)
 
@@ -314,9 +317,10 @@ def test_get_ack(benchmark, log_1m, report, floor_read_all):
 # -- 3. drain rate against backlog depth ----------------------------------------------------
 @pytest.fixture(scope="module")
 def depths(bench_dir, pool, note):
-    """Queues 10 k, 1 M and 10 M messages deep (scaled; the deepest made
-    smaller if it would take more than a quarter of the free disk), built
-    once and removed after the module."""
+    """Queues 10 k, 1 M and 10 M messages deep (scaled), built once and
+    removed after the module.  The deepest (1.3 GB at scale 1) is made
+    smaller, with a note, if it would take more than a quarter of the free
+    disk (less than ~5 GB free at scale 1)."""
     shallow, middle, deep = (H.scaled_multiple(d, BATCH) for d in (10_000, 1_000_000, 10_000_000))
     free = shutil.disk_usage(bench_dir).free
     if deep * REC > free // 4:

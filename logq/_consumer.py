@@ -456,7 +456,7 @@ class _Group:
             # Dropped (max_bytes) or lost to damage since it was scheduled.
             self._forget_scheduled(off, due)
             return None
-        _deliver_at, key = F.decode_meta(attrs[0] >> 24, metas[0]) if 0 in metas else (None, None)
+        _deliver_at, key = F.decode_meta(attrs[0] >> 24, metas[0]) if metas and 0 in metas else (None, None)
         return Message(off, payloads[0], ts[0], Lease(attempt, deadline, -1, due, True, self, key,
                                                       (attrs[0] >> 16) & 0xFF))
 
@@ -536,7 +536,7 @@ class _Group:
             at, payloads, ts, attrs, metas = self.q._fetch(off, min(_SCAN_CHUNK, stop - off))
             if not attrs:
                 break
-            if lvl == _ALL and not skip and max(attrs) & 0xFF_FFFF == 0:
+            if lvl == _ALL and not skip and metas is None:
                 # The common case: no meta, no priority, nothing to skip: a
                 # run (start, payloads, timestamps), no tuple per record.
                 take = min(n - count, len(attrs))
@@ -557,6 +557,7 @@ class _Group:
                     continue
                 key = None
                 if a & 0xFFFF:
+                    assert metas is not None
                     due, key = F.decode_meta(a >> 24, metas[i])
                     if due is not None and due > wall:
                         delayed.append((due, o))

