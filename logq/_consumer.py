@@ -234,6 +234,7 @@ class _Group:
         self.owner = _owner_of(q.path)
         self.lock = threading.Lock()          # ledger, buffer, counters
         self.claiming = threading.Lock()      # one claim at a time per process
+        self.committing = threading.Lock()    # one commit at a time per process
         self.ledger = Ledger()
         self.buffer: deque[Message] = deque()
         self.delivered = 0                    # counted since the last commit
@@ -603,7 +604,14 @@ class _Group:
 
     # -- settling -----------------------------------------------------------------
     def commit(self) -> None:
-        """Make every ack and nack so far durable (one transaction)."""
+        """Make every ack and nack so far durable (one transaction).  Commits
+        run one at a time: a commit that found nothing to take must still
+        wait for one in flight (the timer's, or another thread's) to be
+        durable before it returns."""
+        with self.committing:
+            self._commit()
+
+    def _commit(self) -> None:
         with self.lock:
             s = self.ledger.take()
             delivered, redelivered = self.delivered, self.redelivered

@@ -26,6 +26,7 @@ import time
 
 import pytest
 
+import helpers
 import logq
 from helpers import (PRODUCER, SEED, Child, build_queue, children, count_lines, deadline, identity,
                      read_report, wait_for)
@@ -627,3 +628,37 @@ def test_extended_lease_is_kept(tmp_path):
         assert holder.alive()
         c.ack(m)
         c.close()
+
+
+# -- commit() waits for a commit already in flight -----------------------------------
+SLOW_TIMER_COMMIT = r"""
+import os, signal, sys, threading, time
+import helpers
+import logq
+q = logq.open(sys.argv[1])
+real_write = q._index.write
+def slow_write(fn):            # a slow fdatasync, only in the commit timer thread
+    if threading.current_thread().name.startswith("logq-commit"):
+        time.sleep(1.0)
+    return real_write(fn)
+q._index.write = slow_write
+c = q.consumer("g", commit_interval=0.05)
+m = c.get(timeout=5)
+c.ack(m)
+time.sleep(0.2)                # the timer has taken the ack and is writing it
+t = time.monotonic()
+c.commit()                     # must not return before that write is durable
+print(f"commit returned after {time.monotonic() - t:.3f}s", flush=True)
+os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_commit_waits_for_the_timers_commit_in_flight(tmp_path):
+    qdir = str(tmp_path / "q")
+    with logq.open(qdir) as q:
+        q.put(b"hello")
+    rc, out = helpers.run_child(SLOW_TIMER_COMMIT, str(tmp_path / "out"), qdir, timeout=60)
+    assert rc == -signal.SIGKILL, out
+    assert float(out.split("after ")[1].split("s")[0]) >= 0.5, out
+    with logq.open(qdir) as q:
+        assert q.consumer("g").get_many(10, timeout=1) == []   # committed: never again
