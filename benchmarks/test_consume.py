@@ -262,8 +262,8 @@ def _check_group(q: Any, name: str, n: int, prefetched: bool = False) -> None:
 
 # -- 1. get_many(1000) + ack_many ----------------------------------------------------------
 def test_get_many_ack_many(benchmark, log_1m, report, floor_read_all, floor_mmap):
-    """get_many(1000) + ack_many() over the whole log, commits every 1,000 acks
-    (the default commit_every), fsync="batch"."""
+    """get_many(1000) + ack_many() over the whole log, commits every
+    commit_every acks (the default), fsync="batch"."""
     n, seq, path = log_1m["n"], log_1m["seq"], log_1m["path"]
 
     def work(ctx):
@@ -278,7 +278,8 @@ def test_get_many_ack_many(benchmark, log_1m, report, floor_read_all, floor_mmap
     fl = floor_read_all.floor
     report("get_many(1000)+ack_many, 100 B, fsync=batch", n / r.best, "msgs/s", fl.name, fl.value,
            median=n / r.median, target=(">=", 2e6),
-           note=f"{n:,} messages in {log_1m['segments']} segments per round, commit_every=1000")
+           note=f"{n:,} messages in {log_1m['segments']} segments per round, "
+                f"commit_every={logq.GroupOptions().commit_every}")
     report("get_many(1000)+ack_many vs mmap slice loop", n / r.best, "msgs/s", floor_mmap.name,
            floor_mmap.value, median=n / r.median)
 
@@ -400,7 +401,7 @@ def test_drain_rate_vs_depth(benchmark, depths, report, pool):
 
 # -- 4. batched commits against a commit per ack -----------------------------------------
 def test_batched_vs_commit_per_ack(benchmark, log_1m, report, floor_fdatasync_prealloc):
-    """get_many(1000) + ack() per message: commits every 1,000 acks (the
+    """get_many(1000) + ack() per message: commits every commit_every acks (the
     default), timed by the rounds; and, in each round's setup, the same with
     commit() after every ack (over fewer messages: each is a durable
     transaction of the index)."""
@@ -436,7 +437,7 @@ def test_batched_vs_commit_per_ack(benchmark, log_1m, report, floor_fdatasync_pr
            note=f"{n_each:,} messages per round")
     report("get_many(1000)+ack(), batched commits vs a commit per ack", n / r.best, "msgs/s",
            "commit() after every ack", each, median=n / r.median, ratio_target=(">=", 20),
-           note=f"{n:,} messages per round, commit_every=1000")
+           note=f"{n:,} messages per round, commit_every={logq.GroupOptions().commit_every}")
 
 
 # -- 5. peer: persist-queue's SQLiteAckQueue -------------------------------------------------

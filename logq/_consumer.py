@@ -35,7 +35,7 @@ import os
 import struct
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from itertools import repeat
 from operator import attrgetter
 from dataclasses import dataclass
@@ -58,13 +58,9 @@ _ERROR_MAX = 4096
 _DEAD = struct.Struct("<IQQI")   # attempts, dead-letter time ns, message timestamp ns, error length
 _SCHED = struct.Struct("<I")     # deliveries made so far; the last error follows
 _U64 = struct.Struct("<Q")
-_OFFSET, _SINGLE, _DEADLINE = attrgetter("offset"), attrgetter("single"), attrgetter("deadline")
+_I64 = struct.Struct("<q")
+_OFFSET, _LEASE = attrgetter("offset"), attrgetter("_l")
 _ALL = 255                       # the cursor of a group that has seen no priorities
-
-
-def check_singles(ds: list[Delivery]) -> list[Delivery]:
-    """The deliveries with a single claim of their own."""
-    return [d for d in ds if d.single] if any(map(_SINGLE, ds)) else []
 
 
 def _be(n: int) -> bytes:
@@ -81,7 +77,7 @@ class GroupOptions:
     backoff_base: float = 1.0          # first retry within this many seconds...
     backoff_max: float = 300.0         # ...doubling up to this cap, with full jitter
     start: str = "earliest"            # a new group starts at the oldest message, or the end
-    commit_every: int = 1000           # commit acks after this many...
+    commit_every: int = 10_000         # commit acks after this many...
     commit_interval: float = 1.0       # ...or this many seconds, whichever first
     prefetch: int = 256                # most messages get() claims at once
     priority_aging: float = 60.0       # a message waiting this long is served before priorities (s)
@@ -305,7 +301,6 @@ class _Group:
         mark, self._priorities, due, skip = idx.read(snapshot)
         out: list[Message] = []
         # 1. the schedule: retries and delayed messages that are due
-        redelivered = 0
         for due_ns, off, attempts in due:
             m = self._load_one(off, attempts + 1, deadline, due_ns)
             if m is None:
@@ -313,14 +308,13 @@ class _Group:
             vt.put(p + b"S" + _be(off), Claim(off, off + 1, self.owner, deadline, m.attempt, due_ns).pack(),
                    db=sc.claims)
             out.append(m)
-            redelivered += attempts > 0
         # 2. new messages, from the cursors
         if len(out) < n:
             out += self._fresh(vt, n - len(out), cursors, skip, tail, wall, deadline)
+        if out:
+            self._note_claims(vt, deadline)
         with self.lock:
             self.ledger.deliver(out)
-            self.redelivered += redelivered
-            self.delivered += len(out)
         return out
 
     def _reap(self, vt: Any, now: int, wall: int) -> None:
@@ -329,15 +323,32 @@ class _Group:
         backoff; a dead owner's at once), or dead-lettered if it used its
         attempts."""
         sc, p = self.scratch, self.prefix
-        alive: dict[int, bool] = {self.owner: True}
+        earliest = vt.get(p + b"D", db=sc.summary)
+        if earliest is None:
+            return      # no claims
+        owners = [int.from_bytes(k[-8:], "big") for k, _ in _prefixed(vt.cursor(db=sc.summary), p + b"O")]
+        alive: dict[int, bool] = {o: o == self.owner or _owner_alive(self.q.path, o) for o in owners}
+        if now < _I64.unpack(earliest)[0] and all(alive.values()):
+            return      # nothing can have expired, and every holder lives
         doomed: list[tuple[bytes, Claim, bool]] = []
+        kept_deadline, kept_owners = None, set()
         for k, v in _prefixed(vt.cursor(db=sc.claims), p):
-            kind, start = k[len(p):len(p) + 1], int.from_bytes(k[-8:], "big")
-            c = Claim.unpack(start, v)
+            c = Claim.unpack(int.from_bytes(k[-8:], "big"), v)
             if c.owner not in alive:
                 alive[c.owner] = _owner_alive(self.q.path, c.owner)
             if not alive[c.owner] or c.deadline <= now:
                 doomed.append((k, c, alive[c.owner]))
+            else:
+                kept_deadline = c.deadline if kept_deadline is None else min(kept_deadline, c.deadline)
+                kept_owners.add(c.owner)
+        # The summary, exact again.
+        for o in owners:
+            if o not in kept_owners:
+                vt.delete(p + b"O" + _be(o), db=sc.summary)
+        if kept_deadline is None:
+            vt.delete(p + b"D", db=sc.summary)
+        else:
+            vt.put(p + b"D", _I64.pack(kept_deadline), db=sc.summary)
         if not doomed:
             return
         singles = {int.from_bytes(k[-8:], "big") for k, _ in _prefixed(vt.cursor(db=sc.claims), p + b"S")}
@@ -534,7 +545,9 @@ class _Group:
         count = 0
         off = start
         while off < stop and count < n:
-            at, payloads, ts, attrs, metas = self.q._fetch(off, min(_SCAN_CHUNK, stop - off))
+            # (one cursor takes every record it scans: read no more than it needs)
+            want = n - count if lvl == _ALL else _SCAN_CHUNK
+            at, payloads, ts, attrs, metas = self.q._fetch(off, min(want, stop - off))
             if not attrs:
                 break
             if lvl == _ALL and not skip and metas is None:
@@ -576,6 +589,22 @@ class _Group:
                     txn.put(p + _be(due) + _be(off), _SCHED.pack(0), db=idx.sched)
                     txn.put(p + _be(off), _be(due), db=idx.pending)
         idx.write(fn)
+
+    def handed(self, ms: list[Message]) -> None:
+        """Count messages handed to the caller (under ``self.lock``): a
+        message claimed and given back unseen is not delivered."""
+        self.delivered += len(ms)
+        for lease, k in Counter(map(_LEASE, ms)).items():
+            if lease.attempt > 1:
+                self.redelivered += k
+
+    def _note_claims(self, vt: Any, deadline: int) -> None:
+        """Keep the group's claim summary covering a claim made now."""
+        sc, p = self.scratch, self.prefix
+        raw = vt.get(p + b"D", db=sc.summary)
+        if raw is None or _I64.unpack(raw)[0] > deadline:
+            vt.put(p + b"D", _I64.pack(deadline), db=sc.summary)
+        vt.put(p + b"O" + _be(self.owner), b"", db=sc.summary)
 
     def _lease_run(self, vt: Any, picks: list[Any], deadline: int) -> list[Message]:
         """Range claims over runs of consecutive picks; their messages."""
@@ -620,6 +649,9 @@ class _Group:
             return
         idx, p, sc = self.idx, self.prefix, self.scratch
         now, wall = time.monotonic_ns(), time.time_ns()
+        leases = Counter(map(_LEASE, s.acks))
+        special = {id(lease) for lease in leases if lease.single or now > lease.deadline - _LATE_NS}
+        check = [d for d in s.acks if id(d._l) in special] if special else []
         try:
             def fn(txn: Any) -> None:
                 g = list(GROUP.unpack(txn.get(p[:-1], db=idx.groups)))
@@ -629,18 +661,12 @@ class _Group:
                 # Only a message delivered from the schedule (``single``) or
                 # acked late may have a schedule entry: it came from one, or
                 # was reaped (and scheduled again) after its lease ran out.
-                check = s.acks
-                if s.acks and not any(map(_SINGLE, s.acks)) and \
-                        now <= min(map(_DEADLINE, s.acks)) - _LATE_NS:
-                    check = []
+                # (Checked per lease: a batch shares one.)
                 for d in check:
-                    if d.single or now > d.deadline - _LATE_NS:
-                        # It may have a schedule entry: delivered from one, or
-                        # reaped (and scheduled again) after its lease ran out.
-                        pend = txn.get(p + _be(d.offset), db=idx.pending)
-                        if pend is not None:
-                            txn.delete(p + pend + _be(d.offset), db=idx.sched)
-                            txn.delete(p + _be(d.offset), db=idx.pending)
+                    pend = txn.get(p + _be(d.offset), db=idx.pending)
+                    if pend is not None:
+                        txn.delete(p + pend + _be(d.offset), db=idx.sched)
+                        txn.delete(p + _be(d.offset), db=idx.pending)
                 _settle(txn, idx, p, g, runs(map(_OFFSET, s.acks)))
                 txn.put(p[:-1], GROUP.pack(*g), db=idx.groups)
             if s.acks or delivered:
@@ -656,7 +682,7 @@ class _Group:
             raise
         with self.lock:
             done = self.ledger.settled(s)
-        self._free_claims(done, [d.offset for d in check_singles(s.acks)] +
+        self._free_claims(done, [d.offset for d in check if d.single] +
                           [d.offset for d, _dl, _e in s.nacks if d.single])
         if s.nacks:
             self.q._poke()
@@ -866,6 +892,8 @@ class Consumer:
                 m = g.buffer.popleft()
                 if m.deadline > time.monotonic_ns():
                     g._gets += 1
+                    g.delivered += 1
+                    g.redelivered += m.attempt > 1
                     return m
                 g.ledger.forget(m)      # expired while buffered: left to the reaper
         msgs = self._get(1, timeout, True)
@@ -900,6 +928,7 @@ class Consumer:
                         g.ledger.forget(m)      # expired while buffered: left to the reaper
                 if single:
                     g._gets += 1
+                g.handed(out)
             if out:
                 return out
             tail = self.queue.next_offset
@@ -913,9 +942,9 @@ class Consumer:
                                   int(g.rate * self.options.visibility_timeout / 8)))
             got = g.claim(want)
             if got:
-                if len(got) > n:
-                    with g.lock:
-                        g.buffer.extend(got[n:])
+                with g.lock:
+                    g.buffer.extend(got[n:])
+                    g.handed(got[:n])
                 return got[:n]
             # Nothing: sleep until a put, a due time, or a look around.
             now = time.monotonic()

@@ -463,7 +463,7 @@ def _prefixed(cur: Any, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
 
 class Scratch(_Env):
     """The volatile environment in ``<queue>/leases``: consumer leases,
-    cursors and counters that only live processes need.  Commits are not
+    cursors that only live processes need.  Commits are not
     fsynced: it survives the death of any process (the page cache keeps
     it), not a machine restart, after which the queue's first opener
     deletes it.  Open it with :func:`open_scratch`."""
@@ -490,11 +490,13 @@ class Scratch(_Env):
         os.makedirs(self.path, exist_ok=True)
         if lmdb_file_problem(os.path.join(self.path, "data.mdb")) is not None:
             raise lmdb.CorruptedError("the data file is damaged")
-        self.env = lmdb.open(self.path, subdir=True, map_size=_INITIAL_MAP, max_dbs=4,
+        self.env = lmdb.open(self.path, subdir=True, map_size=_INITIAL_MAP, max_dbs=8,
                              sync=False, metasync=False, readahead=False, meminit=False)
         self.claims = self.env.open_db(b"claims")     # group\0 kind offset -> Claim
         self.cursors = self.env.open_db(b"cursors")   # group\0 level -> next offset to scan
-        self.counters = self.env.open_db(b"counters")
+        # group\0 "D" -> no claim's deadline is earlier (i64); group\0 "O" owner
+        # -> "" for each owner that may hold claims: reaping looks only then.
+        self.summary = self.env.open_db(b"summary")
 
     def close(self) -> None:
         _close_shared(self)

@@ -28,7 +28,7 @@ from logq._errors import NotDeliveredError
 from logq._retry import backoff_delay
 
 _OFFSET = attrgetter("offset")
-_RANGE_START = attrgetter("range_start")
+_LEASE = attrgetter("_l")
 _CLAIM = struct.Struct("<QQqIq")    # end, owner, deadline ns (monotonic), attempt, due ns (0: none)
 
 
@@ -282,9 +282,10 @@ class Ledger:
         """Record that ``s`` is durable; the range claims with nothing left
         out (the caller deletes them)."""
         done = []
-        counts = Counter(map(_RANGE_START, s.acks))
-        counts.update(n[0].range_start for n in s.nacks)
-        for start, k in counts.items():
+        counts = Counter(map(_LEASE, s.acks))       # a batch shares one lease: count per lease
+        counts.update(n[0]._l for n in s.nacks)
+        for lease, k in counts.items():
+            start = lease.range_start
             r = self.ranges.get(start)
             if r is not None:
                 r[1] -= k
