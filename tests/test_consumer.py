@@ -139,6 +139,22 @@ def test_blocked_get_wakes_on_put_from_another_thread(tmp_path):
         assert got and got[0].data == b"wake"
 
 
+def test_an_idle_consumer_does_not_poll(tmp_path):
+    import resource
+    with logq.open(tmp_path / "q") as q:
+        c = q.consumer("g")
+        before = resource.getrusage(resource.RUSAGE_SELF)
+        t = time.thread_time()
+        assert c.get_many(1, timeout=2.0) == []
+        spent = time.thread_time() - t
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        process = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+        # A busy poll would burn about 2 s; a sleeping consumer (and the
+        # queue's housekeeping threads) a few milliseconds.
+        assert spent < 0.2, spent
+        assert process < 0.4, process
+
+
 # -- retries and dead letters ----------------------------------------------------
 def test_nack_with_delay_redelivers_after_exactly_that(tmp_path):
     with logq.open(tmp_path / "q") as q:
