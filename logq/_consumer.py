@@ -36,16 +36,17 @@ import struct
 import threading
 import time
 from collections import Counter, deque
+from dataclasses import dataclass
 from itertools import repeat
 from operator import attrgetter
-from dataclasses import dataclass
 from typing import Any, Iterator, NamedTuple
 
 from logq import _format as F
-from logq._errors import Empty, LogqError, NotDeliveredError, QueueClosedError, RecordLostError, OffsetError
-from logq._index import K_PRIORITIES, GROUP, G_ACKED, G_DEAD, G_DELIVERED, G_REDELIVERED, G_WATERMARK, open_scratch, _prefixed
+from logq._errors import Empty, NotDeliveredError, OffsetError, QueueClosedError
+from logq._index import (G_ACKED, G_DEAD, G_DELIVERED, G_REDELIVERED, G_WATERMARK, GROUP,
+                         K_PRIORITIES, _prefixed, open_scratch)
 from logq._leases import Claim, Delivery, Lease, Ledger, after_failure, level_order, merge_settled, runs
-from logq._queue import MAX_PRIORITY, Queue
+from logq._queue import MAX_PRIORITY, Queue, _check_int, _check_number, _check_seconds
 
 log = logging.getLogger("logq")
 
@@ -83,7 +84,6 @@ class GroupOptions:
     priority_aging: float = 60.0       # a message waiting this long is served before priorities (s)
 
     def __post_init__(self) -> None:
-        from logq._queue import _check_int, _check_seconds
         _check_seconds("visibility_timeout", self.visibility_timeout)
         _check_int("max_attempts", self.max_attempts, 1, 1 << 30)
         _check_seconds("backoff_base", self.backoff_base)
@@ -250,6 +250,8 @@ class _Group:
 
     def _create(self, start: str) -> None:
         q = self.q
+        if self.idx.get(self.prefix[:-1], self.idx.groups) is not None:
+            return
         origin = q.first_offset if start == "earliest" else q.next_offset
 
         def fn(txn: Any) -> None:
@@ -265,20 +267,12 @@ class _Group:
         with self.claiming:
             if self.closed:
                 raise QueueClosedError(f"the consumer of group {self.name!r} is closed")
-            sc = self.scratch
-            while True:
-                try:
-                    with sc.env.begin(write=True) as vt:    # serialises claimers of every process
-                        return self._claim_in(vt, n)
-                except Exception as e:
-                    import lmdb
-                    if isinstance(e, lmdb.MapFullError):
-                        sc.env.set_mapsize(sc.env.info()["map_size"] * 2)
-                        continue
-                    if isinstance(e, lmdb.MapResizedError):
-                        sc.env.set_mapsize(0)
-                        continue
-                    raise
+            # One write transaction of the lease table: it serialises the
+            # claimers of every process.
+            out = self.scratch.write(lambda vt: self._claim_in(vt, n))
+            with self.lock:
+                self.ledger.deliver(out)
+            return out
 
     def _claim_in(self, vt: Any, n: int) -> list[Message]:
         sc, idx, p = self.scratch, self.idx, self.prefix
@@ -313,8 +307,6 @@ class _Group:
             out += self._fresh(vt, n - len(out), cursors, skip, tail, wall, deadline)
         if out:
             self._note_claims(vt, deadline)
-        with self.lock:
-            self.ledger.deliver(out)
         return out
 
     def _reap(self, vt: Any, now: int, wall: int) -> None:
@@ -647,10 +639,9 @@ class _Group:
             self.delivered = self.redelivered = 0
         if not s.acks and not s.nacks and not delivered:
             return
-        idx, p, sc = self.idx, self.prefix, self.scratch
+        idx, p = self.idx, self.prefix
         now, wall = time.monotonic_ns(), time.time_ns()
-        leases = Counter(map(_LEASE, s.acks))
-        special = {id(lease) for lease in leases if lease.single or now > lease.deadline - _LATE_NS}
+        special = {id(lease) for lease in set(map(_LEASE, s.acks)) if lease.single or now > lease.deadline - _LATE_NS}
         check = [d for d in s.acks if id(d._l) in special] if special else []
         try:
             def fn(txn: Any) -> None:
@@ -695,22 +686,22 @@ class _Group:
         if not ranges and not singles:
             return
         sc, p = self.scratch, self.prefix
-        with sc.env.begin(write=True) as vt:
+
+        def fn(vt: Any) -> None:
             for start in ranges:
                 vt.delete(p + b"R" + _be(start), db=sc.claims)
             for off in singles:
                 vt.delete(p + b"S" + _be(off), db=sc.claims)
+        sc.write(fn)
 
     def extend(self, m: Message, seconds: float) -> None:
-        from logq._queue import _check_seconds
         _check_seconds("seconds", seconds)
         deadline = time.monotonic_ns() + int(seconds * 1e9)
         with self.lock:
             self.ledger.extend(m, deadline)
         sc, p = self.scratch, self.prefix
-        with sc.env.begin(write=True) as vt:
-            vt.put(p + b"S" + _be(m.offset), Claim(m.offset, m.offset + 1, self.owner, m.deadline,
-                                                   m.attempt, m.due).pack(), db=sc.claims)
+        claim = Claim(m.offset, m.offset + 1, self.owner, m.deadline, m.attempt, m.due)
+        sc.write(lambda vt: vt.put(p + b"S" + _be(m.offset), claim.pack(), db=sc.claims))
 
     def release(self) -> None:
         """Give back what this process holds: buffered messages not handed
@@ -1007,7 +998,6 @@ class Consumer:
         ``error`` (text) as the reason."""
         self._own(m)
         if delay is not None:
-            from logq._queue import _check_number
             _check_number("delay", delay)
         if error is not None and not isinstance(error, str):
             error = repr(error)
