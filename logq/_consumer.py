@@ -703,11 +703,40 @@ class _Group:
         claim = Claim(m.offset, m.offset + 1, self.owner, m.deadline, m.attempt, m.due)
         sc.write(lambda vt: vt.put(p + b"S" + _be(m.offset), claim.pack(), db=sc.claims))
 
+    def give_back(self, ms: list[Message]) -> None:
+        """Return messages out with this process unprocessed: delivered
+        again at once, their attempt not counted.  Raises NotDeliveredError
+        (changing nothing) if one is not out."""
+        with self.lock:
+            for m in ms:
+                if self.ledger.out.get(m.offset) is not m:
+                    self.ledger._take(m)     # raises, naming it
+            for m in ms:
+                self.ledger.forget(m)
+        self._reschedule(ms)
+
+    def _reschedule(self, ms: list[Message]) -> None:
+        """Schedule ``ms`` (no longer in the ledger) for now, as they were."""
+        if not ms:
+            return
+        wall = time.time_ns()
+        fresh = [m.offset for m in ms if not m.due]     # (the others keep their schedule entry)
+        if fresh:
+            idx, p = self.idx, self.prefix
+
+            def fn(txn: Any) -> None:
+                for off in fresh:
+                    if txn.get(p + _be(off), db=idx.pending) is None:
+                        txn.put(p + _be(wall) + _be(off), _SCHED.pack(0), db=idx.sched)
+                        txn.put(p + _be(off), _be(wall), db=idx.pending)
+            idx.write(fn)
+        self._free_claims([], [m.offset for m in ms if m.single])
+        self.q._poke()
+
     def release(self) -> None:
         """Give back what this process holds: buffered messages not handed
-        out yet (no attempt counted: they are scheduled at once as they
-        were) and messages out and not settled (a failed attempt: delivered
-        again at once, or dead-lettered)."""
+        out yet (as ``give_back``) and messages out and not settled (a
+        failed attempt: delivered again at once, or dead-lettered)."""
         with self.lock:
             buffered = list(self.buffer)
             self.buffer.clear()
@@ -718,19 +747,9 @@ class _Group:
         if not out:
             return
         held = {id(m) for m in buffered}
-        wall = time.time_ns()
-        self._fail([(m.offset, m.attempt, m.due, False) for m in out if id(m) not in held], wall,
-                   "its consumer closed before settling it", None)
-        unseen = [m.offset for m in buffered if not m.due]   # (the others keep their schedule entry)
-        if unseen:
-            idx, p = self.idx, self.prefix
-
-            def fn(txn: Any) -> None:
-                for off in unseen:
-                    if txn.get(p + _be(off), db=idx.pending) is None:
-                        txn.put(p + _be(wall) + _be(off), _SCHED.pack(0), db=idx.sched)
-                        txn.put(p + _be(off), _be(wall), db=idx.pending)
-            idx.write(fn)
+        self._fail([(m.offset, m.attempt, m.due, False) for m in out if id(m) not in held],
+                   time.time_ns(), "its consumer closed before settling it", None)
+        self._reschedule(buffered)
         self._free_claims(sorted(ranges), [m.offset for m in out if m.single])
         self.q._poke()
 
@@ -1007,6 +1026,14 @@ class Consumer:
             full = g.ledger.pending() >= self.options.commit_every
         if full:
             g.commit()
+
+    def give_back(self, ms: list[Message]) -> None:
+        """Return messages unprocessed (say, on shutdown): delivered again
+        at once, to any consumer of the group, without counting an attempt."""
+        ms = list(ms)
+        for m in ms:
+            self._own(m)
+        self._g.give_back(ms)
 
     def extend(self, m: Message, seconds: float) -> None:
         """Keep ``m`` leased for at least ``seconds`` from now."""

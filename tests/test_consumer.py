@@ -250,6 +250,24 @@ def test_lease_expiry_redelivers_and_extend_prevents_it(tmp_path):
         assert q1.stats()["groups"]["g"]["backlog"] == 0
 
 
+def test_give_back_redelivers_at_once_without_counting_an_attempt(tmp_path):
+    qdir = str(tmp_path / "q")
+    with logq.open(qdir) as q1, logq.open(qdir) as q2:
+        fill(q1, 3)
+        c1, c2 = q1.consumer("g"), q2.consumer("g")
+        ms = c1.get_many(3)
+        c1.give_back(ms[1:])
+        with pytest.raises(logq.NotDeliveredError):
+            c1.give_back(ms[1:])                 # not out any more
+        again = c2.get_many(10, timeout=1)
+        assert [(m.offset, m.attempt) for m in again] == [(1, 1), (2, 1)]
+        c1.ack(ms[0])
+        c2.ack_many(again)
+        c1.commit()
+        c2.commit()
+        assert q1.stats()["groups"]["g"]["backlog"] == 0
+
+
 # -- delays and priorities --------------------------------------------------------
 def test_delayed_messages_come_in_due_order_never_early(tmp_path):
     with logq.open(tmp_path / "q") as q:
