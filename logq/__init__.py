@@ -14,12 +14,13 @@ from logq._errors import (CorruptionError, DiskFullError, Empty, FormatVersionEr
                           QueueClosedError, QueueFullError, RecordLostError)
 from logq._queue import FSYNC_POLICIES, MAX_PRIORITY, ON_FULL, Options, Queue, open
 from logq._consumer import Consumer, DeadLetter, GroupOptions, Message
+from logq._pool import PoolOptions, PoolStats, WorkerPool
 
 __version__ = "0.1.0"
 
 __all__ = [
     "open", "Queue", "Options", "FSYNC_POLICIES", "ON_FULL", "MAX_PRIORITY", "native_enabled",
-    "Consumer", "GroupOptions", "Message", "DeadLetter",
+    "Consumer", "GroupOptions", "Message", "DeadLetter", "WorkerPool", "PoolOptions", "PoolStats",
     "LogqError", "Empty", "NotDeliveredError", "CorruptionError", "RecordLostError", "FormatVersionError", "NotAQueueError",
     "OffsetError", "QueueClosedError", "QueueFullError", "DiskFullError", "MessageTooLargeError",
 ]

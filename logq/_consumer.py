@@ -711,26 +711,31 @@ class _Group:
             for m in ms:
                 if self.ledger.out.get(m.offset) is not m:
                     self.ledger._take(m)     # raises, naming it
-            for m in ms:
-                self.ledger.forget(m)
         self._reschedule(ms)
+        self._forget(ms)
 
     def _reschedule(self, ms: list[Message]) -> None:
-        """Schedule ``ms`` (no longer in the ledger) for now, as they were."""
-        if not ms:
+        """Schedule ``ms`` for now, as they were (durably, before their
+        claims may go)."""
+        fresh = [m.offset for m in ms if not m.due]     # (the others keep their schedule entry)
+        if not fresh:
             return
         wall = time.time_ns()
-        fresh = [m.offset for m in ms if not m.due]     # (the others keep their schedule entry)
-        if fresh:
-            idx, p = self.idx, self.prefix
+        idx, p = self.idx, self.prefix
 
-            def fn(txn: Any) -> None:
-                for off in fresh:
-                    if txn.get(p + _be(off), db=idx.pending) is None:
-                        txn.put(p + _be(wall) + _be(off), _SCHED.pack(0), db=idx.sched)
-                        txn.put(p + _be(off), _be(wall), db=idx.pending)
-            idx.write(fn)
-        self._free_claims([], [m.offset for m in ms if m.single])
+        def fn(txn: Any) -> None:
+            for off in fresh:
+                if txn.get(p + _be(off), db=idx.pending) is None:
+                    txn.put(p + _be(wall) + _be(off), _SCHED.pack(0), db=idx.sched)
+                    txn.put(p + _be(off), _be(wall), db=idx.pending)
+        idx.write(fn)
+
+    def _forget(self, ms: list[Message]) -> None:
+        """Take ``ms`` (settled or scheduled durably by now) out of the
+        ledger, and delete the claims nothing is left under."""
+        with self.lock:
+            done = [start for start in map(self.ledger.forget, ms) if start is not None]
+        self._free_claims(done, [m.offset for m in ms if m.single])
         self.q._poke()
 
     def release(self) -> None:
@@ -741,17 +746,13 @@ class _Group:
             buffered = list(self.buffer)
             self.buffer.clear()
             out = list(self.ledger.out.values())
-            ranges = set(self.ledger.ranges) | {m.range_start for m in out if m.range_start >= 0}
-            for m in out:
-                self.ledger.forget(m)
         if not out:
             return
         held = {id(m) for m in buffered}
         self._fail([(m.offset, m.attempt, m.due, False) for m in out if id(m) not in held],
                    time.time_ns(), "its consumer closed before settling it", None)
         self._reschedule(buffered)
-        self._free_claims(sorted(ranges), [m.offset for m in out if m.single])
-        self.q._poke()
+        self._forget(out)
 
     def _commit_timer(self) -> None:
         while True:
@@ -858,7 +859,7 @@ def _settle(txn: Any, idx: Any, p: bytes, g: list[int], new: list[tuple[int, int
     updated in place: the watermark moves over what touches it."""
     if not new:
         return
-    lo, hi = new[0][0], new[-1][1]
+    lo, hi = min(a for a, _ in new), max(b for _, b in new)
     near, keys = [], []
     for k, a, b in _intervals(txn, idx, p, max(lo - 1, 0)):
         if a > hi:

@@ -253,16 +253,21 @@ class Ledger:
             raise NotDeliveredError(f"offset {d.offset} is not out for delivery to this group")
         d._l = d._l.copy(deadline=max(d.deadline, deadline), single=True)
 
-    def forget(self, d: Delivery) -> None:
-        """Drop ``d`` without settling it (its lease ran out, or the
-        consumer is closing): its claim is left to be reaped."""
-        if self.out.get(d.offset) is d:
-            del self.out[d.offset]
-            r = self.ranges.get(d.range_start)
-            if r is not None:
-                r[1] -= 1
-                if r[1] <= 0:
-                    del self.ranges[d.range_start]
+    def forget(self, d: Delivery) -> int | None:
+        """Drop ``d`` without settling it (given back, or its lease ran
+        out); the start of its range claim if nothing of that claim is left
+        out or unsettled now (the caller may delete the claim: every other
+        message of it is settled durably)."""
+        if self.out.get(d.offset) is not d:
+            return None
+        del self.out[d.offset]
+        r = self.ranges.get(d.range_start)
+        if r is not None:
+            r[1] -= 1
+            if r[1] <= 0:
+                del self.ranges[d.range_start]
+                return d.range_start
+        return None
 
     def pending(self) -> int:
         return len(self.acks) + len(self.nacks)

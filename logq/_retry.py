@@ -41,19 +41,25 @@ class CircuitBreaker:
         self.cooldown, self.probes = cooldown, probes
         self.state = "closed"
         self.opened = 0
-        self._outcomes: deque[tuple[float, bool]] = deque()
+        self._outcomes: deque[tuple[float, int, int]] = deque()   # (time, successes, failures)
+        self._calls = 0
         self._failures = 0
         self._opened_at = 0.0
         self._probes_out = 0
         self._probes_ok = 0
 
+    def current(self, now: float) -> str:
+        """The state now: an open breaker whose cooldown is over is half-open."""
+        if self.state == "open" and now - self._opened_at >= self.cooldown:
+            self.state, self._probes_out, self._probes_ok = "half_open", 0, 0
+        return self.state
+
     def allow(self, now: float) -> bool:
         """Whether a call may start now (in half-open: counts a probe)."""
-        if self.state == "open":
-            if now - self._opened_at < self.cooldown:
-                return False
-            self.state, self._probes_out, self._probes_ok = "half_open", 0, 0
-        if self.state == "half_open":
+        state = self.current(now)
+        if state == "open":
+            return False
+        if state == "half_open":
             if self._probes_out >= self.probes:
                 return False
             self._probes_out += 1
@@ -61,23 +67,30 @@ class CircuitBreaker:
 
     def record(self, ok: bool, now: float) -> None:
         """The outcome of a call that ``allow`` let through."""
+        self.record_many(int(ok), int(not ok), now)
+
+    def record_many(self, successes: int, failures: int, now: float) -> None:
+        """Outcomes of several calls, all at ``now``."""
         if self.state == "half_open":
-            if not ok:
+            if failures:
                 self._open(now)
                 return
-            self._probes_ok += 1
+            self._probes_ok += successes
             if self._probes_ok >= self.probes:
                 self.state = "closed"
                 self._outcomes.clear()
-                self._failures = 0
+                self._calls = self._failures = 0
             return
-        if self.state == "open":
+        if self.state == "open" or not successes + failures:
             return
-        self._outcomes.append((now, ok))
-        self._failures += not ok
+        self._outcomes.append((now, successes, failures))
+        self._calls += successes + failures
+        self._failures += failures
         while self._outcomes and self._outcomes[0][0] < now - self.window:
-            self._failures -= not self._outcomes.popleft()[1]
-        if len(self._outcomes) >= self.min_calls and self._failures >= self.threshold * len(self._outcomes):
+            _t, s, f = self._outcomes.popleft()
+            self._calls -= s + f
+            self._failures -= f
+        if self._calls >= self.min_calls and self._failures >= self.threshold * self._calls:
             self._open(now)
 
     def _open(self, now: float) -> None:
@@ -85,4 +98,4 @@ class CircuitBreaker:
         self.opened += 1
         self._opened_at = now
         self._outcomes.clear()
-        self._failures = 0
+        self._calls = self._failures = 0

@@ -402,3 +402,24 @@ def test_bad_put_and_group_arguments_leave_the_queue_intact(tmp_path):
                 q.consumer("g", **kw)
         assert len(q) == 1 and q.read(0) == b"keep"
         assert [m.data for m in q.consumer("g").get_many(10)] == [b"keep"]
+
+
+def test_settled_state_stays_merged_when_dead_letters_come_out_of_order(tmp_path):
+    # Dead letters are settled in the order their failures were committed,
+    # not in offset order; the settled intervals must still merge, so that
+    # the watermark reaches the end (and retention can delete segments).
+    with logq.open(tmp_path / "q") as q:
+        fill(q, 40)
+        c = q.consumer("g", max_attempts=1, commit_every=10**6, commit_interval=1000)
+        ms = c.get_many(40)
+        rng = random.Random(helpers.SEED)
+        rng.shuffle(ms)
+        for m in ms:
+            if m.offset % 2:
+                c.nack(m, error="odd")
+            else:
+                c.ack(m)
+        c.commit()
+        st = q.stats()["groups"]["g"]
+        assert st["watermark"] == 40 and st["backlog"] == 0 and st["dead_letters"] == 20
+        assert q._index.read(lambda t: sum(1 for _ in t.cursor(db=q._index.acks))) == 0

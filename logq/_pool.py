@@ -1,0 +1,582 @@
+"""The worker pool: run a handler on every message of a consumer group in N
+worker processes, never losing one.
+
+The parent process owns everything durable: it claims messages through a
+consumer of the group, sends them in batches to idle workers over pipes
+(payloads travel with the work, pickled in one go per batch), collects each
+batch's failures, acks and nacks, and commits: one index commit every
+``commit_every`` acks or ``commit_interval`` seconds.  A worker only runs
+the handler.  So:
+
+* a worker that dies (SIGKILL, a crash in C) or overruns ``timeout`` is
+  killed and replaced; the message it was running counts as a failed
+  attempt (the error says which), the rest of its batch is given back
+  unprocessed (no attempt counted);
+* the parent dying takes its workers with it (PR_SET_PDEATHSIG on Linux,
+  and a closed pipe everywhere) and releases its leases at once, so another
+  pool delivers what was not committed: at least once, with the redelivery
+  window of the consumer group (README);
+* a failure burst (a downstream outage) opens a circuit breaker: dispatch
+  stops for ``breaker_cooldown`` seconds, then a few probes go through; the
+  messages wait in the queue instead of burning their attempts.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import multiprocessing
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import dataclass, field, fields
+from multiprocessing.connection import Connection, wait as wait_for
+from operator import attrgetter
+from typing import Any, Callable
+
+from logq._consumer import Consumer, GroupOptions, Message
+from logq._errors import LogqError
+from logq._leases import Lease
+from logq._queue import Queue, _check_int, _check_seconds
+from logq._retry import CircuitBreaker
+
+log = logging.getLogger("logq")
+
+_TS = attrgetter("ts_ns")
+_LATENCY_SAMPLES = 20_000      # put -> commit latencies kept for the percentiles
+_IDLE_GRACE = 1.0
+_START_FAILURES = 5            # workers in a row dying before any work: give up, say why              # until_idle: retries due later than this do not keep the pool running
+
+
+@dataclass(frozen=True)
+class PoolOptions:
+    """The pool's own options, with their defaults (the consumer-group
+    options are accepted too: visibility_timeout, max_attempts,
+    backoff_base, backoff_max)."""
+    workers: int = 2                  # processes to start with
+    min_workers: int | None = None    # autoscaling floor (default: workers)
+    max_workers: int | None = None    # autoscaling ceiling (default: workers)
+    batch: bool = False               # handler(list_of_messages) instead of handler(message)
+    batch_size: int = 100             # messages sent to a worker at once
+    timeout: float | None = None      # a message running longer kills its worker (s)
+    start_method: str | None = None   # multiprocessing start method (default: forkserver, or spawn)
+    commit_every: int = 10_000        # commit acks after this many...
+    commit_interval: float = 0.5      # ...or this many seconds
+    breaker_threshold: float = 0.5    # failure fraction that opens the breaker...
+    breaker_window: float = 10.0      # ...over this many seconds...
+    breaker_min_calls: int = 20       # ...once at least this many outcomes are in
+    breaker_cooldown: float = 5.0     # open this long, then half-open
+    breaker_probes: int = 3           # probes that must succeed to close it
+    scale_interval: float = 1.0       # autoscaling looks this often (s)
+    idle_timeout: float = 5.0         # a worker idle this long may be stopped (s)
+
+    def __post_init__(self) -> None:
+        _check_int("workers", self.workers, 1, 4096)
+        lo = self.workers if self.min_workers is None else self.min_workers
+        hi = self.workers if self.max_workers is None else self.max_workers
+        _check_int("min_workers", lo, 1, 4096)
+        _check_int("max_workers", hi, 1, 4096)
+        if not lo <= self.workers <= hi:
+            raise ValueError(f"need min_workers <= workers <= max_workers, not {lo}, {self.workers}, {hi}")
+        object.__setattr__(self, "min_workers", lo)
+        object.__setattr__(self, "max_workers", hi)
+        _check_int("batch_size", self.batch_size, 1, 1 << 20)
+        _check_int("commit_every", self.commit_every, 1, 1 << 30)
+        _check_int("breaker_min_calls", self.breaker_min_calls, 1, 1 << 30)
+        _check_int("breaker_probes", self.breaker_probes, 1, 1 << 20)
+        for name in ("commit_interval", "breaker_window", "scale_interval", "idle_timeout"):
+            _check_seconds(name, getattr(self, name))
+        if self.timeout is not None:
+            _check_seconds("timeout", self.timeout)
+        if not 0 < self.breaker_threshold <= 1:
+            raise ValueError(f"breaker_threshold must be in (0, 1], not {self.breaker_threshold!r}")
+        if self.breaker_cooldown < 0:
+            raise ValueError("breaker_cooldown must not be negative")
+        methods = multiprocessing.get_all_start_methods()
+        if self.start_method is not None and self.start_method not in methods:
+            raise ValueError(f"start_method must be one of {methods}, not {self.start_method!r}")
+
+
+@dataclass
+class PoolStats:
+    """A snapshot of a pool.  Counts since the pool started; latencies are
+    from put to the commit that made the ack durable."""
+    processed: int = 0                # handled successfully, acked
+    failed: int = 0                   # handler raised, timed out, or its worker died
+    retried: int = 0                  # failures scheduled for another attempt
+    dead_lettered: int = 0            # failures that used up max_attempts
+    timeouts: int = 0
+    worker_deaths: int = 0            # workers that died or were killed (timeouts included)
+    in_flight: int = 0                # messages out with workers now
+    waiting: int = 0                  # claimed, not yet sent to a worker
+    workers: int = 0
+    busy_seconds: dict[int, float] = field(default_factory=dict)   # per worker pid
+    latency_p50: float | None = None
+    latency_p99: float | None = None
+    throughput: float = 0.0           # processed per second, over the last scale interval
+    breaker: str = "closed"
+    breaker_opened: int = 0
+    commits: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+def resolve_handler(spec: str | Callable[..., Any]) -> Callable[..., Any]:
+    """A handler given as a callable, or as ``"module:function"``."""
+    if callable(spec):
+        return spec
+    if not isinstance(spec, str) or ":" not in spec:
+        raise ValueError(f"a handler is a callable or 'module:function', not {spec!r}")
+    mod, _, name = spec.partition(":")
+    obj: Any = importlib.import_module(mod)
+    for part in name.split("."):
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"{spec} is not callable")
+    return obj
+
+
+def _die_with_parent() -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux)."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL, 0, 0, 0)      # PR_SET_PDEATHSIG
+    except Exception:  # pragma: no cover - best effort; the pipe still tells
+        pass
+
+
+def _worker_main(spec: Any, conn: Connection, progress: Any, batch: bool) -> None:
+    """A worker: receive (batch id, offsets, payloads, timestamps,
+    attempts, keys, priorities), run the handler, send back (batch id,
+    failures as (offset, error text)).  ``progress`` holds the offset being
+    handled and since when (monotonic ns; 0 when idle)."""
+    # (Under forkserver the parent is the fork server, which exits with the
+    # pool; a pool that died before this line shows as EOF on the pipe.)
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)     # the parent drains on ^C
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    handler = resolve_handler(spec)
+    while True:
+        try:
+            work = conn.recv()
+        except (EOFError, OSError):
+            return
+        if work is None:
+            return
+        batch_id, offsets, payloads, stamps, attempts, keys, prios = work
+        msgs = [Message(o, d, t, Lease(a, 0, -1, key=k, priority=p))
+                for o, d, t, a, k, p in zip(offsets, payloads, stamps, attempts, keys, prios)]
+        failures: list[tuple[int, str]] = []
+        if batch:
+            progress[0], progress[1] = offsets[0], time.monotonic_ns()
+            try:
+                handler(msgs)
+            except Exception:
+                err = traceback.format_exc()
+                failures = [(o, err) for o in offsets]
+        else:
+            for m in msgs:
+                progress[0], progress[1] = m.offset, time.monotonic_ns()
+                try:
+                    handler(m)
+                except Exception:
+                    failures.append((m.offset, traceback.format_exc()))
+        progress[1] = 0
+        try:
+            conn.send((batch_id, failures))
+        except (BrokenPipeError, OSError):
+            return
+
+
+class _Worker:
+    def __init__(self, ctx: Any, spec: Any, batch: bool) -> None:
+        self.conn, child = ctx.Pipe()
+        self.progress = ctx.RawArray("q", 2)
+        self.proc = ctx.Process(target=_worker_main, args=(spec, child, self.progress, batch),
+                                daemon=True, name="logq-worker")
+        self.proc.start()
+        child.close()
+        self.batch: tuple[int, list[Message]] | None = None   # (id, messages) out with it
+        self.busy = 0.0
+        self.batches_done = 0
+        self.since = 0.0              # when its current batch was sent (monotonic)
+        self.idle_since = time.monotonic()
+
+    def stop(self, grace: float) -> None:
+        try:
+            self.conn.send(None)
+        except (BrokenPipeError, OSError):
+            pass
+        self.proc.join(grace)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+        self.close()
+
+    def kill(self) -> None:
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join()
+        self.close()
+
+    def close(self) -> None:
+        self.conn.close()
+        self.proc.close()
+
+
+class WorkerPool:
+    """Run ``handler(message)`` (or ``handler(messages)`` with
+    ``batch=True``) on every message of consumer group ``group`` of the
+    queue at ``path``, in worker processes.  ``handler`` is an importable
+    callable (or ``"module:function"``).  Options: see PoolOptions, plus
+    the consumer-group options and ``queue_options`` for ``logq.open``.
+
+    Use ``run()`` (blocks; ``until_idle=True`` returns once nothing is left
+    to do), or ``start()``/``stop()``, or ``with WorkerPool(...) as pool``.
+    SIGTERM and SIGINT make ``run()`` drain: finish what workers hold,
+    commit, stop."""
+
+    def __init__(self, path: str | os.PathLike[str], handler: Any, group: str = "default", *,
+                 queue_options: dict[str, Any] | None = None,
+                 on_stats: Callable[[PoolStats], None] | None = None, **options: Any) -> None:
+        group_keys = {f.name for f in fields(GroupOptions)} - {"commit_every", "commit_interval", "prefetch"}
+        self.group_options = {k: options.pop(k) for k in list(options) if k in group_keys}
+        self.options = PoolOptions(**options)
+        self.path = os.fspath(path)
+        self.group = group
+        resolve_handler(handler)          # fail now, not in every worker
+        if not isinstance(handler, str):
+            try:
+                pickle.dumps(handler)
+            except Exception as e:
+                raise ValueError(f"the handler must be importable by the worker processes (a "
+                                 f"module-level function, or 'module:function'): {e}") from None
+        self.handler = handler
+        self.queue_options = dict(queue_options or {})
+        self.on_stats = on_stats
+        method = self.options.start_method or (
+            "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn")
+        self._ctx = multiprocessing.get_context(method)
+        self._stats = PoolStats()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._drain = True
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+        self._drain_timeout: float | None = None
+        self._start_failures = 0
+        self._target = self.options.workers
+        self._latencies: deque[float] = deque(maxlen=_LATENCY_SAMPLES)
+        self.breaker = CircuitBreaker(threshold=self.options.breaker_threshold,
+                                      window=self.options.breaker_window,
+                                      min_calls=self.options.breaker_min_calls,
+                                      cooldown=self.options.breaker_cooldown,
+                                      probes=self.options.breaker_probes)
+
+    # -- lifecycle --------------------------------------------------------------
+    def run(self, until_idle: bool = False) -> PoolStats:
+        """Process messages until ``stop()``, SIGTERM or SIGINT (or, with
+        ``until_idle``, until nothing is in flight and nothing is
+        deliverable); then drain and commit.  Returns the final stats."""
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                handlers[sig] = signal.signal(sig, lambda *_: self._stop.set())
+        try:
+            self._loop(until_idle)
+        finally:
+            for sig, old in handlers.items():
+                signal.signal(sig, old)
+        if self._error is not None:
+            raise self._error
+        return self.stats()
+
+    def start(self) -> "WorkerPool":
+        """Run in a background thread of this process (``stop()`` ends it)."""
+        if self._thread is not None:
+            raise LogqError("the pool is already started")
+        self._thread = threading.Thread(target=self._background, name="logq-pool", daemon=True)
+        self._thread.start()
+        return self
+
+    def _background(self) -> None:
+        try:
+            self._loop(False)
+        except BaseException as e:  # noqa: BLE001 - reported by stop()
+            self._error = e
+            log.exception("logq pool on %s failed", self.path)
+
+    def stop(self, drain: bool = True, timeout: float | None = None) -> PoolStats:
+        """Stop dispatching; with ``drain``, let workers finish what they
+        hold (up to ``timeout`` seconds), else kill them and give their work
+        back; commit; stop the workers.  Returns the final stats."""
+        self._drain = drain
+        self._drain_timeout = timeout
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            raise self._error
+        return self.stats()
+
+    def __enter__(self) -> "WorkerPool":
+        return self.start()
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+    def stats(self) -> PoolStats:
+        with self._lock:
+            s = PoolStats(**self._stats.as_dict())
+            s.busy_seconds = dict(self._stats.busy_seconds)
+            s.breaker = self.breaker.state
+            s.breaker_opened = self.breaker.opened
+            lat = sorted(self._latencies)
+        if lat:
+            s.latency_p50 = lat[len(lat) // 2]
+            s.latency_p99 = lat[min(len(lat) - 1, int(len(lat) * 0.99))]
+        return s
+
+    # -- the loop ---------------------------------------------------------------
+    def _loop(self, until_idle: bool) -> None:
+        o = self.options
+        q = Queue(self.path, **self.queue_options)
+        c = Consumer(q, self.group, commit_every=1 << 30, commit_interval=1e6, prefetch=1,
+                     **self.group_options)
+        workers: list[_Worker] = []
+        waiting: deque[Message] = deque()
+        self._batch_ids = 0
+        self._uncommitted: list[int] = []       # put timestamps (ns) of acks not yet committed
+        self._last_commit = time.monotonic()
+        last_scale = time.monotonic()
+        processed_at_scale = 0
+        pressure = 0
+        try:
+            for _ in range(self._target):
+                workers.append(_Worker(self._ctx, self.handler, o.batch))
+            while True:
+                now = time.monotonic()
+                stopping = self._stop.is_set()
+                self._reap_workers(c, workers, now)
+                self._collect(c, workers, 0.0)
+                if stopping:
+                    break
+                # dispatch to idle workers, as the breaker allows
+                idle = [w for w in workers if w.batch is None]
+                state = self.breaker.current(now)
+                if state == "open":
+                    if waiting:
+                        c.give_back(list(waiting))      # they wait in the queue, not here
+                        waiting.clear()
+                elif idle:
+                    if not waiting:
+                        want = o.batch_size * len(idle) if state == "closed" else len(idle)
+                        waiting.extend(c.get_many(want, timeout=0))
+                    for w in idle:
+                        if not waiting:
+                            break
+                        if state == "closed":
+                            self._send(w, [waiting.popleft() for _ in range(min(o.batch_size, len(waiting)))])
+                        elif self.breaker.allow(now):
+                            self._send(w, [waiting.popleft()])     # half-open: one probe
+                self._maybe_commit(c, force=False)
+                busy = [w for w in workers if w.batch is not None]
+                with self._lock:
+                    self._stats.in_flight = sum(len(w.batch[1]) for w in busy)  # type: ignore[index]
+                    self._stats.waiting = len(waiting)
+                    self._stats.workers = len(workers)
+                # autoscaling
+                if now - last_scale >= o.scale_interval:
+                    done = self._stats.processed - processed_at_scale
+                    with self._lock:
+                        self._stats.throughput = done / (now - last_scale)
+                    processed_at_scale = self._stats.processed
+                    last_scale = now
+                    pressure = self._scale(workers, waiting, pressure, now)
+                    if self.on_stats is not None:
+                        self.on_stats(self.stats())
+                if not busy and not waiting:
+                    if state == "open":
+                        self._stop.wait(0.05)           # the cooldown runs
+                        continue
+                    if until_idle and self._idle(c):
+                        break
+                    # nothing out: sleep in get_many (a put wakes it)
+                    want = o.batch_size * max(1, len(idle)) if state == "closed" else 1
+                    waiting.extend(c.get_many(want, timeout=0.2))
+                elif busy:
+                    self._collect(c, workers, 0.05 if idle and not waiting else 0.2)
+            self._shutdown(c, workers, waiting)
+        finally:
+            for w in workers:
+                w.kill()
+            c.close()
+            q.close()
+
+    def _send(self, w: _Worker, msgs: list[Message]) -> None:
+        self._batch_ids += 1
+        w.batch = (self._batch_ids, msgs)
+        w.since = time.monotonic()
+        try:
+            w.conn.send((self._batch_ids, [m.offset for m in msgs], [m.data for m in msgs],
+                         [m.ts_ns for m in msgs], [m.attempt for m in msgs],
+                         [m.key for m in msgs], [m.priority for m in msgs]))
+        except (BrokenPipeError, OSError):
+            pass        # it died: _reap_workers settles the batch
+
+    def _collect(self, c: Consumer, workers: list[_Worker], timeout: float) -> None:
+        """Settle the batches that workers finished (waiting up to ``timeout``)."""
+        busy = {w.conn: w for w in workers if w.batch is not None}
+        if not busy:
+            return
+        for conn in wait_for(list(busy), timeout):
+            w = busy[conn]
+            try:
+                batch_id, failures = conn.recv()
+            except (EOFError, OSError):
+                continue    # it died: _reap_workers
+            assert w.batch is not None and w.batch[0] == batch_id
+            msgs = w.batch[1]
+            w.batch = None
+            w.batches_done += 1
+            now = time.monotonic()
+            w.busy += now - w.since
+            w.idle_since = now
+            with self._lock:
+                self._stats.busy_seconds[w.proc.pid or 0] = w.busy
+            self._settle(c, msgs, dict(failures), now)
+
+    def _settle(self, c: Consumer, msgs: list[Message], failures: dict[int, str], now: float) -> None:
+        ok = [m for m in msgs if m.offset not in failures] if failures else msgs
+        c.ack_many(ok)
+        self._uncommitted += map(_TS, ok)
+        self.breaker.record_many(len(ok), len(msgs) - len(ok), now)
+        with self._lock:
+            self._stats.processed += len(ok)
+        for m in msgs:
+            if m.offset in failures:
+                self._failed(c, m, failures[m.offset])
+
+    def _failed(self, c: Consumer, m: Message, error: str) -> None:
+        dead = m.attempt >= c.options.max_attempts
+        c.nack(m, error=error[-4000:])
+        with self._lock:
+            self._stats.failed += 1
+            if dead:
+                self._stats.dead_lettered += 1
+            else:
+                self._stats.retried += 1
+
+    def _reap_workers(self, c: Consumer, workers: list[_Worker], now: float) -> None:
+        """Replace workers that died or overran the timeout; settle their work."""
+        o = self.options
+        for w in list(workers):
+            timed_out = False
+            if w.batch is not None and o.timeout is not None and w.progress[1]:
+                timed_out = time.monotonic_ns() - w.progress[1] > o.timeout * 1e9
+            if w.proc.is_alive() and not timed_out:
+                continue
+            if timed_out:
+                w.proc.kill()
+            w.proc.join()
+            code = w.proc.exitcode
+            running = w.progress[0] if w.progress[1] else None
+            batch = w.batch[1] if w.batch is not None else []
+            w.close()
+            workers.remove(w)
+            with self._lock:
+                self._stats.worker_deaths += 1
+                self._stats.timeouts += timed_out
+            what = (f"timed out after {o.timeout}s (worker killed)" if timed_out
+                    else f"worker process died (exit code {code})")
+            log.warning("logq pool %s: %s while handling offset %s", self.path, what, running)
+            if w.batches_done == 0 and not batch:
+                self._start_failures += 1
+                if self._start_failures >= _START_FAILURES:
+                    raise LogqError(f"logq pool {self.path}: {self._start_failures} workers in a row "
+                                    f"died before doing any work (last exit code {code}); see their "
+                                    "output (is the handler importable in a fresh process?)")
+            else:
+                self._start_failures = 0
+            started = [m for m in batch if m.offset == running]
+            rest = [m for m in batch if m.offset != running]
+            if rest:
+                c.give_back(rest)       # not started, or done and unreported: not counted
+            for m in started:
+                self.breaker.record(False, now)
+                self._failed(c, m, what)
+            if not self._stop.is_set() and len(workers) < max(self._target, o.min_workers):
+                workers.append(_Worker(self._ctx, self.handler, o.batch))
+
+    def _maybe_commit(self, c: Consumer, force: bool) -> None:
+        o = self.options
+        if force or len(self._uncommitted) >= o.commit_every or \
+                time.monotonic() - self._last_commit >= o.commit_interval:
+            c.commit()
+            now = time.time_ns()
+            self._latencies.extend((now - t) / 1e9 for t in self._uncommitted)
+            self._uncommitted = []
+            self._last_commit = time.monotonic()
+            with self._lock:
+                self._stats.commits += 1
+
+    def _idle(self, c: Consumer) -> bool:
+        """Nothing deliverable now, and no retry due within _IDLE_GRACE
+        (after committing: nacks enter the schedule at commit)."""
+        self._maybe_commit(c, force=True)
+        due = c._g.next_due()
+        return due is None or due > time.time_ns() + _IDLE_GRACE * 1e9
+
+    def _scale(self, workers: list[_Worker], waiting: deque[Message], pressure: int,
+               now: float) -> int:
+        """Grow by one when every worker was busy and work was waiting for
+        two looks in a row; shrink by one when a worker has been idle for
+        idle_timeout (never below min_workers)."""
+        o = self.options
+        all_busy = workers and all(w.batch is not None for w in workers)
+        pressure = pressure + 1 if all_busy and waiting else 0
+        if pressure >= 2 and len(workers) < o.max_workers:
+            workers.append(_Worker(self._ctx, self.handler, o.batch))
+            self._target = len(workers)
+            log.info("logq pool %s: backlog: %d workers now", self.path, len(workers))
+            return 0
+        if len(workers) > o.min_workers:
+            for w in workers:
+                if w.batch is None and now - w.idle_since >= o.idle_timeout:
+                    workers.remove(w)
+                    w.stop(1.0)
+                    self._target = len(workers)
+                    log.info("logq pool %s: idle: %d workers now", self.path, len(workers))
+                    break
+        return pressure
+
+    def _shutdown(self, c: Consumer, workers: list[_Worker], waiting: deque[Message]) -> None:
+        """Stop: give back what was never sent, drain (or kill) the workers,
+        commit."""
+        if waiting:
+            c.give_back(list(waiting))
+            waiting.clear()
+        deadline = None if self._drain_timeout is None else time.monotonic() + self._drain_timeout
+        while self._drain and any(w.batch is not None for w in workers):
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+            self._reap_workers(c, workers, time.monotonic())
+            self._collect(c, workers, 0.1)
+        for w in list(workers):
+            if w.batch is not None:
+                w.kill()
+                c.give_back(w.batch[1])
+            else:
+                w.stop(2.0)
+            workers.remove(w)
+        self._maybe_commit(c, force=True)
