@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 import logq
@@ -30,6 +31,25 @@ def _bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _work(args: argparse.Namespace) -> int:
+    sys.path.insert(0, os.getcwd())     # handlers in the current directory, as `python -m` finds them
+    options = {"workers": args.workers, "batch_size": args.batch_size}
+    if args.timeout is not None:
+        options["timeout"] = args.timeout
+    if args.max_workers is not None:
+        options["max_workers"] = max(args.max_workers, args.workers)
+    if args.max_attempts is not None:
+        options["max_attempts"] = args.max_attempts
+    pool = logq.WorkerPool(args.path, args.handler, group=args.group, **options)
+    st = pool.run(until_idle=args.until_idle)
+    summary = {k: v for k, v in st.as_dict().items() if k != "busy_seconds"}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(", ".join(f"{k} {v}" for k, v in summary.items() if v not in (None, 0, {})), file=sys.stderr)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="logq", description="Operate logq queues.")
     parser.add_argument("--version", action="version", version=f"logq {logq.__version__}")
@@ -42,12 +62,25 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--json", action="store_true", help="print the results as JSON")
     b.set_defaults(func=_bench)
 
+    w = sub.add_parser("work", help="run a worker pool: HANDLER on every message of a consumer group")
+    w.add_argument("path", help="the queue directory")
+    w.add_argument("handler", help="module:function, importable (the current directory is on the path)")
+    w.add_argument("--group", default="default", help="consumer group (default 'default')")
+    w.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (default: CPUs)")
+    w.add_argument("--max-workers", type=int, default=None, help="autoscale up to this many")
+    w.add_argument("--batch-size", type=int, default=100, help="messages sent to a worker at once")
+    w.add_argument("--timeout", type=float, default=None, help="seconds a message may run")
+    w.add_argument("--max-attempts", type=int, default=None, help="deliveries before dead-lettering")
+    w.add_argument("--until-idle", action="store_true", help="return once nothing is left to do")
+    w.add_argument("--json", action="store_true", help="print the final stats as JSON")
+    w.set_defaults(func=_work)
+
     args = parser.parse_args(argv)
     if getattr(args, "messages", 1) <= 0 or getattr(args, "payload", 1) < 0:
         parser.error("--messages must be positive and --payload not negative")
     try:
         return args.func(args)
-    except logq.LogqError as e:
+    except (logq.LogqError, ValueError, ImportError, AttributeError) as e:
         print(f"logq: {e}", file=sys.stderr)
         return 1
 
