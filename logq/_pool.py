@@ -36,6 +36,7 @@ import traceback
 from collections import deque
 from dataclasses import dataclass, field, fields
 from multiprocessing.connection import Connection, wait as wait_for
+from itertools import repeat
 from operator import attrgetter
 from typing import Any, Callable
 
@@ -47,9 +48,12 @@ from logq._retry import CircuitBreaker
 
 log = logging.getLogger("logq")
 
-_TS = attrgetter("ts_ns")
+_TS, _OFFSET, _DATA, _LEASE = attrgetter("ts_ns"), attrgetter("offset"), attrgetter("data"), attrgetter("_l")
 _LATENCY_SAMPLES = 20_000      # put -> commit latencies kept for the percentiles
 _IDLE_GRACE = 1.0
+_BATCH_SECONDS = 0.02          # adaptive batch size: about this much work per batch...
+_BATCH_MAX = 2000              # ...within 1 and this many messages
+_DEPTH = 2                     # batches out with one worker at a time
 _START_FAILURES = 5            # workers in a row dying before any work: give up, say why              # until_idle: retries due later than this do not keep the pool running
 
 
@@ -62,7 +66,7 @@ class PoolOptions:
     min_workers: int | None = None    # autoscaling floor (default: workers)
     max_workers: int | None = None    # autoscaling ceiling (default: workers)
     batch: bool = False               # handler(list_of_messages) instead of handler(message)
-    batch_size: int = 100             # messages sent to a worker at once
+    batch_size: int | None = None     # messages sent to a worker at once (None: adaptive)
     timeout: float | None = None      # a message running longer kills its worker (s)
     start_method: str | None = None   # multiprocessing start method (default: forkserver, or spawn)
     commit_every: int = 10_000        # commit acks after this many...
@@ -85,7 +89,8 @@ class PoolOptions:
             raise ValueError(f"need min_workers <= workers <= max_workers, not {lo}, {self.workers}, {hi}")
         object.__setattr__(self, "min_workers", lo)
         object.__setattr__(self, "max_workers", hi)
-        _check_int("batch_size", self.batch_size, 1, 1 << 20)
+        if self.batch_size is not None:
+            _check_int("batch_size", self.batch_size, 1, 1 << 20)
         _check_int("commit_every", self.commit_every, 1, 1 << 30)
         _check_int("breaker_min_calls", self.breaker_min_calls, 1, 1 << 30)
         _check_int("breaker_probes", self.breaker_probes, 1, 1 << 20)
@@ -155,8 +160,8 @@ def _die_with_parent() -> None:
 
 
 def _worker_main(spec: Any, conn: Connection, progress: Any, batch: bool) -> None:
-    """A worker: receive (batch id, offsets, payloads, timestamps,
-    attempts, keys, priorities), run the handler, send back (batch id,
+    """A worker: receive (batch id, offsets, payloads, timestamps, None or
+    (attempts, keys, priorities)), run the handler, send back (batch id,
     failures as (offset, error text)).  ``progress`` holds the offset being
     handled and since when (monotonic ns; 0 when idle)."""
     # (Under forkserver the parent is the fork server, which exits with the
@@ -172,9 +177,13 @@ def _worker_main(spec: Any, conn: Connection, progress: Any, batch: bool) -> Non
             return
         if work is None:
             return
-        batch_id, offsets, payloads, stamps, attempts, keys, prios = work
-        msgs = [Message(o, d, t, Lease(a, 0, -1, key=k, priority=p))
-                for o, d, t, a, k, p in zip(offsets, payloads, stamps, attempts, keys, prios)]
+        batch_id, offsets, payloads, stamps, extra = work
+        if extra is None:
+            lease = Lease(1, 0, -1)
+            msgs = list(map(Message, offsets, payloads, stamps, repeat(lease)))
+        else:
+            msgs = [Message(o, d, t, Lease(a, 0, -1, key=k, priority=p))
+                    for o, d, t, a, k, p in zip(offsets, payloads, stamps, *extra)]
         failures: list[tuple[int, str]] = []
         if batch:
             progress[0], progress[1] = offsets[0], time.monotonic_ns()
@@ -205,7 +214,10 @@ class _Worker:
                                 daemon=True, name="logq-worker")
         self.proc.start()
         child.close()
-        self.batch: tuple[int, list[Message]] | None = None   # (id, messages) out with it
+        # Batches sent and not yet reported, oldest first: a second one
+        # waits in the pipe while the first runs, so a worker never idles
+        # for a round trip.
+        self.out: deque[tuple[int, list[Message]]] = deque()
         self.busy = 0.0
         self.batches_done = 0
         self.since = 0.0              # when its current batch was sent (monotonic)
@@ -274,6 +286,7 @@ class WorkerPool:
         self._error: BaseException | None = None
         self._drain_timeout: float | None = None
         self._start_failures = 0
+        self._per_message = 0.0         # smoothed seconds of handler time per message
         self._target = self.options.workers
         self._latencies: deque[float] = deque(maxlen=_LATENCY_SAMPLES)
         self.breaker = CircuitBreaker(threshold=self.options.breaker_threshold,
@@ -371,28 +384,29 @@ class WorkerPool:
                 self._collect(c, workers, 0.0)
                 if stopping:
                     break
-                # dispatch to idle workers, as the breaker allows
-                idle = [w for w in workers if w.batch is None]
+                # dispatch to workers with room, as the breaker allows
+                idle = [w for w in workers if len(w.out) < _DEPTH]
                 state = self.breaker.current(now)
                 if state == "open":
                     if waiting:
                         c.give_back(list(waiting))      # they wait in the queue, not here
                         waiting.clear()
                 elif idle:
+                    size = self._batch_size()
                     if not waiting:
-                        want = o.batch_size * len(idle) if state == "closed" else len(idle)
+                        want = size * len(idle) if state == "closed" else len(idle)
                         waiting.extend(c.get_many(want, timeout=0))
                     for w in idle:
                         if not waiting:
                             break
                         if state == "closed":
-                            self._send(w, [waiting.popleft() for _ in range(min(o.batch_size, len(waiting)))])
+                            self._send(w, [waiting.popleft() for _ in range(min(size, len(waiting)))])
                         elif self.breaker.allow(now):
                             self._send(w, [waiting.popleft()])     # half-open: one probe
                 self._maybe_commit(c, force=False)
-                busy = [w for w in workers if w.batch is not None]
+                busy = [w for w in workers if w.out]
                 with self._lock:
-                    self._stats.in_flight = sum(len(w.batch[1]) for w in busy)  # type: ignore[index]
+                    self._stats.in_flight = sum(len(b[1]) for w in busy for b in w.out)
                     self._stats.waiting = len(waiting)
                     self._stats.workers = len(workers)
                 # autoscaling
@@ -412,10 +426,11 @@ class WorkerPool:
                     if until_idle and self._idle(c):
                         break
                     # nothing out: sleep in get_many (a put wakes it)
-                    want = o.batch_size * max(1, len(idle)) if state == "closed" else 1
+                    want = self._batch_size() * max(1, len(idle)) if state == "closed" else 1
                     waiting.extend(c.get_many(want, timeout=0.2))
                 elif busy:
-                    self._collect(c, workers, 0.05 if idle and not waiting else 0.2)
+                    starved = any(not w.out for w in workers) and not waiting
+                    self._collect(c, workers, 0.05 if starved else 0.2)
             self._shutdown(c, workers, waiting)
         finally:
             for w in workers:
@@ -423,20 +438,34 @@ class WorkerPool:
             c.close()
             q.close()
 
+    def _batch_size(self) -> int:
+        """The option, or enough messages for about _BATCH_SECONDS of work."""
+        if self.options.batch_size is not None:
+            return self.options.batch_size
+        if not self._per_message:
+            return 100
+        return max(1, min(_BATCH_MAX, int(_BATCH_SECONDS / self._per_message)))
+
     def _send(self, w: _Worker, msgs: list[Message]) -> None:
         self._batch_ids += 1
-        w.batch = (self._batch_ids, msgs)
-        w.since = time.monotonic()
+        if not w.out:
+            w.since = time.monotonic()
+        w.out.append((self._batch_ids, msgs))
+        # Attempts, keys and priorities only when some message has them
+        # (a fresh batch shares one lease: attempt 1, no key, priority 0).
+        plain = all(le.attempt == 1 and le.key is None and not le.priority
+                    for le in set(map(_LEASE, msgs)))
+        extra = None if plain else ([m.attempt for m in msgs], [m.key for m in msgs],
+                                    [m.priority for m in msgs])
         try:
-            w.conn.send((self._batch_ids, [m.offset for m in msgs], [m.data for m in msgs],
-                         [m.ts_ns for m in msgs], [m.attempt for m in msgs],
-                         [m.key for m in msgs], [m.priority for m in msgs]))
+            w.conn.send((self._batch_ids, list(map(_OFFSET, msgs)), list(map(_DATA, msgs)),
+                         list(map(_TS, msgs)), extra))
         except (BrokenPipeError, OSError):
             pass        # it died: _reap_workers settles the batch
 
     def _collect(self, c: Consumer, workers: list[_Worker], timeout: float) -> None:
         """Settle the batches that workers finished (waiting up to ``timeout``)."""
-        busy = {w.conn: w for w in workers if w.batch is not None}
+        busy = {w.conn: w for w in workers if w.out}
         if not busy:
             return
         for conn in wait_for(list(busy), timeout):
@@ -445,12 +474,15 @@ class WorkerPool:
                 batch_id, failures = conn.recv()
             except (EOFError, OSError):
                 continue    # it died: _reap_workers
-            assert w.batch is not None and w.batch[0] == batch_id
-            msgs = w.batch[1]
-            w.batch = None
+            sent_id, msgs = w.out.popleft()
+            assert sent_id == batch_id, (sent_id, batch_id)
             w.batches_done += 1
             now = time.monotonic()
-            w.busy += now - w.since
+            took = now - w.since
+            w.busy += took
+            each = took / len(msgs)
+            self._per_message = each if not self._per_message else 0.8 * self._per_message + 0.2 * each
+            w.since = now
             w.idle_since = now
             with self._lock:
                 self._stats.busy_seconds[w.proc.pid or 0] = w.busy
@@ -482,7 +514,7 @@ class WorkerPool:
         o = self.options
         for w in list(workers):
             timed_out = False
-            if w.batch is not None and o.timeout is not None and w.progress[1]:
+            if w.out and o.timeout is not None and w.progress[1]:
                 timed_out = time.monotonic_ns() - w.progress[1] > o.timeout * 1e9
             if w.proc.is_alive() and not timed_out:
                 continue
@@ -491,7 +523,7 @@ class WorkerPool:
             w.proc.join()
             code = w.proc.exitcode
             running = w.progress[0] if w.progress[1] else None
-            batch = w.batch[1] if w.batch is not None else []
+            batch = [m for _id, ms in w.out for m in ms]
             w.close()
             workers.remove(w)
             with self._lock:
@@ -543,7 +575,7 @@ class WorkerPool:
         two looks in a row; shrink by one when a worker has been idle for
         idle_timeout (never below min_workers)."""
         o = self.options
-        all_busy = workers and all(w.batch is not None for w in workers)
+        all_busy = workers and all(w.out for w in workers)
         pressure = pressure + 1 if all_busy and waiting else 0
         if pressure >= 2 and len(workers) < o.max_workers:
             workers.append(_Worker(self._ctx, self.handler, o.batch))
@@ -552,7 +584,7 @@ class WorkerPool:
             return 0
         if len(workers) > o.min_workers:
             for w in workers:
-                if w.batch is None and now - w.idle_since >= o.idle_timeout:
+                if not w.out and now - w.idle_since >= o.idle_timeout:
                     workers.remove(w)
                     w.stop(1.0)
                     self._target = len(workers)
@@ -567,15 +599,15 @@ class WorkerPool:
             c.give_back(list(waiting))
             waiting.clear()
         deadline = None if self._drain_timeout is None else time.monotonic() + self._drain_timeout
-        while self._drain and any(w.batch is not None for w in workers):
+        while self._drain and any(w.out for w in workers):
             if deadline is not None and time.monotonic() >= deadline:
                 break
             self._reap_workers(c, workers, time.monotonic())
             self._collect(c, workers, 0.1)
         for w in list(workers):
-            if w.batch is not None:
+            if w.out:
                 w.kill()
-                c.give_back(w.batch[1])
+                c.give_back([m for _id, ms in w.out for m in ms])
             else:
                 w.stop(2.0)
             workers.remove(w)

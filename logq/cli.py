@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--group", default="default", help="consumer group (default 'default')")
     w.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="worker processes (default: CPUs)")
     w.add_argument("--max-workers", type=int, default=None, help="autoscale up to this many")
-    w.add_argument("--batch-size", type=int, default=100, help="messages sent to a worker at once")
+    w.add_argument("--batch-size", type=int, default=None, help="messages sent to a worker at once (default: adaptive)")
     w.add_argument("--timeout", type=float, default=None, help="seconds a message may run")
     w.add_argument("--max-attempts", type=int, default=None, help="deliveries before dead-lettering")
     w.add_argument("--until-idle", action="store_true", help="return once nothing is left to do")
