@@ -416,7 +416,7 @@ class WorkerPool:
                         self._stats.throughput = done / (now - last_scale)
                     processed_at_scale = self._stats.processed
                     last_scale = now
-                    pressure = self._scale(workers, waiting, pressure, now)
+                    pressure = self._scale(c, workers, waiting, pressure, now)
                     if self.on_stats is not None:
                         self.on_stats(self.stats())
                 if not busy and not waiting:
@@ -569,13 +569,17 @@ class WorkerPool:
         due = c._g.next_due()
         return due is None or due > time.time_ns() + _IDLE_GRACE * 1e9
 
-    def _scale(self, workers: list[_Worker], waiting: deque[Message], pressure: int,
+    def _scale(self, c: Consumer, workers: list[_Worker], waiting: deque[Message], pressure: int,
                now: float) -> int:
         """Grow by one when every worker was busy and work was waiting for
         two looks in a row; shrink by one when a worker has been idle for
         idle_timeout (never below min_workers)."""
         o = self.options
-        all_busy = workers and all(w.out for w in workers)
+        all_busy = bool(workers) and all(w.out for w in workers)
+        if all_busy and not waiting and len(workers) < o.max_workers:
+            # Is there more to do than the workers hold?  (Dispatch claims
+            # only what fits, so nothing waits here while all are busy.)
+            waiting.extend(c.get_many(1, timeout=0))
         pressure = pressure + 1 if all_busy and waiting else 0
         if pressure >= 2 and len(workers) < o.max_workers:
             workers.append(_Worker(self._ctx, self.handler, o.batch))
