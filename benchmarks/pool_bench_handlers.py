@@ -1,14 +1,22 @@
-"""Module-level handlers for test_pool.py: the pool's workers (started with
-forkserver or spawn) import them by name, so they live in a module of their
-own, importable in a fresh interpreter (bench_helpers.child_env() and
-test_pool.py put this directory on the path)."""
+"""Module-level handlers for test_pool.py.  Worker processes are started
+with forkserver or spawn and import their handler by name, so the handlers
+live in a module of their own, importable in a fresh interpreter (this
+directory is on sys.path: conftest.py puts it there, and the workers get
+the parent's sys.path).
+
+``noop`` and ``sleep_10ms`` are logq.WorkerPool handlers (they get a
+logq.Message; returning normally acks it).  ``noop_result`` and
+``sleep_10ms_result`` do the same work for the baseline,
+multiprocessing.Pool, whose tasks are (id, payload) pairs: they return the
+id, so that the parent can count what its workers handled.
+"""
 
 from __future__ import annotations
 
 import time
 from typing import Any
 
-SLEEP = 0.010      # seconds per message of the sleeping handler
+SLEEP = 0.010      # seconds per message of the sleeping handlers
 
 
 def noop(message: Any) -> None:
@@ -20,13 +28,12 @@ def sleep_10ms(message: Any) -> None:
     time.sleep(SLEEP)
 
 
-def noop_result(item: Any) -> int:
-    """The baseline's no-op (multiprocessing.Pool): returns 1 so that the
-    parent can count what its workers handled."""
-    return 1
+def noop_result(task: tuple[int, bytes]) -> int:
+    """The baseline's no-op: return the task's id."""
+    return task[0]
 
 
-def sleep_10ms_result(item: Any) -> int:
-    """The baseline's sleeping handler: returns 1, counted by the parent."""
+def sleep_10ms_result(task: tuple[int, bytes]) -> int:
+    """The baseline's sleeping handler: sleep 10 ms, return the task's id."""
     time.sleep(SLEEP)
-    return 1
+    return task[0]
