@@ -53,7 +53,9 @@ _LATENCY_SAMPLES = 20_000      # put -> commit latencies kept for the percentile
 _IDLE_GRACE = 1.0
 _BATCH_SECONDS = 0.02          # adaptive batch size: about this much work per batch...
 _BATCH_MAX = 2000              # ...within 1 and this many messages
-_DEPTH = 2                     # batches out with one worker at a time
+_DEPTH = 2                     # batches out with one worker at a time, if small enough:
+_PIPE_ROOM = 48 << 10          # a batch queued behind a running one must fit in the pipe
+                               # (a hung worker never reads it: a larger send would block)
 _START_FAILURES = 5            # workers in a row dying before any work: give up, say why              # until_idle: retries due later than this do not keep the pool running
 
 
@@ -159,7 +161,18 @@ def _die_with_parent() -> None:
         pass
 
 
-def _worker_main(spec: Any, conn: Connection, progress: Any, batch: bool) -> None:
+def _watch_pool(alive: Connection) -> None:
+    """Exit the worker when the pool's end of ``alive`` closes (the pool
+    died), even while the handler hangs.  (Under forkserver the worker's
+    parent is the fork server, which need not notice the pool's death.)"""
+    try:
+        alive.recv_bytes()
+    except (EOFError, OSError):
+        pass
+    os._exit(3)
+
+
+def _worker_main(spec: Any, conn: Connection, progress: Any, batch: bool, alive: Connection) -> None:
     """A worker: receive (batch id, offsets, payloads, timestamps, None or
     (attempts, keys, priorities)), run the handler, send back (batch id,
     failures as (offset, error text)).  ``progress`` holds the offset being
@@ -167,6 +180,7 @@ def _worker_main(spec: Any, conn: Connection, progress: Any, batch: bool) -> Non
     # (Under forkserver the parent is the fork server, which exits with the
     # pool; a pool that died before this line shows as EOF on the pipe.)
     _die_with_parent()
+    threading.Thread(target=_watch_pool, args=(alive,), daemon=True, name="logq-watch").start()
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # the parent drains on ^C
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     handler = resolve_handler(spec)
@@ -209,11 +223,13 @@ def _worker_main(spec: Any, conn: Connection, progress: Any, batch: bool) -> Non
 class _Worker:
     def __init__(self, ctx: Any, spec: Any, batch: bool) -> None:
         self.conn, child = ctx.Pipe()
+        watch, self.alive = ctx.Pipe(duplex=False)   # the pool holds the write end until it dies
         self.progress = ctx.RawArray("q", 2)
-        self.proc = ctx.Process(target=_worker_main, args=(spec, child, self.progress, batch),
+        self.proc = ctx.Process(target=_worker_main, args=(spec, child, self.progress, batch, watch),
                                 daemon=True, name="logq-worker")
         self.proc.start()
         child.close()
+        watch.close()
         # Batches sent and not yet reported, oldest first: a second one
         # waits in the pipe while the first runs, so a worker never idles
         # for a round trip.
@@ -242,6 +258,7 @@ class _Worker:
 
     def close(self) -> None:
         self.conn.close()
+        self.alive.close()
         self.proc.close()
 
 
@@ -287,6 +304,7 @@ class WorkerPool:
         self._drain_timeout: float | None = None
         self._start_failures = 0
         self._per_message = 0.0         # smoothed seconds of handler time per message
+        self._batch_bytes = 1 << 30     # bytes of the last batch sent (pipelining waits for one)
         self._target = self.options.workers
         self._latencies: deque[float] = deque(maxlen=_LATENCY_SAMPLES)
         self.breaker = CircuitBreaker(threshold=self.options.breaker_threshold,
@@ -385,7 +403,8 @@ class WorkerPool:
                 if stopping:
                     break
                 # dispatch to workers with room, as the breaker allows
-                idle = [w for w in workers if len(w.out) < _DEPTH]
+                depth = _DEPTH if self._batch_bytes <= _PIPE_ROOM else 1
+                idle = [w for w in workers if len(w.out) < depth]
                 state = self.breaker.current(now)
                 if state == "open":
                     if waiting:
@@ -457,9 +476,10 @@ class WorkerPool:
                     for le in set(map(_LEASE, msgs)))
         extra = None if plain else ([m.attempt for m in msgs], [m.key for m in msgs],
                                     [m.priority for m in msgs])
+        datas = list(map(_DATA, msgs))
+        self._batch_bytes = sum(map(len, datas)) + 48 * len(msgs)
         try:
-            w.conn.send((self._batch_ids, list(map(_OFFSET, msgs)), list(map(_DATA, msgs)),
-                         list(map(_TS, msgs)), extra))
+            w.conn.send((self._batch_ids, list(map(_OFFSET, msgs)), datas, list(map(_TS, msgs)), extra))
         except (BrokenPipeError, OSError):
             pass        # it died: _reap_workers settles the batch
 

@@ -13,6 +13,7 @@ Commit order, in one place (``_sync_to``):
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import stat
@@ -109,6 +110,20 @@ def _check_number(name: str, value: Any) -> None:
         raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
     if not 0 <= value < 1e11:
         raise ValueError(f"{name} must be a finite, non-negative number of seconds, not {value!r}")
+
+
+def _fdatasync_unless_deleted(seg: Any) -> None:
+    """fdatasync a segment, unless retention deleted (and closed) it since
+    it was listed: its records were all settled, there is nothing to keep."""
+    fd = seg.fd
+    if fd < 0:
+        return
+    try:
+        os.fdatasync(fd)
+    except OSError as e:
+        if e.errno == errno.EBADF and seg.fd < 0:
+            return
+        raise
 
 
 class _NoRoom(Exception):
@@ -538,7 +553,7 @@ class Queue:
             else:
                 segs = [lg.active]
             for seg in segs:
-                os.fdatasync(seg.fd)
+                _fdatasync_unless_deleted(seg)
             self._synced_base = segs[-1].base
             self._fsyncs += 1
             done = nxt
@@ -778,7 +793,12 @@ class Queue:
             lg = self._open_log()
             first = lg.first()
             tail = lg.tail()
-            sizes = sum(os.path.getsize(os.path.join(self.path, F.segment_name(b))) for b in lg.bases)
+            sizes = 0
+            for b in lg.bases:
+                try:
+                    sizes += os.path.getsize(os.path.join(self.path, F.segment_name(b)))
+                except FileNotFoundError:
+                    pass        # deleted by retention in another process since listed
             rec = self._recovery
             out = {
                 "path": self.path,
