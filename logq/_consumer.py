@@ -582,10 +582,31 @@ class _Group:
                     txn.put(p + _be(off), _be(due), db=idx.pending)
         idx.write(fn)
 
+    def from_buffer(self, n: int, a_get: bool) -> list[Message]:
+        """Up to ``n`` messages this process claimed for get() and has not
+        handed out (``a_get``: count the call for get()'s prefetch rate)."""
+        out: list[Message] = []
+        with self.lock:
+            buf = self.buffer
+            while buf and len(out) < n:
+                m = buf.popleft()
+                if m.deadline > time.monotonic_ns():
+                    out.append(m)
+                else:
+                    self.ledger.forget(m)   # expired while buffered: left to the reaper
+            if a_get:
+                self._gets += 1
+            if out:
+                self.handed(out)
+        return out
+
     def handed(self, ms: list[Message]) -> None:
         """Count messages handed to the caller (under ``self.lock``): a
         message claimed and given back unseen is not delivered."""
         self.delivered += len(ms)
+        if len(ms) == 1:                # get(): no Counter for one
+            self.redelivered += ms[0]._l.attempt > 1
+            return
         for lease, k in Counter(map(_LEASE, ms)).items():
             if lease.attempt > 1:
                 self.redelivered += k
@@ -896,17 +917,10 @@ class Consumer:
     def get(self, timeout: float | None = None) -> Message:
         """The next message, leased for ``visibility_timeout``.  Blocks up to
         ``timeout`` seconds (None: until one comes); raises logq.Empty then."""
-        g = self._g
-        with g.lock:
-            # The fast path: a message this process already claimed.
-            if g.buffer and not self._closed:
-                m = g.buffer.popleft()
-                if m.deadline > time.monotonic_ns():
-                    g._gets += 1
-                    g.delivered += 1
-                    g.redelivered += m.attempt > 1
-                    return m
-                g.ledger.forget(m)      # expired while buffered: left to the reaper
+        if not self._closed:
+            got = self._g.from_buffer(1, True)     # the fast path: claimed already
+            if got:
+                return got[0]
         msgs = self._get(1, timeout, True)
         if not msgs:
             raise Empty(f"no message for group {self.group!r} within {timeout}s")
@@ -929,17 +943,7 @@ class Consumer:
             raise QueueClosedError(f"consumer of group {self.group!r} is closed")
         limit = None if timeout is None else time.monotonic() + timeout
         while True:
-            out: list[Message] = []
-            with g.lock:
-                while g.buffer and len(out) < n:
-                    m = g.buffer.popleft()
-                    if m.deadline > time.monotonic_ns():
-                        out.append(m)
-                    else:
-                        g.ledger.forget(m)      # expired while buffered: left to the reaper
-                if single:
-                    g._gets += 1
-                g.handed(out)
+            out = g.from_buffer(n, single)
             if out:
                 return out
             tail = self.queue.next_offset

@@ -109,14 +109,19 @@ def open_index(qdir: str, *, may_rebuild: bool) -> "Index":
     """The Index of ``qdir`` for this process.  LMDB forbids opening one
     environment twice in a process, so Queue objects on the same directory
     share one, counted; ``Index.close`` closes it with the last of them."""
-    key = os.path.realpath(qdir)
+    return _open_shared(os.path.realpath(qdir), lambda: Index(qdir, may_rebuild=may_rebuild))
+
+
+def _open_shared(key: str, make: Callable[[], Any]) -> Any:
+    """The environment registered under ``key`` for this process (made by
+    ``make`` if there is none), with one more user; see ``_close_shared``."""
     with _shared_lock:
-        idx = _shared.get(key)
-        if idx is None or idx.pid != os.getpid():
-            idx = _shared[key] = Index(qdir, may_rebuild=may_rebuild)
-            idx.key = key
-        idx.users += 1
-        return idx
+        env = _shared.get(key)
+        if env is None or env.pid != os.getpid():
+            env = _shared[key] = make()
+            env.key = key
+        env.users += 1
+        return env
 
 
 def _after_fork_in_child() -> None:
@@ -514,14 +519,7 @@ def reset_scratch(qdir: str) -> None:
 
 def open_scratch(qdir: str, *, may_reset: bool) -> Scratch:
     """The lease table of ``qdir`` for this process (shared, counted)."""
-    key = os.path.realpath(qdir) + "#leases"
-    with _shared_lock:
-        env = _shared.get(key)
-        if env is None or env.pid != os.getpid():
-            env = _shared[key] = Scratch(qdir, may_reset=may_reset)
-            env.key = key
-        env.users += 1
-        return env
+    return _open_shared(os.path.realpath(qdir) + "#leases", lambda: Scratch(qdir, may_reset=may_reset))
 
 
 def _close_shared(env: Any) -> None:

@@ -298,8 +298,3 @@ class Ledger:
                     done.append(start)
                     del self.ranges[start]
         return done
-
-    def expired(self, now: int) -> list[Delivery]:
-        """Deliveries whose lease has run out (another consumer may have
-        them now)."""
-        return [d for d in self.out.values() if d.deadline <= now]

@@ -72,15 +72,6 @@ def _append(fd: int, text: str, sync: bool = False) -> None:
         os.fsync(fd)
 
 
-def _wait_go(cfg: dict) -> None:
-    open(cfg["ready"], "w").close()
-    end = time.monotonic() + 60
-    while not os.path.exists(cfg["go"]):
-        if time.monotonic() > end:
-            raise SystemExit("no go signal")
-        time.sleep(0.001)
-
-
 def _watermark(q: logq.Queue, group: str) -> int:
     return q.stats()["groups"].get(group, {}).get("watermark", 0)
 
@@ -308,7 +299,7 @@ def compete_main(config_json: str) -> None:
     c = q.consumer(cfg["group"], visibility_timeout=LONG, max_attempts=1000)
     fd = os.open(cfg["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     pid = os.getpid()
-    _wait_go(cfg)
+    helpers._wait_go(cfg)
     batches = 0
     while True:
         if cfg["mode"] == "get":
