@@ -50,6 +50,30 @@ def _work(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- metrics (owned by the metrics module's author) ---------------------------
+def _add_metrics(sub: argparse._SubParsersAction) -> None:
+    m = sub.add_parser("metrics", help="serve Prometheus metrics for a queue directory")
+    m.add_argument("path", help="the queue directory")
+    m.add_argument("--port", type=int, default=9464, help="TCP port (default 9464)")
+    m.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    m.set_defaults(func=_metrics)
+
+
+def _metrics(args: argparse.Namespace) -> int:
+    raise NotImplementedError("logq metrics")
+
+
+# -- forward (owned by the forwarder's author) ----------------------------------
+def _add_forward(sub: argparse._SubParsersAction) -> None:
+    f = sub.add_parser("forward", help="forward a queue's messages to NATS JetStream or MQTT")
+    f.add_argument("path", help="the queue directory")
+    f.set_defaults(func=_forward)
+
+
+def _forward(args: argparse.Namespace) -> int:
+    raise NotImplementedError("logq forward")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="logq", description="Operate logq queues.")
     parser.add_argument("--version", action="version", version=f"logq {logq.__version__}")
@@ -74,6 +98,9 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--until-idle", action="store_true", help="return once nothing is left to do")
     w.add_argument("--json", action="store_true", help="print the final stats as JSON")
     w.set_defaults(func=_work)
+
+    _add_metrics(sub)
+    _add_forward(sub)
 
     args = parser.parse_args(argv)
     if getattr(args, "messages", 1) <= 0 or getattr(args, "payload", 1) < 0:
