@@ -22,7 +22,11 @@ Queue directory
       control                    shared-memory coordination between live
                                  processes (never trusted after a reboot)
       append.lock, open.lock     flock(2) files
-      quarantine/                damaged bytes and broken index files, kept aside
+      quarantine/                damaged bytes and broken index files, kept aside,
+                                 and ``manifest``: one JSON line per range of
+                                 offsets given up (see ``_quarantine``)
+      status/                    live processes' state for other processes to
+                                 read (``_status``); not durable
 
 ``logq.meta`` is a small text file, written once at creation and fsynced
 together with its directory::
@@ -140,6 +144,8 @@ CONTROL_FILE = "control"
 APPEND_LOCK_FILE = "append.lock"
 OPEN_LOCK_FILE = "open.lock"
 QUARANTINE_DIR = "quarantine"
+QUARANTINE_MANIFEST = "manifest"
+STATUS_DIR = "status"
 SEGMENT_SUFFIX = ".log"
 
 
