@@ -11,16 +11,17 @@ See README.md for the durability table and docs/ for the on-disk format.
 from logq._codec import native_enabled
 from logq._errors import (CorruptionError, DiskFullError, Empty, FormatVersionError, LogqError,
                           MessageTooLargeError, NotAQueueError, NotDeliveredError, OffsetError,
-                          QueueClosedError, QueueFullError, RecordLostError)
+                          QueueClosedError, QueueFullError, QueueInUseError, RecordLostError)
 from logq._queue import FSYNC_POLICIES, MAX_PRIORITY, ON_FULL, Options, Queue, open
-from logq._consumer import Consumer, DeadLetter, GroupOptions, Message
+from logq._consumer import Consumer, DeadLetter, GroupOptions, Message, reset_group
+from logq._check import Report, repair, verify
 from logq._pool import PoolOptions, PoolStats, WorkerPool
 
 __version__ = "0.1.0"
 
 __all__ = [
     "open", "Queue", "Options", "FSYNC_POLICIES", "ON_FULL", "MAX_PRIORITY", "native_enabled",
-    "Consumer", "GroupOptions", "Message", "DeadLetter", "WorkerPool", "PoolOptions", "PoolStats",
+    "Consumer", "GroupOptions", "reset_group", "verify", "repair", "Report", "Message", "DeadLetter", "WorkerPool", "PoolOptions", "PoolStats",
     "LogqError", "Empty", "NotDeliveredError", "CorruptionError", "RecordLostError", "FormatVersionError", "NotAQueueError",
-    "OffsetError", "QueueClosedError", "QueueFullError", "DiskFullError", "MessageTooLargeError",
+    "OffsetError", "QueueClosedError", "QueueInUseError", "QueueFullError", "DiskFullError", "MessageTooLargeError",
 ]

@@ -1122,4 +1122,35 @@ class Consumer:
         self.close()
 
 
+def reset_group(queue: Queue, group: str, to: int | str) -> int:
+    """Move an existing group to offset ``to`` (an int, ``"earliest"`` or
+    ``"latest"``): messages from there on are delivered again, those below
+    count as settled.  Its counters and dead letters stay.  The queue must
+    be opened with ``exclusive=True`` (no other process may be consuming)
+    and no consumer of the group be open in this process.  The offset."""
+    name = _check_name(group).decode()
+    if not queue.options.exclusive:
+        raise ValueError("reset_group needs the queue to itself: open it with exclusive=True")
+    if name in queue._groups:
+        raise ValueError(f"group {name!r} has an open consumer in this process; close it first")
+    first, nxt = queue.first_offset, queue.next_offset
+    if to == "earliest":
+        to = first
+    elif to == "latest":
+        to = nxt
+    elif isinstance(to, bool) or not isinstance(to, int):
+        raise TypeError(f"to must be an offset, 'earliest' or 'latest', not {to!r}")
+    if not first <= to <= nxt:
+        raise OffsetError(f"offset {to} is outside the queue's [{first}, {nxt}]")
+    if not queue._index.reset_group(name, to):
+        raise ValueError(f"no consumer group {name!r} in {queue.path}")
+    scratch = open_scratch(queue.path, may_reset=True)
+    try:
+        scratch.forget_group(name)
+    finally:
+        scratch.close()
+    log.warning("queue %s: group %r reset to offset %d", queue.path, name, to)
+    return to
+
+
 Queue._consumer_class = Consumer

@@ -19,6 +19,16 @@ class NotAQueueError(LogqError):
     """The path exists but is not a logq queue directory."""
 
 
+class QueueInUseError(LogqError):
+    """The operation needs the queue to itself (``exclusive=True``: repair,
+    group reset) and another process has it open.  ``pids`` lists them
+    where the system says (Linux), else it is empty."""
+
+    def __init__(self, message: str, pids: tuple[int, ...] = ()) -> None:
+        super().__init__(message)
+        self.pids = pids
+
+
 class FormatVersionError(LogqError):
     """The queue was written by an incompatible version of logq."""
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import time
+from typing import Any
 
 from logq import _format as F
 from logq._errors import DiskFullError
@@ -25,6 +27,50 @@ def quarantine_path(qdir: str, name: str) -> str:
     where = os.path.join(qdir, F.QUARANTINE_DIR)
     os.makedirs(where, exist_ok=True)
     return os.path.join(where, f"{name}.{time.time_ns()}")
+
+
+def keep_aside(qdir: str, name: str, data: bytes) -> str:
+    """Write ``data`` durably to a new file in quarantine; its path."""
+    dest = quarantine_path(qdir, name)
+    with open(dest, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    fsync_dir(os.path.dirname(dest))
+    return dest
+
+
+def record_loss(qdir: str, entry: dict[str, Any]) -> None:
+    """Append one range of offsets given up to ``quarantine/manifest``
+    (durably, before the bytes it describes are zeroed): ``verify`` then
+    reports the range as a known loss, not as damage."""
+    where = os.path.join(qdir, F.QUARANTINE_DIR)
+    os.makedirs(where, exist_ok=True)
+    path = os.path.join(where, F.QUARANTINE_MANIFEST)
+    line = json.dumps(dict(entry, time=time.time()), sort_keys=True) + "\n"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, line.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    fsync_dir(where)
+
+
+def losses(qdir: str) -> list[dict[str, Any]]:
+    """The ranges recorded by ``record_loss`` (a torn last line is skipped)."""
+    try:
+        with open(os.path.join(qdir, F.QUARANTINE_DIR, F.QUARANTINE_MANIFEST), encoding="utf-8") as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
 
 
 def preallocate(fd: int, size: int, path: str) -> None:

@@ -383,6 +383,27 @@ class Index(_Env):
             return dropped
         return self.write(fn)
 
+    def reset_group(self, name: str, offset: int) -> bool:
+        """Move group ``name`` to ``offset``: everything below it counts as
+        settled, everything from it on is delivered again; its settled
+        ranges and retry schedule go (its counters and dead letters stay).
+        Only while no process consumes the group.  Whether it existed."""
+        key = name.encode()
+
+        def fn(txn: Any) -> bool:
+            value = txn.get(key, db=self.groups)
+            if value is None:
+                return False
+            g = list(GROUP.unpack(value))
+            g[G_WATERMARK] = offset
+            txn.put(key, GROUP.pack(*g), db=self.groups)
+            prefix = key + b"\0"
+            for db in (self.acks, self.sched, self.pending):
+                for k in [bytes(k) for k, _ in _prefixed(txn.cursor(db=db), prefix)]:
+                    txn.delete(k, db=db)
+            return True
+        return self.write(fn)
+
     def group_rows(self) -> dict[str, tuple[tuple[int, ...], int, int, int]]:
         """Per group: (its value, offsets settled above the watermark,
         scheduled entries, dead letters)."""
@@ -502,6 +523,16 @@ class Scratch(_Env):
         # group\0 "D" -> no claim's deadline is earlier (i64); group\0 "O" owner
         # -> "" for each owner that may hold claims: reaping looks only then.
         self.summary = self.env.open_db(b"summary")
+
+    def forget_group(self, name: str) -> None:
+        """Drop group ``name``'s leases and cursors (after a reset)."""
+        prefix = name.encode() + b"\0"
+
+        def fn(txn: Any) -> None:
+            for db in (self.claims, self.cursors, self.summary):
+                for k in [bytes(k) for k, _ in _prefixed(txn.cursor(db=db), prefix)]:
+                    txn.delete(k, db=db)
+        self.write(fn)
 
     def close(self) -> None:
         _close_shared(self)

@@ -41,8 +41,8 @@ from typing import Callable
 
 from logq import _codec as C
 from logq import _format as F
-from logq._errors import FormatVersionError, NotAQueueError
-from logq._fsutil import fsync_dir, preallocate, quarantine_path
+from logq._errors import FormatVersionError, NotAQueueError, QueueInUseError
+from logq._fsutil import fsync_dir, keep_aside, preallocate, quarantine_path, record_loss
 from logq._segment import Segment, encode_header
 
 log = logging.getLogger("logq")
@@ -115,6 +115,25 @@ def init_dir(qdir: str) -> str:
     return _read_meta(meta)
 
 
+def lock_holders(fd: int) -> tuple[int, ...]:
+    """Pids of the other processes holding a flock on fd's file (from
+    /proc/locks; empty where there is none)."""
+    st = os.fstat(fd)
+    ident = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    pids = set()
+    try:
+        with open("/proc/locks", encoding="ascii") as f:
+            for line in f:
+                parts = line.split()
+                if "FLOCK" in parts and ident in parts:
+                    pid = int(parts[parts.index(ident) - 1])
+                    if pid != os.getpid():
+                        pids.add(pid)
+    except (OSError, ValueError):
+        return ()
+    return tuple(sorted(pids))
+
+
 def _flock(fd: int, op: int) -> bool:
     try:
         fcntl.flock(fd, op)
@@ -133,8 +152,9 @@ class Log:
     into the active segment's mapping: whoever remaps that segment points
     the writer at the new mapping (``_point_at``) before appending again."""
 
-    def __init__(self, qdir: str, *, segment_bytes: int) -> None:
+    def __init__(self, qdir: str, *, segment_bytes: int, exclusive: bool = False) -> None:
         self.dir = qdir
+        self.exclusive = exclusive
         self.segment_bytes = segment_bytes
         self.queue_id = init_dir(qdir)
         self.pid = os.getpid()
@@ -157,6 +177,13 @@ class Log:
         # The control file's own flock serialises opening and closing.
         fcntl.flock(self.ctl_fd, fcntl.LOCK_EX)
         self.alone = _flock(self.open_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        if exclusive and not self.alone:
+            pids = lock_holders(self.open_fd)
+            for fd in self._fds:      # closing releases the locks
+                os.close(fd)
+            who = f" (pid {', '.join(map(str, pids))})" if pids else ""
+            raise QueueInUseError(f"queue {qdir} is open in another process{who}; this needs it "
+                                  "to itself: stop the processes using it first", pids)
         if self.alone and os.fstat(self.ctl_fd).st_size != F.CONTROL_SIZE:
             os.ftruncate(self.ctl_fd, F.CONTROL_SIZE)
         self.ctl = mmap.mmap(self.ctl_fd, F.CONTROL_SIZE)
@@ -178,7 +205,10 @@ class Log:
         return fd
 
     def end_open(self) -> None:
-        """Finish opening: from now on other processes may open the queue."""
+        """Finish opening: from now on other processes may open the queue
+        (exclusive: only once it is closed; their opens wait till then)."""
+        if self.exclusive:
+            return
         fcntl.flock(self.open_fd, fcntl.LOCK_SH)
         fcntl.flock(self.ctl_fd, fcntl.LOCK_UN)
 
@@ -321,25 +351,21 @@ class Log:
             for first_lost, end_lost, at, found in lost:
                 stop = found if found >= 0 else _data_end(seg, at)
                 if stop > at:
-                    self._quarantine_bytes(seg, at, stop)
+                    self._quarantine_bytes(seg, at, stop, (first_lost, end_lost),
+                                           "did not hold whole records after a restart")
                 seg.lose(first_lost, end_lost, at, "not on disk after a restart")
                 rep.lost.append((first_lost, end_lost))
             if lost:
                 rep.damaged_bases.append(base)
             seg.reset_index()
 
-    def _quarantine_bytes(self, seg: Segment, start: int, end: int) -> None:
-        """Keep seg's bytes [start, end) in quarantine/, then zero them."""
-        dest = quarantine_path(self.dir, f"{F.segment_name(seg.base)}.{start}-{end}")
-        with open(dest, "wb") as f:
-            f.write(seg.mm[start:end])
-            f.flush()
-            os.fsync(f.fileno())
-        fsync_dir(os.path.dirname(dest))
-        seg.mm[start:end] = bytes(end - start)
-        os.fdatasync(seg.fd)
-        log.error("segment %s: bytes %d..%d did not hold whole records after a restart; "
-                  "kept in %s and zeroed", seg.path, start, end, dest)
+    def _quarantine_bytes(self, seg: Segment, start: int, end: int, offsets: tuple[int, int],
+                          reason: str) -> None:
+        """Keep seg's bytes [start, end) in quarantine/, record the offsets
+        they held as given up, then zero them."""
+        dest = quarantine_bytes(self.dir, seg, start, end, offsets, reason)
+        log.error("segment %s: bytes %d..%d (offsets %d..%d) %s; kept in %s and zeroed",
+                  seg.path, start, end, offsets[0], offsets[1] - 1, reason, dest)
 
     def _rebuild_short(self, seg: Segment, rep: Recovery) -> Segment:
         """The newest segment is too short to hold its header (a torn
@@ -597,6 +623,21 @@ def boot_id() -> bytes | None:
             return uuid.UUID(f.read().strip()).bytes
     except (OSError, ValueError):
         return None
+
+
+def quarantine_bytes(qdir: str, seg: Segment, start: int, end: int, offsets: tuple[int, int],
+                     reason: str) -> str:
+    """Give up segment bytes [start, end), which held ``offsets`` [first,
+    end): keep them in quarantine, record the loss in the manifest, then
+    zero them in place (in that order, each step durable), so that no
+    reader ever takes a fragment of them for a record.  The path kept."""
+    dest = keep_aside(qdir, f"{F.segment_name(seg.base)}.{start}-{end}", bytes(seg.mm[start:end]))
+    record_loss(qdir, {"segment": F.segment_name(seg.base), "start": start, "end": end,
+                       "first_offset": offsets[0], "end_offset": offsets[1],
+                       "file": os.path.basename(dest), "reason": reason})
+    seg.mm[start:end] = bytes(end - start)
+    os.fdatasync(seg.fd)
+    return dest
 
 
 def _data_end(seg: Segment, start: int) -> int:

@@ -66,6 +66,8 @@ class Options:
     on_full: str = "block"            # at max_bytes: "block" | "reject" | "drop_oldest"
     put_timeout: float | None = None  # "block": longest a put waits for room (None: no limit)
     dedup_window: float = 600.0       # put(key=k) within this long of k's first put stores nothing (s)
+    exclusive: bool = False           # maintenance: raise QueueInUseError if another process has
+                                      # the queue open; others' opens wait until this one closes
 
     def __post_init__(self) -> None:
         if self.fsync not in FSYNC_POLICIES:
@@ -182,7 +184,7 @@ class Queue:
         self._close_hooks: list[Callable[[], None]] = []   # consumer groups commit at close
         self._groups: dict[str, Any] = {}                  # consumer-group state (``_consumer``)
         self._priorities_marked = False
-        lg = Log(self.path, segment_bytes=opts.segment_bytes)
+        lg = Log(self.path, segment_bytes=opts.segment_bytes, exclusive=opts.exclusive)
         lg.before_roll = self._before_roll
         self._index = None
         try:

@@ -50,6 +50,333 @@ def _work(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- operating a queue: stat, tail, put, verify, repair, dlq, group ---------------
+def _open_existing(path: str, **options: object) -> "logq.Queue":
+    """Open a queue that must exist already (these commands never create one)."""
+    from logq._check import require_queue
+    require_queue(path)
+    return logq.open(path, **options)
+
+
+def _show(data: object, text: str, as_json: bool) -> None:
+    print(json.dumps(data, indent=2, default=str) if as_json else text)
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.1f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _stat(args: argparse.Namespace) -> int:
+    from logq import _status
+    from logq._log import lock_holders
+    with _open_existing(args.path) as q:
+        st = q.stats()
+        others = [] if q._log.alone else list(lock_holders(q._log.open_fd))
+        lost = len(__import__("logq._fsutil", fromlist=["losses"]).losses(args.path))
+    live = _status.read_all(args.path)
+    st["processes_open"] = others
+    st["quarantined_ranges"] = lost
+    st["live"] = live
+    st.pop("fsync", None)          # this command's own policy, not the queue's
+    st.pop("fsyncs", None)
+    st.pop("durable_next_offset", None)
+    if args.json:
+        _show(st, "", True)
+        return 0
+    shutdown = ("in use" if others else
+                "clean" if st["last_shutdown_clean"] else
+                f"unclean (recovered now: {st['recovery_truncated_bytes']} torn bytes cut)")
+    lines = [
+        f"queue     {st['path']}  (id {st['queue_id']})",
+        f"offsets   {st['first_offset']} .. {st['next_offset']}  ({st['messages']} messages retained)",
+        f"disk      {st['segments']} segment(s), {st['segment_bytes_on_disk']:,} B of log, "
+        f"{st['disk_bytes']:,} B in all",
+        f"shutdown  {shutdown}" + (f"; open in pid {', '.join(map(str, others))}" if others else ""),
+        f"damage    {st['lost_records']} record(s) known lost, {lost} range(s) in quarantine",
+    ]
+    policies = sorted({f"pid {s['pid']}: fsync={s['fsync']}" for s in live
+                       if s.get("kind") == "queue" and "fsync" in s})
+    lines.append("durability " + ("; ".join(policies) if policies else
+                                  "set by each process that opens the queue (default fsync=batch); "
+                                  "none is open now"))
+    if st["groups"]:
+        lines.append("")
+        lines.append(f"{'group':<20} {'backlog':>10} {'in flight':>10} {'scheduled':>10} "
+                     f"{'dead':>6} {'oldest unacked':>15} {'watermark':>12}")
+        for name, g in sorted(st["groups"].items()):
+            lines.append(f"{name:<20} {g['backlog']:>10} {g['in_flight']:>10} {g['scheduled']:>10} "
+                         f"{g['dead_letters']:>6} {_age(g['oldest_unacked_age']):>15} {g['watermark']:>12}")
+    for s in live:
+        if s.get("kind") in ("pool", "forward"):
+            fields = ", ".join(f"{k} {v}" for k, v in s.items()
+                               if k not in ("kind", "name", "pid", "updated") and v not in (None, {}, []))
+            lines.append(f"{s['kind']} {s['name']!r} (pid {s['pid']}): {fields}")
+    print("\n".join(lines))
+    return 0
+
+
+def _render(data: bytes, fmt: str) -> tuple[str, str]:
+    """(encoding name, text) of a payload for printing."""
+    if fmt in ("auto", "text"):
+        try:
+            text = data.decode("utf-8")
+            if fmt == "text" or text.isprintable():
+                return "text", text
+        except UnicodeDecodeError:
+            if fmt == "text":
+                return "text", data.decode("utf-8", errors="replace")
+    if fmt == "base64":
+        import base64
+        return "base64", base64.b64encode(data).decode()
+    return "hex", data.hex()
+
+
+def _tail(args: argparse.Namespace) -> int:
+    import signal
+    import time as _time
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    with _open_existing(args.path) as q:
+        first, nxt = q.first_offset, q.next_offset
+        if args.from_offset is not None:
+            off, left = max(first, args.from_offset), args.n
+        else:
+            off, left = max(first, nxt - (args.n if args.n is not None else 10)), None
+        try:
+            while not stop:
+                at, payloads, ts, attrs, _meta = q._fetch(off, 1000 if left is None else min(1000, left))
+                if not payloads:
+                    if not args.follow or (left is not None and left <= 0):
+                        break
+                    q.wait(off, timeout=0.5)
+                    continue
+                if at > off:
+                    note = {"lost": [off, at]}
+                    print(json.dumps(note) if args.json else f"-- offsets {off}..{at - 1} lost to damage --")
+                for i, data in enumerate(payloads):
+                    kind, text = _render(bytes(data), args.format)
+                    when = _time.strftime("%Y-%m-%dT%H:%M:%S", _time.gmtime(ts[i] / 1e9))
+                    if args.json:
+                        print(json.dumps({"offset": at + i, "timestamp": ts[i] / 1e9,
+                                          "priority": (attrs[i] >> 16) & 0xFF, kind: text}))
+                    else:
+                        print(f"{at + i}\t{when}Z\t{text if kind == 'text' else kind + ':' + text}")
+                off = at + len(payloads)
+                if left is not None:
+                    left -= len(payloads)
+                    if left <= 0 and not args.follow:
+                        break
+                sys.stdout.flush()
+        except KeyboardInterrupt:
+            pass
+        except BrokenPipeError:
+            sys.stderr.close()      # `logq tail … | head`: the reader left
+    return 0
+
+
+def _put(args: argparse.Namespace) -> int:
+    if args.files:
+        items = []
+        for name in args.files:
+            with open(name, "rb") as f:
+                items.append(f.read())
+    else:
+        items = sys.stdin.buffer.read().split(b"\n")
+        if items and items[-1] == b"":
+            items.pop()
+    if args.key is not None and len(items) != 1:
+        raise ValueError(f"--key names one message; {len(items)} were given")
+    opener = logq.open if args.create else _open_existing
+    with opener(args.path, fsync=args.fsync) as q:
+        opts = {k: v for k, v in (("key", args.key), ("priority", args.priority or None),
+                                  ("delay", args.delay)) if v is not None}
+        if opts:
+            offsets = [q.put(items[0] if args.key else d, **opts) for d in items]
+            first = offsets[0] if offsets else q.next_offset
+        else:
+            first = q.put_many(items).start if items else q.next_offset
+        q.flush()
+    last = first + len(items) - 1
+    _show({"count": len(items), "first_offset": first, "last_offset": last},
+          f"put {len(items)} message(s) at offsets {first}..{last}, on stable storage", args.json)
+    return 0
+
+
+def _progress_bar() -> "object | None":
+    if not sys.stderr.isatty():
+        return None
+
+    def bar(done: int, total: int) -> None:
+        frac = done / total if total else 1.0
+        print(f"\r\033[K  [{'#' * int(frac * 30):<30}] {frac * 100:5.1f}%  {done >> 20} MiB",
+              end="", file=sys.stderr, flush=True)
+    return bar
+
+
+def _report_text(rep: "logq.Report", verb: str) -> str:
+    lines = [f"{rep.path}: {rep.segments} segment(s), {rep.records} intact record(s), "
+             f"offsets {rep.first_offset}..{rep.next_offset}, {rep.bytes_scanned:,} B scanned"
+             + (" (open in another process: checked up to its published tail)" if rep.in_use else "")]
+    for d in rep.damage:
+        what = "known loss (in quarantine)" if d.known else "DAMAGE"
+        held = (f"offsets {d.first_offset}..{d.end_offset - 1} ({d.offsets})" if d.offsets
+                else "no offsets")
+        lines.append(f"  {what}: {d.segment} bytes {d.start}..{d.end}: {d.kind}, {d.reason}; {held}")
+    if rep.torn_tail is not None:
+        t = rep.torn_tail
+        lines.append(f"  torn tail: {t.segment} bytes {t.start}..{t.end} after offset {t.first_offset - 1} "
+                     "(a writer died mid-write; the next open or repair cuts it)")
+    if rep.index != "ok":
+        lines.append(f"  index: {rep.index}")
+    for a in rep.actions:
+        lines.append(f"  {verb}: {a}")
+    for u in rep.unrepairable:
+        lines.append(f"  cannot repair: {u}")
+    lines.append("clean" if rep.clean else
+                 f"damaged: {sum(d.offsets for d in rep.damage if not d.known)} record(s) lost")
+    return "\n".join(lines)
+
+
+def _verify(args: argparse.Namespace) -> int:
+    bar = _progress_bar()
+    rep = logq.verify(args.path, progress=bar)
+    if bar:
+        print("\r\033[K", end="", file=sys.stderr)
+    _show(rep.as_dict(), _report_text(rep, ""), args.json)
+    return 0 if rep.clean else 1
+
+
+def _repair(args: argparse.Namespace) -> int:
+    bar = _progress_bar()
+    rep = logq.repair(args.path, dry_run=args.dry_run, rebuild_index=args.rebuild_index, progress=bar)
+    if bar:
+        print("\r\033[K", end="", file=sys.stderr)
+    after = None if args.dry_run else logq.verify(args.path)
+    out = rep.as_dict()
+    out["dry_run"] = args.dry_run
+    if after is not None:
+        out["after"] = after.as_dict()
+    text = _report_text(rep, "would" if args.dry_run else "did")
+    if after is not None:
+        text += "\nafter repair: " + ("verifies clean" if after.clean else "STILL DAMAGED")
+    _show(out, text, args.json)
+    return 0 if args.dry_run or (after is not None and after.clean and not rep.unrepairable) else 1
+
+
+def _dlq(args: argparse.Namespace) -> int:
+    with _open_existing(args.path) as q:
+        if args.group not in q.stats()["groups"]:
+            raise ValueError(f"no consumer group {args.group!r} in {args.path}")
+        c = q.consumer(args.group)
+        try:
+            offsets = args.offset or None
+            if args.action == "list":
+                letters = c.dead_letters(limit=args.limit)
+                if offsets:
+                    letters = [d for d in letters if d.offset in set(offsets)]
+                rows = []
+                for d in letters:
+                    kind, text = _render(d.data, "auto")
+                    rows.append({"offset": d.offset, "attempts": d.attempts, "error": d.error,
+                                 "timestamp": d.timestamp, "dead_at": d.dead_at, kind: text})
+                _show(rows, "\n".join(
+                    f"{r['offset']}\tattempts {r['attempts']}\t{r['error'].strip().splitlines()[-1] if r['error'].strip() else ''}"
+                    f"\t{r.get('text', r.get('hex', ''))[:80]}" for r in rows) or "no dead letters", args.json)
+            elif args.action == "replay":
+                new = c.replay(offsets)
+                _show({"replayed": len(new), "new_offsets": new},
+                      f"replayed {len(new)} dead letter(s) as new messages" +
+                      (f" at offsets {new[0]}..{new[-1]}" if new else ""), args.json)
+            else:
+                n = c.purge(offsets)
+                _show({"purged": n}, f"purged {n} dead letter(s)", args.json)
+        finally:
+            c.close()
+    return 0
+
+
+def _group(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        with _open_existing(args.path) as q:
+            groups = q.stats()["groups"]
+        _show(groups, "\n".join(f"{n}\twatermark {g['watermark']}\tbacklog {g['backlog']}\t"
+                                f"in flight {g['in_flight']}\tdead letters {g['dead_letters']}"
+                                for n, g in sorted(groups.items())) or "no consumer groups", args.json)
+        return 0
+    if args.group is None or args.to is None:
+        raise ValueError("usage: logq group PATH reset GROUP --to OFFSET|earliest|latest")
+    to = args.to if args.to in ("earliest", "latest") else int(args.to)
+    with _open_existing(args.path, exclusive=True) as q:
+        old = q.stats()["groups"].get(args.group, {}).get("watermark")
+        new = logq.reset_group(q, args.group, to)
+    _show({"group": args.group, "from": old, "to": new},
+          f"group {args.group!r}: moved from offset {old} to {new}", args.json)
+    return 0
+
+
+def _add_operator(sub: argparse._SubParsersAction) -> None:
+    s = sub.add_parser("stat", help="a queue's offsets, disk use, shutdown state and consumer groups")
+    s.add_argument("path")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=_stat)
+
+    t = sub.add_parser("tail", help="print messages without consuming them")
+    t.add_argument("path")
+    t.add_argument("-n", type=int, default=None, help="the last N messages (default 10); with --from, at most N")
+    t.add_argument("-f", "--follow", action="store_true", help="keep printing new messages as they are put")
+    t.add_argument("--from", dest="from_offset", type=int, default=None, help="start at this offset")
+    t.add_argument("--format", choices=("auto", "text", "hex", "base64"), default="auto",
+                   help="payload as text where printable, else hex (auto, the default)")
+    t.add_argument("--json", action="store_true", help="one JSON object per line")
+    t.set_defaults(func=_tail)
+
+    p = sub.add_parser("put", help="put one message per line of stdin, or one per FILE")
+    p.add_argument("path")
+    p.add_argument("files", nargs="*", metavar="FILE")
+    p.add_argument("--key", default=None, help="idempotency key (one message only)")
+    p.add_argument("--priority", type=int, default=None)
+    p.add_argument("--delay", type=float, default=None, help="seconds before the message is delivered")
+    p.add_argument("--fsync", choices=logq.FSYNC_POLICIES, default="batch",
+                   help="the queue's fsync policy while putting (the command flushes before it exits)")
+    p.add_argument("--create", action="store_true", help="create the queue if it does not exist")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=_put)
+
+    v = sub.add_parser("verify", help="check every record's CRC; exit 1 on damage (a pre-start gate)")
+    v.add_argument("path")
+    v.add_argument("--json", action="store_true")
+    v.set_defaults(func=_verify)
+
+    r = sub.add_parser("repair", help="quarantine damage, cut a torn tail, rebuild the index")
+    r.add_argument("path")
+    r.add_argument("--dry-run", action="store_true", help="say what would be done, change nothing")
+    r.add_argument("--rebuild-index", action="store_true",
+                   help="rebuild the whole index from the log (consumer groups restart at the oldest message)")
+    r.add_argument("--json", action="store_true")
+    r.set_defaults(func=_repair)
+
+    d = sub.add_parser("dlq", help="list, replay or purge a consumer group's dead letters")
+    d.add_argument("path")
+    d.add_argument("group")
+    d.add_argument("action", choices=("list", "replay", "purge"))
+    d.add_argument("--offset", type=int, action="append", help="only this dead letter (repeatable)")
+    d.add_argument("--limit", type=int, default=None, help="list at most this many")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=_dlq)
+
+    g = sub.add_parser("group", help="list consumer groups, or reset one to an offset")
+    g.add_argument("path")
+    g.add_argument("action", choices=("list", "reset"))
+    g.add_argument("group", nargs="?", default=None)
+    g.add_argument("--to", default=None, help="OFFSET, earliest or latest")
+    g.add_argument("--json", action="store_true")
+    g.set_defaults(func=_group)
+
+
 # -- metrics (owned by the metrics module's author) ---------------------------
 def _add_metrics(sub: argparse._SubParsersAction) -> None:
     m = sub.add_parser("metrics", help="serve Prometheus metrics for a queue directory")
@@ -99,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--json", action="store_true", help="print the final stats as JSON")
     w.set_defaults(func=_work)
 
+    _add_operator(sub)
     _add_metrics(sub)
     _add_forward(sub)
 
@@ -107,9 +435,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--messages must be positive and --payload not negative")
     try:
         return args.func(args)
-    except (logq.LogqError, ValueError, ImportError, AttributeError) as e:
+    except (logq.LogqError, ValueError, TypeError, ImportError, AttributeError, OSError) as e:
+        # 2, not 1: `logq verify` says "damage" with 1, and a gate must tell them apart
         print(f"logq: {e}", file=sys.stderr)
-        return 1
+        return 2
 
 
 if __name__ == "__main__":

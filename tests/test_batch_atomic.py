@@ -184,6 +184,10 @@ def test_restart_validates_sealed_segments_since_the_checkpoint(tmp_path):
         assert q.stats()["lost_records"] == K
         assert q.next_offset == 60 * K
     assert any(n.startswith(os.path.basename(path)) for n in os.listdir(os.path.join(qdir, "quarantine")))
+    # What recovery gave up is on record: verify calls it a known loss, not damage.
+    rep = logq.verify(qdir)
+    assert rep.clean and [(d.first_offset, d.end_offset, d.known) for d in rep.damage] == \
+        [(torn * K, torn * K + K, True)]
 
 
 def test_without_restart_sealed_damage_loses_only_the_damaged_record(tmp_path):

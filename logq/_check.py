@@ -1,0 +1,353 @@
+"""Checking and repairing a queue directory: ``logq verify`` and ``logq repair``.
+
+``verify`` reads every record of every segment and checks its CRC, without
+writing anything.  It reports
+
+* **damage**: bytes inside the log that do not hold the records they must
+  (the offsets they held are named), a segment header that fails its check,
+  records that the index's durable checkpoint vouches for but that are
+  gone, an index that cannot be opened;
+* **known losses**: ranges that a repair (or recovery after a restart)
+  already gave up, recorded in ``quarantine/manifest``: not damage any more;
+* a **torn tail**: bytes after the last intact record of the newest
+  segment, left by a writer that died mid-write.  Not damage (those records
+  were never durable); the next open, or ``repair``, cuts it.
+
+``repair`` needs the queue to itself (``QueueInUseError`` otherwise).  It
+keeps every damaged range in ``quarantine/`` and records it in the
+manifest, then zeroes it in place so that nothing reads a fragment of it,
+moves a torn tail to quarantine the same way, rewrites bad segment headers
+(keeping the old ones), drops the index's derived state (sparse offset
+indexes; the whole index only if it is damaged or ``rebuild_index``, which
+loses group state), and opens the queue once so that recovery rebuilds what
+was dropped.  Nothing is deleted: every byte it takes out is kept aside.
+Every intact record stays, at its offset.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import mmap
+import os
+import struct
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable
+
+import lmdb
+
+from logq import _codec as C
+from logq import _format as F
+from logq._errors import NotAQueueError
+from logq._fsutil import fsync_dir, keep_aside, losses, quarantine_path, record_loss
+from logq._index import K_CHECKPOINT, lmdb_file_problem
+from logq._log import Log, _data_end, quarantine_bytes, scan_tail
+from logq._segment import encode_header, header_problem
+
+Progress = Callable[[int, int], None]   # (bytes done, bytes in all)
+
+
+@dataclass
+class Damage:
+    """One damaged range: segment bytes [start, end) and the offsets
+    [first_offset, end_offset) it destroyed (an empty range for a header)."""
+    segment: str
+    start: int
+    end: int
+    first_offset: int
+    end_offset: int
+    kind: str        # "records" | "header" | "short segment" | "durable records missing" | "index"
+    reason: str
+    known: bool = False      # already given up and recorded in quarantine/manifest
+
+    @property
+    def offsets(self) -> int:
+        return self.end_offset - self.first_offset
+
+
+@dataclass
+class Report:
+    path: str
+    queue_id: str = ""
+    in_use: bool = False             # another process had it open (tail checked up to the published one)
+    segments: int = 0
+    records: int = 0
+    bytes_scanned: int = 0
+    first_offset: int = 0
+    next_offset: int = 0
+    damage: list[Damage] = field(default_factory=list)    # includes known losses (known=True)
+    torn_tail: Damage | None = None
+    index: str = "ok"
+    actions: list[str] = field(default_factory=list)       # repair: what it did (or would do)
+    unrepairable: list[str] = field(default_factory=list)
+
+    @property
+    def clean(self) -> bool:
+        """No damage but what was already given up, and a usable index."""
+        return not any(not d.known for d in self.damage) and self.index == "ok"
+
+    @property
+    def lost_offsets(self) -> int:
+        return sum(d.offsets for d in self.damage)
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["clean"] = self.clean
+        out["lost_offsets"] = self.lost_offsets
+        return out
+
+
+class _ReadOnlySegment:
+    """What ``scan_tail`` needs of a segment, over a read-only mapping."""
+
+    def __init__(self, path: str, base: int, size_limit: int | None = None) -> None:
+        self.path, self.base = path, base
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            self.head = os.pread(fd, F.SEGMENT_HEADER_SIZE, 0)
+            self.mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ) if size else None
+        finally:
+            os.close(fd)
+        self.size = size if size_limit is None else min(size, size_limit)
+        self.h = C.handle(self.mm) if self.mm is not None else None
+
+    def offset_at(self, pos: int) -> int:
+        return struct.unpack_from("<Q", self.mm, pos + 8)[0]
+
+    def close(self) -> None:
+        if self.h is not None:
+            C.release(self.h)
+            self.h = None
+        if self.mm is not None:
+            self.mm.close()
+
+
+def require_queue(path: str) -> str:
+    """The queue id of the queue at ``path``; NotAQueueError (saying why) if
+    there is none: these tools never create a queue."""
+    meta = os.path.join(path, F.META_FILE)
+    if not os.path.isdir(path):
+        raise NotAQueueError(f"{path}: no such queue directory")
+    if not os.path.exists(meta):
+        raise NotAQueueError(f"{path} is not a logq queue (it has no {F.META_FILE})")
+    from logq._log import _read_meta
+    return _read_meta(meta)
+
+
+def _bases(path: str) -> list[int]:
+    return sorted(b for b in map(F.parse_segment_name, os.listdir(path)) if b is not None)
+
+
+def _examine(path: str, bases: list[int], open_segment: Callable[[int], Any], rep: Report,
+             progress: Progress | None, tail: tuple[int, int, int] | None) -> int:
+    """Scan every segment into ``rep``; the position after the last intact
+    record of the newest one.  ``tail`` (base, pos, next) limits the
+    newest segment to what a live writer has published."""
+    known = {(e.get("segment"), e.get("first_offset"), e.get("end_offset")) for e in losses(path)}
+    total = sum(os.path.getsize(os.path.join(path, F.segment_name(b))) for b in bases)
+    done, end_pos = 0, F.SEGMENT_HEADER_SIZE
+    for i, base in enumerate(bases):
+        name = F.segment_name(base)
+        last = i == len(bases) - 1
+        limit = None if last else bases[i + 1]
+        try:
+            seg = open_segment(base)
+        except FileNotFoundError:
+            continue        # deleted by retention in another process since listed
+        try:
+            rep.segments += 1
+            head = bytes(seg.mm[:F.SEGMENT_HEADER_SIZE]) if seg.mm is not None else b""
+            problem = header_problem(head, base, seg.path)
+            if seg.size < F.SEGMENT_HEADER_SIZE:
+                rep.damage.append(Damage(name, 0, seg.size, base, base if last else limit,
+                                         "short segment", problem or "short"))
+                continue
+            if problem:
+                rep.damage.append(Damage(name, 0, F.SEGMENT_HEADER_SIZE, base, base, "header", problem))
+            pos, nxt = F.SEGMENT_HEADER_SIZE, base
+            if last and tail is not None and tail[0] == base:
+                seg.size = min(seg.size, tail[1])
+            end, nxt, lost = scan_tail(seg, pos, nxt, limit=limit)
+            for a, b, at, found in lost:
+                stop = found if found >= 0 else _data_end(seg, at)
+                zero = not seg.mm[at:stop].strip(b"\0")
+                rep.damage.append(Damage(name, at, stop, a, b, "records",
+                                         F.SCAN_REASONS.get(C.scan(seg.h, at, seg.size, a, 1)[2], "damage"),
+                                         known=zero and (name, a, b) in known))
+            rep.records += nxt - base - sum(b - a for a, b, _, _ in lost)
+            rep.bytes_scanned += seg.size
+            if last:
+                rep.next_offset, end_pos = nxt, end
+                if tail is None:
+                    data_end = _data_end(seg, end)
+                    if data_end > end:
+                        rep.torn_tail = Damage(name, end, data_end, nxt, nxt, "torn tail",
+                                               F.SCAN_REASONS[C.scan(seg.h, end, seg.size, nxt, 1)[2]])
+        finally:
+            done += seg.size
+            if progress:
+                progress(done, total)
+            if isinstance(seg, _ReadOnlySegment):
+                seg.close()
+    rep.first_offset = bases[0] if bases else 0
+    return end_pos
+
+
+def _check_index(path: str, rep: Report) -> None:
+    """Whether the index opens, and whether its checkpoint vouches for
+    records that are gone."""
+    idx = os.path.join(path, F.INDEX_DIR)
+    problem = lmdb_file_problem(os.path.join(idx, "data.mdb"))
+    if problem is not None:
+        rep.index = f"damaged: {problem}"
+        return
+    if not os.path.exists(os.path.join(idx, "data.mdb")):
+        rep.index = "missing (the next open rebuilds it from the log)"
+        return
+    try:
+        env = lmdb.open(idx, subdir=True, readonly=True, lock=False, max_dbs=16)
+    except lmdb.Error as e:
+        rep.index = f"damaged: {e}"
+        return
+    try:
+        with env.begin() as txn:
+            main = env.open_db(b"main", txn=txn, create=False)
+            raw = txn.get(K_CHECKPOINT, db=main)
+    except lmdb.Error as e:
+        rep.index = f"damaged: {e}"
+        return
+    finally:
+        env.close()
+    if raw and len(raw) == 24:
+        base, _pos, durable_next = struct.unpack("<QQQ", raw)
+        if durable_next > rep.next_offset and rep.segments:
+            rep.damage.append(Damage(F.segment_name(base), 0, 0, rep.next_offset, durable_next,
+                                     "durable records missing",
+                                     f"the checkpoint says offsets below {durable_next} were on stable "
+                                     f"storage; the log ends at {rep.next_offset}"))
+
+
+def verify(path: str, *, progress: Progress | None = None) -> Report:
+    """Scan every record of the queue at ``path`` and check it; never writes.
+
+    While no other process has the queue open, opens wait until the scan is
+    done.  While one has, the newest segment is checked up to the tail it
+    has published (``Report.in_use``)."""
+    rep = Report(path, queue_id=require_queue(path))
+    ctl_path = os.path.join(path, F.CONTROL_FILE)
+    fds = []
+    try:
+        tail = None
+        if os.path.exists(ctl_path):
+            ctl = os.open(ctl_path, os.O_RDONLY | os.O_CLOEXEC)
+            fds.append(ctl)
+            fcntl.flock(ctl, fcntl.LOCK_EX)       # opening and closing wait
+            opener = os.open(os.path.join(path, F.OPEN_LOCK_FILE), os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC)
+            fds.append(opener)
+            try:
+                fcntl.flock(opener, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                rep.in_use = True
+                words = os.pread(ctl, 32, 0)
+                if words[:8] == F.CONTROL_MAGIC:
+                    tail = struct.unpack_from("=QQQ", words, F.CTL_TAIL_BASE)
+                fcntl.flock(ctl, fcntl.LOCK_UN)   # in use: do not hold its users up
+        bases = _bases(path)
+        if tail is not None:
+            bases = [b for b in bases if b <= tail[0]]
+        _examine(path, bases, lambda b: _ReadOnlySegment(os.path.join(path, F.segment_name(b)), b),
+                 rep, progress, tail)
+        _check_index(path, rep)
+    finally:
+        for fd in fds:
+            os.close(fd)
+    return rep
+
+
+def repair(path: str, *, dry_run: bool = False, rebuild_index: bool = False,
+           progress: Progress | None = None) -> Report:
+    """Make the queue at ``path`` verify clean, keeping every intact record
+    and every byte it takes out (see the module docstring).  Returns what it
+    found, with ``actions`` saying what it did (``dry_run``: would do).
+    Raises QueueInUseError if another process has the queue open."""
+    require_queue(path)
+    lg = Log(path, segment_bytes=4096, exclusive=True)   # opens wait while we work
+    try:
+        rep = Report(path, queue_id=lg.queue_id)
+        _examine(path, list(lg.bases), lg.segment, rep, progress, None)
+        _check_index(path, rep)
+        act = rep.actions.append
+        for d in rep.damage:
+            where = f"{d.segment} bytes {d.start}..{d.end}"
+            if d.known:
+                continue
+            if d.kind == "records":
+                act(f"quarantine {where} and zero them: offsets {d.first_offset}..{d.end_offset - 1} "
+                    f"({d.offsets} record(s), {d.reason}) are given up")
+                if not dry_run:
+                    seg = lg.segment(F.parse_segment_name(d.segment))
+                    if d.end > d.start:
+                        quarantine_bytes(path, seg, d.start, d.end, (d.first_offset, d.end_offset),
+                                         f"damaged ({d.reason}); given up by repair")
+                    else:
+                        record_loss(path, {"segment": d.segment, "start": d.start, "end": d.end,
+                                           "first_offset": d.first_offset, "end_offset": d.end_offset,
+                                           "file": None, "reason": "missing; given up by repair"})
+            elif d.kind == "header":
+                act(f"keep the header of {d.segment} in quarantine and write a valid one ({d.reason})")
+                if not dry_run:
+                    seg = lg.segment(F.parse_segment_name(d.segment))
+                    keep_aside(path, f"{d.segment}.header", bytes(seg.mm[:F.SEGMENT_HEADER_SIZE]))
+                    os.pwrite(seg.fd, encode_header(seg.base), 0)
+                    os.fsync(seg.fd)
+            elif d.kind == "durable records missing":
+                act(f"accept that offsets {d.first_offset}..{d.end_offset - 1}, which were durable, "
+                    "are gone (the log ends before them); the checkpoint is moved back")
+            elif d.kind == "short segment" and d.segment != F.segment_name(lg.bases[-1]):
+                rep.unrepairable.append(f"{d.segment} is {d.end} bytes, too short to be a segment, and "
+                                        "not the newest: left as it is (its offsets cannot be given "
+                                        "up without a gap in the log)")
+        if rep.torn_tail is not None:
+            t = rep.torn_tail
+            act(f"quarantine the torn tail of {t.segment} (bytes {t.start}..{t.end}) and cut it")
+            if not dry_run:
+                seg = lg.segment(F.parse_segment_name(t.segment))
+                keep_aside(path, f"{t.segment}.{t.start}-{t.end}.torn", bytes(seg.mm[t.start:t.end]))
+                seg.mm[t.start:t.end] = bytes(t.end - t.start)
+                os.fdatasync(seg.fd)
+        whole = rebuild_index or rep.index != "ok"
+        act("move the index to quarantine and rebuild it from the log (group positions restart at "
+            "the oldest message)" if whole else
+            "rebuild the index's offset tables and checkpoint from the log (group state kept)")
+        if not dry_run:
+            idx = os.path.join(path, F.INDEX_DIR)
+            if whole and os.path.exists(idx):
+                dest = quarantine_path(path, "index")
+                os.rename(idx, dest)
+                fsync_dir(os.path.dirname(dest))
+                fsync_dir(path)
+            elif not whole:
+                _drop_derived(path)
+    finally:
+        lg.close()
+    if dry_run:
+        return rep
+    # Opening alone runs recovery over what is left: the tail, the
+    # checkpoint and the offset tables are found again from the log.
+    from logq._queue import Queue
+    Queue(path, exclusive=True).close()
+    return rep
+
+
+def _drop_derived(path: str) -> None:
+    """Forget the index's sparse offset tables and mark the shutdown
+    unclean, so that the next open scans the log for its tail again."""
+    env = lmdb.open(os.path.join(path, F.INDEX_DIR), subdir=True, max_dbs=16, sync=True)
+    try:
+        with env.begin(write=True) as txn:
+            segs = env.open_db(b"segments", txn=txn)
+            main = env.open_db(b"main", txn=txn)
+            txn.drop(segs, delete=False)
+            txn.delete(K_CHECKPOINT, db=main)
+    finally:
+        env.close()
