@@ -27,6 +27,7 @@ Every intact record stays, at its offset.
 from __future__ import annotations
 
 import fcntl
+import logging
 import mmap
 import os
 import struct
@@ -42,6 +43,8 @@ from logq._fsutil import fsync_dir, keep_aside, losses, quarantine_path, record_
 from logq._index import K_CHECKPOINT, lmdb_file_problem
 from logq._log import Log, _data_end, quarantine_bytes, scan_tail
 from logq._segment import encode_header, header_problem
+
+log = logging.getLogger("logq")
 
 Progress = Callable[[int, int], None]   # (bytes done, bytes in all)
 
@@ -332,6 +335,8 @@ def repair(path: str, *, dry_run: bool = False, rebuild_index: bool = False,
         lg.close()
     if dry_run:
         return rep
+    for a in rep.actions:
+        log.warning("repair of %s: %s", path, a)
     # Opening alone runs recovery over what is left: the tail, the
     # checkpoint and the offset tables are found again from the log.
     from logq._queue import Queue

@@ -15,6 +15,7 @@ import mmap
 import os
 import struct
 from array import array
+from typing import Any
 
 from logq import _codec as C
 from logq import _format as F
@@ -80,6 +81,7 @@ class Segment:
         self.known_pos = F.SEGMENT_HEADER_SIZE
         self.known_next = base
         self.lost: list[tuple[int, int]] = []   # [first, end) offsets lost to damage
+        self.given_up: Any = ()   # ranges already recorded in quarantine/manifest (set by the Log)
         self.stored_next = base  # the Index holds the sparse index up to here
 
     # -- creation -----------------------------------------------------------
@@ -191,6 +193,10 @@ class Segment:
         if first >= end or any(a <= first < b for a, b in self.lost):
             return
         self.lost.append((first, end))
+        if (first, end) in self.given_up:
+            log.debug("segment %s: offsets %d..%d were given up earlier (quarantine/manifest)",
+                      self.path, first, end - 1)
+            return
         log.error("segment %s: %d record(s) lost to damage at position %d (%s): offsets %d..%d",
                   self.path, end - first, pos, reason, first, end - 1)
 
