@@ -42,7 +42,7 @@ from typing import Callable
 from logq import _codec as C
 from logq import _format as F
 from logq._errors import FormatVersionError, NotAQueueError, QueueInUseError
-from logq._fsutil import fsync_dir, keep_aside, preallocate, quarantine_path, record_loss
+from logq._fsutil import fsync_dir, keep_aside, losses, preallocate, quarantine_path, record_loss
 from logq._segment import Segment, encode_header
 
 log = logging.getLogger("logq")
@@ -170,6 +170,11 @@ class Log:
         # disk budget); may delete old segments, or raise to refuse.
         self.before_roll: Callable[[int], None] | None = None
         self._fds: list[int] = []
+        # Ranges of offsets given up earlier (quarantine/manifest), by
+        # segment name: meeting them again is no news.
+        self.given_up: dict[str, list[tuple[int, int]]] = {}
+        for e in losses(qdir):
+            self.given_up.setdefault(e.get("segment"), []).append((e.get("first_offset"), e.get("end_offset")))
         ctl_path = os.path.join(qdir, F.CONTROL_FILE)
         self.ctl_fd = self._open_fd(ctl_path)
         self.open_fd = self._open_fd(os.path.join(qdir, F.OPEN_LOCK_FILE))
@@ -266,6 +271,7 @@ class Log:
         seg = self.segments.get(base)
         if seg is None:
             seg = self.segments[base] = Segment(os.path.join(self.dir, F.segment_name(base)), base)
+            seg.given_up = self.given_up.get(F.segment_name(base), ())
             if self.sparse_source is not None:
                 stored = self.sparse_source(base)
                 if stored is not None:
