@@ -338,3 +338,35 @@ def test_dlq_and_group(tmp_path):
     for bad, msg in ((["--to", "99"], b"outside"), (["--to", "earliest"], None)):
         r = logq_cmd("group", q, "reset", "nope" if msg is None else "g", *bad)
         assert r.returncode == 2 and (msg or b"no consumer group") in r.stderr, r.stderr
+
+
+def test_verify_shows_progress_on_a_terminal_and_writes_nothing(tmp_path):
+    import pty
+    q = str(tmp_path / "q")
+    build(q, 200)
+    before = {n: os.stat(os.path.join(q, n)).st_mtime_ns for n in os.listdir(q)}
+    before_bytes = digest(q)
+    master, slave = pty.openpty()
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "logq", "verify", q], stdout=subprocess.PIPE,
+                                stderr=slave, env=child_env())
+        out, _ = proc.communicate(timeout=60)
+        os.close(slave)
+        slave = -1
+        shown = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            shown += chunk
+    finally:
+        os.close(master)
+        if slave >= 0:
+            os.close(slave)
+    assert proc.returncode == 0 and out.decode().strip().endswith("clean")
+    assert b"100.0%" in shown and b"[#####" in shown, shown
+    assert digest(q) == before_bytes
+    assert {n: os.stat(os.path.join(q, n)).st_mtime_ns for n in os.listdir(q)} == before
