@@ -16,12 +16,14 @@ from logq._queue import FSYNC_POLICIES, MAX_PRIORITY, ON_FULL, Options, Queue, o
 from logq._consumer import Consumer, DeadLetter, GroupOptions, Message, reset_group
 from logq._check import Report, repair, verify
 from logq._pool import PoolOptions, PoolStats, WorkerPool
+from logq._metrics import Collector as MetricsCollector, register as register_metrics
 
 __version__ = "0.1.0"
 
 __all__ = [
     "open", "Queue", "Options", "FSYNC_POLICIES", "ON_FULL", "MAX_PRIORITY", "native_enabled",
     "Consumer", "GroupOptions", "reset_group", "verify", "repair", "Report", "Message", "DeadLetter", "WorkerPool", "PoolOptions", "PoolStats",
+    "MetricsCollector", "register_metrics",
     "LogqError", "Empty", "NotDeliveredError", "CorruptionError", "RecordLostError", "FormatVersionError", "NotAQueueError",
     "OffsetError", "QueueClosedError", "QueueInUseError", "QueueFullError", "DiskFullError", "MessageTooLargeError",
 ]

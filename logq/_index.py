@@ -554,14 +554,17 @@ def open_scratch(qdir: str, *, may_reset: bool) -> Scratch:
 
 
 def _close_shared(env: Any) -> None:
+    # Closed under the lock: a thread opening the same environment meanwhile
+    # would otherwise find it gone from the registry but still open in
+    # LMDB, which refuses a second open in one process.
     with _shared_lock:
         env.users -= 1
         if env.users > 0:
             return
         if _shared.get(env.key) is env:
             del _shared[env.key]
-    env.env.close()
-    os.close(env.fd)
+        env.env.close()
+        os.close(env.fd)
 
 
 def in_flight(qdir: str, groups: Any) -> dict[str, int]:

@@ -319,7 +319,11 @@ class Log:
         start = pos
         pos, nxt, lost = scan_tail(seg, pos, nxt)
         rep.scanned_bytes += pos - start
-        for a, b, at, _ in lost:
+        for a, b, at, found in lost:
+            # Damage with intact records after it (the tail has none): keep
+            # the bytes aside and record the loss, as after a restart.
+            if found > at:
+                self._quarantine_bytes(seg, at, found, (a, b), "did not hold intact records")
             seg.lose(a, b, at, "found by recovery")
             rep.lost.append((a, b))
         if checkpoint and checkpoint[2] > nxt:
@@ -396,7 +400,8 @@ class Log:
         preallocate(seg.fd, seg.size, seg.path)
         os.fsync(seg.fd)
         if torn:
-            log.warning("segment %s: cut a torn tail at position %d (%d non-zero bytes after it)",
+            # Not damage (a writer died mid-write): the Queue's recovery summary reports it.
+            log.debug("segment %s: cut a torn tail at position %d (%d non-zero bytes after it)",
                         seg.path, pos, torn)
         return torn
 

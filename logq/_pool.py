@@ -40,6 +40,7 @@ from itertools import repeat
 from operator import attrgetter
 from typing import Any, Callable
 
+from logq import _status
 from logq._consumer import Consumer, GroupOptions, Message
 from logq._errors import LogqError
 from logq._leases import Lease
@@ -392,6 +393,7 @@ class WorkerPool:
         last_scale = time.monotonic()
         processed_at_scale = 0
         pressure = 0
+        breaker_seen = ("closed", 0)        # (state, times opened) last logged
         try:
             for _ in range(self._target):
                 workers.append(_Worker(self._ctx, self.handler, o.batch))
@@ -406,6 +408,9 @@ class WorkerPool:
                 depth = _DEPTH if self._batch_bytes <= _PIPE_ROOM else 1
                 idle = [w for w in workers if len(w.out) < depth]
                 state = self.breaker.current(now)
+                if (state, self.breaker.opened) != breaker_seen:
+                    self._log_breaker(breaker_seen[0], state)
+                    breaker_seen = (state, self.breaker.opened)
                 if state == "open":
                     if waiting:
                         c.give_back(list(waiting))      # they wait in the queue, not here
@@ -436,8 +441,12 @@ class WorkerPool:
                     processed_at_scale = self._stats.processed
                     last_scale = now
                     pressure = self._scale(c, workers, waiting, pressure, now)
+                    st = self.stats()
+                    # For `logq metrics` and `logq stat` in other processes.
+                    _status.publish(self.path, "pool", self.group,
+                                    dict(st.as_dict(), min_workers=o.min_workers, max_workers=o.max_workers))
                     if self.on_stats is not None:
-                        self.on_stats(self.stats())
+                        self.on_stats(st)
                 if not busy and not waiting:
                     if state == "open":
                         self._stop.wait(0.05)           # the cooldown runs
@@ -452,10 +461,27 @@ class WorkerPool:
                     self._collect(c, workers, 0.05 if starved else 0.2)
             self._shutdown(c, workers, waiting)
         finally:
+            _status.withdraw(self.path, "pool", self.group)
             for w in workers:
                 w.kill()
             c.close()
             q.close()
+
+    def _log_breaker(self, before: str, after: str) -> None:
+        """Log a change of the circuit breaker (seen once per loop turn)."""
+        b = self.breaker
+        if after == "open":
+            log.warning("logq pool %s group %r: circuit breaker %s (failure rate at or above %g of "
+                        "at least %d outcomes in %gs): dispatch paused for %gs, claimed messages "
+                        "go back to the queue", self.path, self.group,
+                        "opened again (a probe failed)" if before != "closed" else "opened",
+                        b.threshold, b.min_calls, b.window, b.cooldown)
+        elif after == "half_open":
+            log.info("logq pool %s group %r: circuit breaker half-open: sending %d probe(s)",
+                     self.path, self.group, b.probes)
+        else:
+            log.info("logq pool %s group %r: circuit breaker closed: dispatch resumes",
+                     self.path, self.group)
 
     def _batch_size(self) -> int:
         """The option, or enough messages for about _BATCH_SECONDS of work."""
@@ -541,9 +567,11 @@ class WorkerPool:
             if timed_out:
                 w.proc.kill()
             w.proc.join()
-            code = w.proc.exitcode
+            code, pid = w.proc.exitcode, w.proc.pid
             running = w.progress[0] if w.progress[1] else None
             batch = [m for _id, ms in w.out for m in ms]
+            started = [m for m in batch if m.offset == running]
+            rest = [m for m in batch if m.offset != running]
             w.close()
             workers.remove(w)
             with self._lock:
@@ -551,7 +579,12 @@ class WorkerPool:
                 self._stats.timeouts += timed_out
             what = (f"timed out after {o.timeout}s (worker killed)" if timed_out
                     else f"worker process died (exit code {code})")
-            log.warning("logq pool %s: %s while handling offset %s", self.path, what, running)
+            log.warning("logq pool %s group %r: worker %s %s %s; %d other message(s) of its "
+                        "batches given back", self.path, self.group, pid,
+                        f"timed out after {o.timeout}s and was killed" if timed_out
+                        else f"died (exit code {code})",
+                        "between messages" if running is None else f"while handling offset {running}",
+                        len(rest))
             if w.batches_done == 0 and not batch:
                 self._start_failures += 1
                 if self._start_failures >= _START_FAILURES:
@@ -560,8 +593,6 @@ class WorkerPool:
                                     "output (is the handler importable in a fresh process?)")
             else:
                 self._start_failures = 0
-            started = [m for m in batch if m.offset == running]
-            rest = [m for m in batch if m.offset != running]
             if rest:
                 c.give_back(rest)       # not started, or done and unreported: not counted
             for m in started:

@@ -21,11 +21,13 @@ import threading
 import time
 import weakref
 from array import array
+from bisect import bisect_left
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator
 
 from logq import _codec as C
 from logq import _format as F
+from logq import _status
 from logq._errors import (LogqError, MessageTooLargeError, OffsetError, QueueClosedError,
                           QueueFullError, RecordLostError)
 from logq._index import (G_ACKED, G_DEAD, G_DELIVERED, G_DROPPED, G_REDELIVERED, G_WATERMARK,
@@ -50,6 +52,11 @@ _WAIT_SLICE = 1.0             # wait() looks at the clock and for close() this o
 _PREFAULT_AHEAD = 32 << 20    # the housekeeper maps this much ahead of the writer
 _PREFAULT_CHUNK = 4 << 20
 _put = C.put
+# Per-process figures of the group commit, published to the status file
+# (``logq metrics``): histogram bucket bounds (upper, inclusive).
+FSYNC_SECONDS_BOUNDS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+FSYNC_RECORDS_BOUNDS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384, 65536)
+_STATUS_EVERY = 1.0           # the housekeeper publishes the figures at most this often (s)
 
 
 @dataclass(frozen=True)
@@ -175,8 +182,15 @@ class Queue:
         self._durable_next = 0          # every record this process put below it is durable
         self._failed: BaseException | None = None
         self._fsyncs = 0
+        # Group-commit figures (changed only by the thread that fsyncs):
+        # histogram counts per bucket (the last one: above every bound).
+        self._fsync_seconds = 0.0
+        self._fsync_seconds_counts = [0] * (len(FSYNC_SECONDS_BOUNDS) + 1)
+        self._fsync_records = 0
+        self._fsync_records_counts = [0] * (len(FSYNC_RECORDS_BOUNDS) + 1)
         self._last_checkpoint = 0.0
         self._pending = 0               # batch: bytes put since the last fsync
+        self._synced_at = time.monotonic()   # batch: when the last fsync began
         self._always = opts.fsync == "always"
         self._batch = opts.fsync == "batch"
         self._syncs = opts.fsync != "never"     # puts have fsync work to do
@@ -436,12 +450,14 @@ class Queue:
         if len(lg.bases) < 2 or lg.bases[0] == lg.active.base:
             return False
         base, after = lg.bases[0], lg.bases[1]
+        marks = self._index.watermarks()
         dropped = self._index.drop_below(after)
         self._delete_segments([base], "to stay within max_bytes (on_full='drop_oldest')")
         for group, n in dropped.items():
             if n:
-                log.warning("queue %s: group %r lost %d unsettled message(s) below offset %d "
-                            "to max_bytes (on_full='drop_oldest')", self.path, group, n, after)
+                log.warning("queue %s: group %r lost %d unsettled message(s) among offsets %d..%d "
+                            "to max_bytes (on_full='drop_oldest')", self.path, group, n,
+                            max(base, marks.get(group, base)), after - 1)
         return True
 
     def _delete_segments(self, bases: list[int], why: str) -> None:
@@ -542,6 +558,7 @@ class Queue:
             # Every record below the published next offset is complete.
             nxt = lg.ctl_get(F.CTL_TAIL_NEXT)
             self._pending = 0
+            self._synced_at = now
             # 2. the data is durable: the active segment, and any segment
             # sealed since this process last synced (rolls do not fsync);
             # for a checkpoint, every segment since the stored one.
@@ -554,10 +571,17 @@ class Queue:
                     segs = lg.segments_since(self._synced_base, refresh=False)
             else:
                 segs = [lg.active]
+            began = time.perf_counter()
             for seg in segs:
                 _fdatasync_unless_deleted(seg)
+            took = time.perf_counter() - began
             self._synced_base = segs[-1].base
             self._fsyncs += 1
+            self._fsync_seconds += took
+            self._fsync_seconds_counts[bisect_left(FSYNC_SECONDS_BOUNDS, took)] += 1
+            covered = max(0, nxt - self._durable_next)     # records this fsync made durable
+            self._fsync_records += covered
+            self._fsync_records_counts[bisect_left(FSYNC_RECORDS_BOUNDS, covered)] += 1
             done = nxt
             if point is not None:
                 if point[2] > self._checkpointed:
@@ -580,11 +604,15 @@ class Queue:
 
     def _housekeep(self) -> None:
         """Background duties: the batch policy's timed fsync, faulting in
-        pages ahead of the writer, and handing the append lock back when idle
-        or asked for by another process."""
+        pages ahead of the writer, handing the append lock back when idle
+        or asked for by another process, and publishing this process's
+        fsync figures to its status file (at most once a second, when they
+        changed; never on the put path)."""
         last_next = -1
         prefaulted: tuple[Any, int] = (None, 0)   # (segment, position) mapped ahead
         retained = time.monotonic()
+        published: tuple[int, bool] | None = None  # what the status file last said
+        published_at = 0.0
         while not self._stop:
             lg = self._log
             if lg is None:
@@ -596,6 +624,10 @@ class Queue:
             if self._stop or self._log is None:
                 return
             try:
+                figures = (self._fsyncs, self._failed is not None)
+                if figures != published and time.monotonic() - published_at >= _STATUS_EVERY:
+                    published, published_at = figures, time.monotonic()
+                    _status.publish(self.path, "queue", str(os.getpid()), self._status_fields())
                 if lg.holding and (lg.wanted() or lg.next == last_next):
                     with self._lock, lg.w:
                         if self._log is not None and lg.holding and (lg.wanted() or lg.next == last_next):
@@ -603,7 +635,12 @@ class Queue:
                 last_next = lg.next
                 if lg.holding:
                     prefaulted = self._prefault(lg, *prefaulted)
-                if self._batch and self._durable_next < lg.next:
+                # "batch": fsync once the oldest unsynced put is about
+                # fsync_interval old, or fsync_bytes were put (a kick), not
+                # at every 5 ms wake while this process holds the lock.
+                if (self._batch and self._durable_next < lg.next
+                        and (self._pending >= self.options.fsync_bytes
+                             or time.monotonic() - self._synced_at >= self.options.fsync_interval)):
                     self._sync_to(lg.next)
                 if time.monotonic() - retained >= _RETAIN_EVERY:
                     retained = time.monotonic()
@@ -614,6 +651,25 @@ class Queue:
                 pass    # already recorded in self._failed; puts report it
             except Exception:  # pragma: no cover - a bug; keep the queue usable
                 log.exception("queue %s: housekeeping failed", self.path)
+
+    def _status_fields(self) -> dict[str, Any]:
+        """This process's in-memory figures, for its status file: its
+        options, what its open recovered (if it was the first to open the
+        queue), fsyncs, their latency and the records each made durable
+        (histograms: counts per bucket, not cumulative, the last above
+        every bound)."""
+        lg, rec = self._log, self._recovery
+        return {"fsync": self.options.fsync, "max_bytes": self.options.max_bytes,
+                "failed": self._failed is not None,
+                "opened_first": lg is not None and lg.alone, "last_shutdown_clean": rec.clean,
+                "recovery_truncated_bytes": rec.truncated_bytes,
+                "recovery_lost_records": sum(b - a for a, b in rec.lost),
+                "fsyncs": self._fsyncs, "fsync_seconds_sum": self._fsync_seconds,
+                "fsync_seconds_bounds": FSYNC_SECONDS_BOUNDS,
+                "fsync_seconds_counts": list(self._fsync_seconds_counts),
+                "fsync_records_sum": self._fsync_records,
+                "fsync_records_bounds": FSYNC_RECORDS_BOUNDS,
+                "fsync_records_counts": list(self._fsync_records_counts)}
 
     @staticmethod
     def _prefault(lg: Log, seg: Any, at: int) -> tuple[Any, int]:
@@ -893,6 +949,7 @@ class Queue:
         self._kick.set()
         if self._housekeeper is not threading.current_thread():
             self._housekeeper.join()
+        _status.withdraw(self.path, "queue", str(os.getpid()))
         # Threads in wait() sleep on the control block: wake them and let
         # them leave before it is unmapped.
         self._closing = True

@@ -12,23 +12,66 @@ import logq
 
 
 def _bench(args: argparse.Namespace) -> int:
+    import importlib.util
+    import shutil
+    import time
+
     from logq import bench
 
-    def progress(stage: str) -> None:
-        if sys.stderr.isatty():
-            print(f"\r\033[K  running: {stage}", end="", file=sys.stderr, flush=True)
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise ImportError("--plot needs matplotlib: pip install 'logq[plot]' (or leave out --plot)")
+    if args.dir is not None and not os.path.isdir(args.dir):
+        raise ValueError(f"--dir {args.dir}: not a directory")
+    base = bench.Params(payload=args.payload, batch=args.batch, fsync=args.fsync,
+                        fsync_interval=args.fsync_interval, fsync_bytes=args.fsync_bytes,
+                        commit_every=args.commit_every, commit_interval=args.commit_interval,
+                        producers=args.producers, consumers=args.consumers, workers=args.workers,
+                        rate=args.rate, messages=args.messages, duration=args.duration)
+    sweeps = args.sweep or []
+    params = bench.grid(base, args.workload, sweeps)
 
-    results = bench.run(messages=args.messages, payload_size=args.payload, dirpath=args.dir,
-                        progress=progress)
-    if sys.stderr.isatty():
-        print("\r\033[K", end="", file=sys.stderr)
-    if args.json:
-        print(json.dumps({"native": logq.native_enabled(), "results": bench.as_dicts(results)}, indent=2))
+    shown = {"at": 0.0, "label": None}
+
+    def progress(i: int, n: int, label: str, fraction: float) -> None:
+        """A bar on stderr (a terminal only), redrawn at most 10 times a second."""
+        now = time.monotonic()
+        if label == shown["label"] and now - shown["at"] < 0.1:
+            return
+        shown.update(at=now, label=label)
+        whole = (i + fraction) / n if n else 1.0
+        width = 24
+        line = (f"[{'#' * int(width * whole):<{width}}] {min(i + 1, n)}/{n} {label} "
+                f"{min(fraction, 1.0):.0%}")
+        cols = shutil.get_terminal_size((80, 24)).columns
+        print(f"\r\033[K{line[:cols - 1]}", end="", file=sys.stderr, flush=True)
+
+    tty = sys.stderr.isatty()
+    try:
+        report = bench.run(params, sweeps=sweeps, dirpath=args.dir, compare=args.compare,
+                           progress=progress if tty else None)
+    except KeyboardInterrupt:
+        print("\nlogq bench: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if tty:
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
+    doc = bench.as_json(report)
+    if args.json not in (None, "-"):
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(doc, f, indent=2)
+            f.write("\n")
+    if args.csv:
+        bench.write_csv(report, args.csv)
+    if args.plot:
+        bench.plot(report, args.plot)
+    if args.json == "-":
+        print(json.dumps(doc, indent=2))
     else:
-        codec = "native" if logq.native_enabled() else "pure-Python"
-        print(f"logq {logq.__version__} ({codec} codec), {args.messages:,} messages of {args.payload} B\n")
-        print(bench.format_table(results))
-    return 0
+        print(bench.format_report(report))
+        for what, path in (("JSON", args.json), ("CSV", args.csv), ("plot", args.plot)):
+            if path:
+                print(f"wrote {what} to {path}", file=sys.stderr)
+    return 1 if report.failed else 0
 
 
 def _work(args: argparse.Namespace) -> int:
@@ -381,24 +424,82 @@ def _add_operator(sub: argparse._SubParsersAction) -> None:
 def _add_metrics(sub: argparse._SubParsersAction) -> None:
     m = sub.add_parser("metrics", help="serve Prometheus metrics for a queue directory")
     m.add_argument("path", help="the queue directory")
-    m.add_argument("--port", type=int, default=9464, help="TCP port (default 9464)")
+    m.add_argument("--port", type=int, default=9464, help="TCP port (default 9464; 0: any free one, printed)")
     m.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     m.set_defaults(func=_metrics)
 
 
 def _metrics(args: argparse.Namespace) -> int:
-    raise NotImplementedError("logq metrics")
+    import logging
+    import signal
+    import threading
+    from logq import _metrics as M
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be between 0 and 65535, not {args.port}")
+    if not logging.getLogger().handlers:     # what the queue's opens find (recovery, damage)
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    server = M.serve(args.path, args.port, args.host)
+    host, port = server.server_address[:2]
+    host = f"[{host}]" if ":" in host else host
+    print(f"logq metrics: serving {os.path.abspath(args.path)} at http://{host}:{port}/metrics",
+          file=sys.stderr, flush=True)
+    try:
+        while not stop.wait(1.0):
+            pass
+    finally:
+        server.shutdown()
+        server.server_close()
+    return 0
 
 
 # -- forward (owned by the forwarder's author) ----------------------------------
 def _add_forward(sub: argparse._SubParsersAction) -> None:
-    f = sub.add_parser("forward", help="forward a queue's messages to NATS JetStream or MQTT")
+    f = sub.add_parser("forward", help="forward a queue's messages to NATS JetStream or MQTT",
+                       description="Publish every message of a consumer group upstream, acking each in "
+                                   "the queue once the upstream acknowledged it.  Runs until SIGTERM or "
+                                   "^C (then drains: waits for in-flight acks, commits) or, with "
+                                   "--until-idle, until nothing is left.")
     f.add_argument("path", help="the queue directory")
+    f.add_argument("--to", required=True, metavar="URL",
+                   help="nats://HOST:PORT (JetStream) or mqtt://HOST:PORT; user:password@ allowed")
+    f.add_argument("--subject", help="NATS subject to publish to (nats://)")
+    f.add_argument("--stream", help="JetStream stream; created with file storage if missing "
+                                    "(default: the stream that captures the subject)")
+    f.add_argument("--duplicate-window", type=float, default=None, metavar="SECONDS",
+                   help="the stream's duplicate window: a created stream gets it, an existing one "
+                        "must have at least it (default 120)")
+    f.add_argument("--topic", help="MQTT topic to publish to (mqtt://)")
+    f.add_argument("--qos", type=int, default=1, help="MQTT QoS, 1 or 2 (default 1)")
+    f.add_argument("--group", default="forward", help="consumer group (default 'forward')")
+    f.add_argument("--window", type=int, default=None, help="publishes in flight (default 1000)")
+    f.add_argument("--until-idle", action="store_true", help="return once nothing is left to forward")
+    f.add_argument("--json", action="store_true", help="print the final stats as JSON")
     f.set_defaults(func=_forward)
 
 
 def _forward(args: argparse.Namespace) -> int:
-    raise NotImplementedError("logq forward")
+    from logq import forward
+
+    options = {"group": args.group, "qos": args.qos}
+    if args.window is not None:
+        options["window"] = args.window
+    if args.stream is not None:
+        options["stream"] = args.stream
+    if args.duplicate_window is not None:
+        options["duplicate_window"] = args.duplicate_window
+    fw = forward.Forwarder(args.path, args.to, subject=args.subject, topic=args.topic, **options)
+    st = fw.run(until_idle=args.until_idle)
+    if args.json:
+        print(json.dumps(st, indent=2))
+    else:
+        keys = ("published_total", "duplicates_total", "resent_total", "reconnects_total",
+                "failures_total", "breaker_opened_total", "lag", "last_error")
+        print(f"forwarded to {st['target']}: " + ", ".join(f"{k} {st[k]}" for k in keys
+                                                           if st[k] not in (None, 0)), file=sys.stderr)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -406,11 +507,82 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--version", action="version", version=f"logq {logq.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    b = sub.add_parser("bench", help="measure throughput on a temporary queue, beside this machine's floors")
-    b.add_argument("--messages", type=int, default=300_000, help="messages per workload (default 300000)")
-    b.add_argument("--payload", type=int, default=100, help="payload bytes (default 100)")
-    b.add_argument("--dir", default=None, help="where to make the temporary queue (default: the system temp dir)")
-    b.add_argument("--json", action="store_true", help="print the results as JSON")
+    from logq import bench as lb
+
+    def typed(fn):
+        """An argparse type from a parser that raises ValueError with a message."""
+        def parse(text: str):
+            try:
+                return fn(text)
+            except ValueError as e:
+                raise argparse.ArgumentTypeError(str(e)) from None
+        parse.__name__ = fn.__name__.strip("_")
+        return parse
+
+    def workloads(text: str) -> list[str]:
+        names = list(lb.WORKLOADS) if text.strip() == "all" else [w.strip() for w in text.split(",")]
+        bad = [w for w in names if w not in lb.WORKLOADS]
+        if bad or not names:
+            raise ValueError(f"unknown workload {', '.join(map(repr, bad or [text]))}: "
+                             f"one or more of {','.join(lb.WORKLOADS)}, or all")
+        return list(dict.fromkeys(names))
+
+    class Sweep(argparse.Action):
+        def __call__(self, parser, namespace, value, option_string=None):
+            have = list(getattr(namespace, self.dest) or [])
+            if len(have) >= 2:
+                parser.error("at most two --sweep options (they make a grid)")
+            if value[0] in [n for n, _ in have]:
+                parser.error(f"--sweep {value[0]} given twice")
+            setattr(namespace, self.dest, have + [value])
+
+    d = lb.Params()
+    b = sub.add_parser("bench", help="measure throughput on a temporary queue, beside this machine's floors",
+                       description="Run logq's workloads over a grid of settings on temporary queues, beside "
+                       "this machine's floors measured in the same run (os.write per record, joined writes, "
+                       "fdatasync, an mmap slice loop), so every figure also reads as a ratio.")
+    b.add_argument("--workload", type=typed(workloads), default=list(lb.WORKLOADS), metavar="W[,W...]",
+                   help=f"which workloads: {', '.join(lb.WORKLOADS)}, or all (default: all)")
+    b.add_argument("--messages", type=typed(lb.parse_int), default=d.messages, metavar="N",
+                   help=f"messages per run (default {d.messages})")
+    b.add_argument("--duration", type=typed(lb.parse_float), default=None, metavar="SECONDS",
+                   help="stop each run after this long, if --messages has not stopped it first")
+    b.add_argument("--payload", type=typed(lb.parse_size), default=d.payload, metavar="BYTES",
+                   help=f"payload size, e.g. 100 or 4KiB (default {d.payload})")
+    b.add_argument("--batch", type=typed(lb.parse_int), default=d.batch, metavar="N",
+                   help=f"put_many / get_many size; 1 uses put() / get() (default {d.batch})")
+    b.add_argument("--fsync", type=typed(lb.parse_fsync), default=d.fsync, metavar="POLICY",
+                   help=f"the producers' fsync policy: always, batch or never (default {d.fsync})")
+    b.add_argument("--fsync-interval", type=typed(lb.parse_float), default=d.fsync_interval,
+                   metavar="SECONDS", help=f"fsync=batch: the timer (default {d.fsync_interval})")
+    b.add_argument("--fsync-bytes", type=typed(lb.parse_size), default=d.fsync_bytes, metavar="BYTES",
+                   help="fsync=batch: fsync once this much is unsynced (default 4MiB)")
+    b.add_argument("--commit-every", type=typed(lb.parse_int), default=d.commit_every, metavar="N",
+                   help=f"consumers commit every N acks... (default {d.commit_every})")
+    b.add_argument("--commit-interval", type=typed(lb.parse_float), default=None, metavar="SECONDS",
+                   help="...or every this many seconds (default: the library's, 1 s; the pool's, 0.2 s)")
+    b.add_argument("--producers", type=typed(lb.parse_int), default=d.producers, metavar="N",
+                   help=f"producer processes (default {d.producers})")
+    b.add_argument("--consumers", type=typed(lb.parse_int), default=d.consumers, metavar="N",
+                   help=f"consumer processes in consume and e2e (default {d.consumers})")
+    b.add_argument("--workers", type=typed(lb.parse_int), default=d.workers, metavar="N",
+                   help=f"worker processes in pool (default {d.workers})")
+    b.add_argument("--rate", type=typed(lb.parse_float), default=None, metavar="MSGS_PER_S",
+                   help="pace the producers at this many messages/s in all (default: as fast as they can)")
+    b.add_argument("--sweep", type=typed(lb.parse_sweep), action=Sweep, default=None,
+                   metavar="PARAM=V1,V2,...",
+                   help=f"run every value; twice for a grid. PARAM: {', '.join(lb.SWEEPABLE)}")
+    b.add_argument("--compare", type=typed(lb.parse_peers), default=None, metavar="PEER[,PEER...]",
+                   help=f"also run produce/consume through peer queues, when installed: "
+                   f"{','.join(lb.PEERS)}, or all (pip install 'logq[compare]')")
+    b.add_argument("--dir", default=None,
+                   help="where to make the temporary queues (default: the system temp dir)")
+    b.add_argument("--json", nargs="?", const="-", default=None, metavar="FILE",
+                   help="write the results as JSON to FILE; without FILE, print them instead of the table")
+    b.add_argument("--csv", default=None, metavar="FILE", help="write the results as CSV to FILE")
+    b.add_argument("--plot", default=None, metavar="FILE.png",
+                   help="draw throughput and latency against the swept parameter (needs matplotlib: "
+                   "pip install 'logq[plot]')")
     b.set_defaults(func=_bench)
 
     w = sub.add_parser("work", help="run a worker pool: HANDLER on every message of a consumer group")
