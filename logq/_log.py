@@ -494,8 +494,9 @@ class Log:
         cut = _torn_extent(seg, pos)
         if cut > pos:
             seg.mm[pos:cut] = bytes(cut - pos)
-            log.warning("segment %s: process %d died while appending; zeroed %d torn bytes at %d",
-                        seg.path, pid, cut - pos, pos)
+            log.warning("segment %s: process %d died while appending at offset %d; zeroed its "
+                        "%d torn bytes at position %d (it had not returned: nothing durable is lost)",
+                        seg.path, pid, nxt, cut - pos, pos)
         self._point_at(seg)
         self.pos, self.next = pos, nxt
         self.publish()
