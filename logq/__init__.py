@@ -9,7 +9,8 @@ See README.md for the durability table and docs/ for the on-disk format.
 """
 
 from logq._codec import native_enabled
-from logq._errors import (CorruptionError, DiskFullError, Empty, FormatVersionError, LogqError,
+from logq._errors import (CorruptionError, DiskFullError, Empty, ForwardConfigError, ForwardError,
+                          ForwarderBusyError, FormatVersionError, LogqError,
                           MessageTooLargeError, NotAQueueError, NotDeliveredError, OffsetError,
                           QueueClosedError, QueueFullError, QueueInUseError, RecordLostError)
 from logq._queue import FSYNC_POLICIES, MAX_PRIORITY, ON_FULL, Options, Queue, open
@@ -26,4 +27,17 @@ __all__ = [
     "MetricsCollector", "register_metrics",
     "LogqError", "Empty", "NotDeliveredError", "CorruptionError", "RecordLostError", "FormatVersionError", "NotAQueueError",
     "OffsetError", "QueueClosedError", "QueueInUseError", "QueueFullError", "DiskFullError", "MessageTooLargeError",
+    "Forwarder", "ForwardOptions", "ForwardError", "ForwardConfigError", "ForwarderBusyError",
 ]
+
+_FORWARD = {"Forwarder", "ForwardOptions"}
+
+
+def __getattr__(name: str) -> object:
+    # Store and forward (logq.forward) is loaded on first use: it brings in
+    # asyncio, which plain queue users need not pay for.  Its clients
+    # (nats-py, paho-mqtt) are imported only when a forwarder connects.
+    if name in _FORWARD:
+        from logq import forward
+        return getattr(forward, name)
+    raise AttributeError(f"module 'logq' has no attribute {name!r}")

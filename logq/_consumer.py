@@ -909,6 +909,11 @@ class Consumer:
         if g is None or g.closed:
             g = q._groups[group] = _Group(q, group, self.options)
             q._close_hooks.append(g.close)
+        elif g.opts != self.options:
+            # One group state per Queue object: its consumers share it.
+            raise ValueError(f"group {group!r} is already open on this queue object with other "
+                             f"options ({g.opts}); open it with the same options, or use "
+                             "another Queue object")
         g.users += 1
         self._g = g
         self._closed = False

@@ -80,3 +80,18 @@ class NotDeliveredError(LogqError, ValueError):
 
 class Empty(LogqError, queue.Empty):
     """``Consumer.get`` found no message within its timeout."""
+
+
+class ForwardError(LogqError):
+    """The forwarder failed for a reason that retrying will not cure."""
+
+
+class ForwardConfigError(ForwardError, ValueError):
+    """A bad target or option, or an upstream configured so that the
+    promises cannot hold (a stream that does not capture the subject, a
+    duplicate window shorter than asked)."""
+
+
+class ForwarderBusyError(ForwardError):
+    """Another forwarder runs for this queue and group (one at a time keeps
+    the order)."""

@@ -12,6 +12,7 @@ the log and the index.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -24,7 +25,10 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
 def _name(kind: str, name: str, pid: int) -> str:
-    return f"{kind}.{_UNSAFE.sub('_', name)}.{pid}.json"
+    safe = _UNSAFE.sub("_", name)
+    if safe != name:    # "a.b" and "a_b" must not share a file
+        safe += "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
+    return f"{kind}.{safe}.{pid}.json"
 
 
 def publish(qdir: str, kind: str, name: str, data: dict[str, Any]) -> None:

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import helpers  # noqa: E402
 
 WATCHED = {"test_crash", "test_powercut", "test_tamper", "test_concurrency", "test_bad_input",
-           "test_consumer_crash", "test_pool"}
+           "test_consumer_crash", "test_pool", "test_forward"}
 TEST_TIMEOUT = float(os.environ.get("LOGQ_TEST_TIMEOUT", "120"))
 
 

@@ -423,3 +423,16 @@ def test_settled_state_stays_merged_when_dead_letters_come_out_of_order(tmp_path
         st = q.stats()["groups"]["g"]
         assert st["watermark"] == 40 and st["backlog"] == 0 and st["dead_letters"] == 20
         assert q._index.read(lambda t: sum(1 for _ in t.cursor(db=q._index.acks))) == 0
+
+
+def test_a_group_open_twice_on_one_queue_object_needs_the_same_options(tmp_path):
+    """Consumers of one group on one Queue object share its state: a second
+    one asking for other options is refused, not silently given the first's."""
+    with logq.open(str(tmp_path / "q")) as q:
+        a = q.consumer("g", visibility_timeout=5)
+        b = q.consumer("g", visibility_timeout=5)
+        with pytest.raises(ValueError, match="other options"):
+            q.consumer("g", visibility_timeout=50)
+        b.close()
+        a.close()
+        q.consumer("g", visibility_timeout=50).close()    # once closed, new options are fine

@@ -501,3 +501,13 @@ def test_a_status_line_is_cheap_to_publish(tmp_path):
         time.sleep(1.5)
         assert os.stat(path).st_mtime_ns == before
     assert not os.path.exists(path)
+
+
+def test_status_files_of_names_that_differ_only_in_unsafe_characters_stay_apart(tmp_path):
+    from logq import _status
+    qdir = str(tmp_path)
+    _status.publish(qdir, "forward", "a.b", {"n": 1})
+    _status.publish(qdir, "forward", "a_b", {"n": 2})
+    assert sorted((s["name"], s["n"]) for s in _status.read_all(qdir, "forward")) == [("a.b", 1), ("a_b", 2)]
+    _status.withdraw(qdir, "forward", "a.b")
+    assert [s["name"] for s in _status.read_all(qdir)] == ["a_b"]
