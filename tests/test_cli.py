@@ -167,7 +167,7 @@ def lost_offsets(rep: dict, known: bool | None = None) -> set[int]:
 
 def test_verify_repair_verify(tmp_path, caplog):
     q = str(tmp_path / "q")
-    items = build(q)
+    build(q)
     ok_clean = ok_json("verify", q)
     assert ok_clean["clean"] and ok_clean["damage"] == [] and ok_clean["records"] == N
 
