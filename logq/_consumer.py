@@ -351,7 +351,9 @@ class _Group:
             else:
                 reaped += [(o, c.attempt, 0, owner_alive) for o in range(c.start, c.end)
                            if o not in singles]
-        self._fail(reaped, wall, "lease expired", None)
+        died = [r for r in reaped if not r[3]]
+        self._fail([r for r in reaped if r[3]], wall, "lease expired", None)
+        self._fail(died, wall, "the consumer process holding it died", None)
         for k, c, _ in doomed:
             vt.delete(k, db=sc.claims)
         n_expired = sum(1 for *_, e in reaped if e)

@@ -443,7 +443,7 @@ def holder_main(config_json: str) -> None:
     cfg = json.loads(config_json)
     q = logq.open(cfg["dir"], segment_bytes=4096)
     c = q.consumer(GROUP, visibility_timeout=cfg["visibility_timeout"], backoff_base=0.05,
-                   backoff_max=0.05)
+                   backoff_max=0.05, max_attempts=cfg.get("max_attempts", 5))
     t0 = time.monotonic()
     ms = c.get_many(cfg["n"], timeout=None)
     rep = {"t0": t0, "offsets": [m.offset for m in ms], "attempts": [m.attempt for m in ms]}
@@ -653,3 +653,30 @@ def test_commit_waits_for_the_timers_commit_in_flight(tmp_path):
     assert float(out.split("after ")[1].split("s")[0]) >= 0.5, out
     with logq.open(qdir) as q:
         assert q.consumer("g").get_many(10, timeout=1) == []   # committed: never again
+
+
+def test_a_message_whose_holders_all_died_is_dead_lettered_saying_so(tmp_path):
+    """A delivery to a process that dies counts as an attempt (the handler
+    may have run, or crashed the process): with max_attempts=1 the message
+    goes to the dead letters, whose error says its consumer died, not that
+    a lease expired; replay gives it back."""
+    qdir = str(tmp_path / "q")
+    build_queue(qdir, 3, "z")
+    report = str(tmp_path / "report")
+    with children() as kids:
+        holder = Child(HOLDER, str(tmp_path / "out"), json.dumps(
+            {"dir": qdir, "n": 3, "visibility_timeout": LONG, "report": report, "max_attempts": 1}))
+        kids.append(holder)
+        wait_for(lambda: os.path.exists(report) or not holder.alive(), 30, "the holder to get its messages")
+        assert read_json(report)["offsets"] == [0, 1, 2], holder.output()
+        holder.kill()
+        holder.wait(10)
+    with logq.open(qdir, segment_bytes=4096) as q:
+        c = q.consumer(GROUP, visibility_timeout=LONG, max_attempts=1)
+        assert c.get_many(10, timeout=0.5) == []
+        dead = c.dead_letters()
+        assert [d.offset for d in dead] == [0, 1, 2]
+        assert all("died" in d.error and d.attempts == 1 for d in dead), [d.error for d in dead]
+        assert len(c.replay()) == 3
+        assert [identity(m.data) for m in c.get_many(10, timeout=1)] == [("z", 0), ("z", 1), ("z", 2)]
+        c.close()
