@@ -420,7 +420,7 @@ def _add_operator(sub: argparse._SubParsersAction) -> None:
     g.set_defaults(func=_group)
 
 
-# -- metrics (owned by the metrics module's author) ---------------------------
+# -- metrics ---------------------------------------------------------------------------
 def _add_metrics(sub: argparse._SubParsersAction) -> None:
     m = sub.add_parser("metrics", help="serve Prometheus metrics for a queue directory")
     m.add_argument("path", help="the queue directory")
@@ -455,7 +455,7 @@ def _metrics(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- forward (owned by the forwarder's author) ----------------------------------
+# -- forward ---------------------------------------------------------------------------
 def _add_forward(sub: argparse._SubParsersAction) -> None:
     f = sub.add_parser("forward", help="forward a queue's messages to NATS JetStream or MQTT",
                        description="Publish every message of a consumer group upstream, acking each in "
