@@ -141,14 +141,20 @@ def _bases(path: str) -> list[int]:
     return sorted(b for b in map(F.parse_segment_name, os.listdir(path)) if b is not None)
 
 
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except FileNotFoundError:
+        return 0            # deleted by retention in another process since listed
+
+
 def _examine(path: str, bases: list[int], open_segment: Callable[[int], Any], rep: Report,
-             progress: Progress | None, tail: tuple[int, int, int] | None) -> int:
-    """Scan every segment into ``rep``; the position after the last intact
-    record of the newest one.  ``tail`` (base, pos, next) limits the
-    newest segment to what a live writer has published."""
+             progress: Progress | None, tail: tuple[int, int, int] | None) -> None:
+    """Scan every segment into ``rep``.  ``tail`` (base, pos, next) limits
+    the newest segment to what a live writer has published."""
     known = {(e.get("segment"), e.get("first_offset"), e.get("end_offset")) for e in losses(path)}
-    total = sum(os.path.getsize(os.path.join(path, F.segment_name(b))) for b in bases)
-    done, end_pos = 0, F.SEGMENT_HEADER_SIZE
+    total = sum(_size(os.path.join(path, F.segment_name(b))) for b in bases)
+    done = 0
     for i, base in enumerate(bases):
         name = F.segment_name(base)
         last = i == len(bases) - 1
@@ -180,7 +186,7 @@ def _examine(path: str, bases: list[int], open_segment: Callable[[int], Any], re
             rep.records += nxt - base - sum(b - a for a, b, _, _ in lost)
             rep.bytes_scanned += seg.size
             if last:
-                rep.next_offset, end_pos = nxt, end
+                rep.next_offset = nxt
                 if tail is None:
                     data_end = _data_end(seg, end)
                     if data_end > end:
@@ -193,7 +199,6 @@ def _examine(path: str, bases: list[int], open_segment: Callable[[int], Any], re
             if isinstance(seg, _ReadOnlySegment):
                 seg.close()
     rep.first_offset = bases[0] if bases else 0
-    return end_pos
 
 
 def _check_index(path: str, rep: Report) -> None:
@@ -208,7 +213,8 @@ def _check_index(path: str, rep: Report) -> None:
         rep.index = "missing (the next open rebuilds it from the log)"
         return
     try:
-        env = lmdb.open(idx, subdir=True, readonly=True, lock=False, max_dbs=16)
+        # Without LMDB's reader lock only while no process can write.
+        env = lmdb.open(idx, subdir=True, readonly=True, lock=rep.in_use, max_dbs=16)
     except lmdb.Error as e:
         rep.index = f"damaged: {e}"
         return
@@ -221,7 +227,7 @@ def _check_index(path: str, rep: Report) -> None:
         return
     finally:
         env.close()
-    if raw and len(raw) == 24:
+    if raw and len(raw) == 24 and not rep.in_use:   # (a live writer's checkpoint moves on)
         base, _pos, durable_next = struct.unpack("<QQQ", raw)
         if durable_next > rep.next_offset and rep.segments:
             rep.damage.append(Damage(F.segment_name(base), 0, 0, rep.next_offset, durable_next,
