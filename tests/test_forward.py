@@ -489,3 +489,49 @@ def test_import_needs_no_client_libraries(tmp_path: Any) -> None:
     rc, out = helpers.run_child(code, str(tmp_path / "imp.log"), str(tmp_path / "q"))
     assert rc == 0 and "pip install 'logq[nats]'" in out, out
     assert sys.modules.get("logq.forward") is not None
+
+
+def test_buffers_under_the_disk_budget_while_down_and_drains_after(nats_server: Any, qdir: str) -> None:
+    """Upstream down from the start, a queue with max_bytes and
+    on_full="reject": puts fill the budget and are then refused (nothing
+    is deleted that was not forwarded); once the server is up the
+    forwarder drains, retention frees the forwarded segments, and puts are
+    taken again.  Every accepted message lands once, in order."""
+    from logq._index import RESERVE_BYTES
+    seg = 64 << 10
+    opts = dict(segment_bytes=seg, max_bytes=2 * seg + 3 * RESERVE_BYTES + 8 * seg, on_full="reject")
+    nats_server.stop(signal.SIGKILL)
+    q = logq.open(qdir, fsync="never", **opts)
+    try:
+        qid = q.queue_id
+        fw = Forwarder(q, nats_server.url, subject="edge.b", stream="BUDGET", window=200, **FAST)
+        fw.start()
+        try:
+            accepted = 0
+            with pytest.raises(logq.QueueFullError):
+                while True:
+                    q.put(body(accepted))
+                    accepted += 1
+                    assert accepted < 100_000, "max_bytes never refused a put"
+            assert fw.stats()["acked_total"] == 0 and not fw.stats()["connected"]
+            assert q.stats()["groups"]["forward"]["backlog"] == accepted
+            nats_server.start()
+            helpers.wait_for(lambda: fw.stats()["acked_total"] >= accepted, 60, "the backlog to drain")
+            # forwarded and committed: retention frees room, puts are taken again
+            more = 0
+
+            def put_more() -> bool:
+                nonlocal more
+                try:
+                    q.put(body(accepted + more))
+                except logq.QueueFullError:
+                    return False
+                more += 1
+                return more >= 50
+            helpers.wait_for(put_more, 30, "puts to be taken again after the drain", interval=0.05)
+            helpers.wait_for(lambda: fw.stats()["acked_total"] >= accepted + more, 60, "the rest to drain")
+        finally:
+            fw.stop()
+    finally:
+        q.close()
+    check_stream(nats_server.url, "BUDGET", "edge.b", qid, accepted + more)
