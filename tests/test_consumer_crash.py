@@ -487,7 +487,11 @@ def waiter_main(config_json: str) -> None:
     q.close()
 
 
-RELEASE_WITHIN = 2.0    # the spec: a dead process's leases are released at once, not at expiry
+# The spec: a dead process's leases are released at once, not at expiry
+# (visibility_timeout is LONG).  Typically well under a second; the bound
+# is loose so that a loaded machine (CI runs two suites at once) cannot
+# fail it, and still ten times shorter than the lease.
+RELEASE_WITHIN = LONG / 10
 
 
 @pytest.mark.parametrize("waiter", ["parent", "process"])
@@ -495,7 +499,7 @@ def test_dead_process_leases_are_released_at_once(tmp_path, waiter):
     """Child A takes 25 of 40 messages with visibility_timeout=300 and is
     SIGKILLed without acking.  While A lives, the other consumer (the parent,
     or another process blocked in get_many) gets only the other 15; once A
-    is dead it gets A's 25, with attempt 2, within 2 seconds of the kill
+    is dead it gets A's 25, with attempt 2, at once after the kill
     (not after 300)."""
     qdir = str(tmp_path / "q")
     n = 40
