@@ -183,8 +183,9 @@ def test_nack_backs_off_within_full_jitter_bounds(tmp_path):
             c.commit()
             m = c.get(timeout=10)
             waited = time.time() - t
-            # uniform in [0, base * 2**(attempt-1)], plus scheduling slack
-            assert waited <= base * 2 ** (attempt - 1) + 0.3, (attempt, waited)
+            # uniform in [0, base * 2**(attempt-1)], plus slack for a loaded
+            # machine (far below backoff_max, which a wrong bound would use)
+            assert waited <= base * 2 ** (attempt - 1) + 1.5, (attempt, waited)
 
 
 def test_dead_letters_after_max_attempts_then_replay_and_purge(tmp_path):
