@@ -91,7 +91,6 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import hashlib
-import importlib
 import logging
 import os
 import signal
@@ -100,7 +99,6 @@ import time
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
 from logq import _format as F
 from logq import _status
@@ -108,12 +106,12 @@ from logq._consumer import Consumer, Message
 from logq._errors import ForwardConfigError, ForwardError, ForwarderBusyError, LogqError
 from logq._queue import Queue, _check_int, _check_seconds
 from logq._retry import CircuitBreaker, backoff_delay
+from logq._sinks import Entry, LinkLost, MqttSink, NatsSink, check_subject, check_topic, describe, parse_target
 
 log = logging.getLogger("logq")
 
 __all__ = ["Forwarder", "ForwardOptions", "ForwardError", "ForwardConfigError", "ForwarderBusyError"]
 
-SCHEMES = ("nats", "mqtt")
 _LONG_LEASE = 1e8          # s: the forwarder's leases never run out (a dead forwarder's go at once)
 _NO_DEAD_LETTERS = 1 << 30  # deliveries: a message is never dead-lettered for a crash or an outage
 _STARTUP_CHUNK = 10_000    # claims of the redelivery backlog at start
@@ -171,283 +169,6 @@ class ForwardOptions:
                                      f"or '>'), not {self.stream!r}")
 
 
-@dataclass(frozen=True)
-class _Target:
-    scheme: str
-    host: str
-    port: int
-    user: str | None
-    password: str | None
-
-    @property
-    def public(self) -> str:
-        """The URL without credentials."""
-        return f"{self.scheme}://{self.host}:{self.port}"
-
-
-def parse_target(url: str) -> _Target:
-    """``nats://[user:pass@]host[:port]`` or ``mqtt://...``; ValueError
-    (ForwardConfigError) naming what is wrong."""
-    if not isinstance(url, str):
-        raise ForwardConfigError(f"the target must be a URL string, not {type(url).__name__}")
-    try:
-        u = urlsplit(url)
-        port = u.port
-    except ValueError as e:
-        raise ForwardConfigError(f"bad target URL {url!r}: {e}") from None
-    if u.scheme not in SCHEMES:
-        raise ForwardConfigError(f"the target must be nats://HOST:PORT or mqtt://HOST:PORT, not {url!r}")
-    if not u.hostname:
-        raise ForwardConfigError(f"the target URL {url!r} has no host")
-    if u.path not in ("", "/") or u.query or u.fragment:
-        raise ForwardConfigError(f"the target URL {url!r} must not have a path or query "
-                                 "(give the subject or topic separately)")
-    if port is None:
-        port = 4222 if u.scheme == "nats" else 1883
-    return _Target(u.scheme, u.hostname, port, u.username, u.password)
-
-
-def _check_subject(subject: Any) -> None:
-    if not isinstance(subject, str) or not subject or any(c in subject for c in " \t\r\n*>") \
-            or "" in subject.split("."):
-        raise ForwardConfigError(f"a NATS subject is needed (no spaces, wildcards or empty tokens), "
-                                 f"not {subject!r}")
-
-
-def _check_topic(topic: Any) -> None:
-    if not isinstance(topic, str) or not topic or any(c in topic for c in "#+\0"):
-        raise ForwardConfigError(f"an MQTT topic is needed (no wildcards), not {topic!r}")
-
-
-class _Entry:
-    """A message on its way: the logq message and, once sent, the pending
-    acknowledgement."""
-    __slots__ = ("m", "fut", "sent")
-
-    def __init__(self, m: Message) -> None:
-        self.m = m
-        self.fut: Any = None
-        self.sent = 0.0
-
-
-class _LinkLost(Exception):
-    """The connection failed (a reason in the message): drop it, send the window again."""
-
-
-# -- sinks: one per protocol; each connects, sends one message, closes -----------------
-class _NatsSink:
-    kind = "nats"
-
-    def __init__(self, target: _Target, subject: str, opts: ForwardOptions, queue_id: str) -> None:
-        _check_subject(subject)
-        self.target, self.subject, self.opts = target, subject, opts
-        self.prefix = f"{queue_id}:"
-        self.nc: Any = None
-        self.js: Any = None
-        self.stream: str | None = opts.stream
-        self.lost: str | None = None
-
-    @staticmethod
-    def check_installed() -> None:
-        try:
-            importlib.import_module("nats")
-        except ImportError:
-            raise ImportError("forwarding to NATS needs nats-py: pip install 'logq[nats]'") from None
-
-    async def connect(self) -> tuple[str | None, int] | None:
-        """Connect, check the stream; the Nats-Msg-Id and stream sequence of
-        the subject's last message in the stream ((None, 0) if there is
-        none; None if the resume check is off)."""
-        import nats
-        from nats.js.errors import NotFoundError
-        self.lost = None
-        t, o = self.target, self.opts
-
-        async def on_gone(*_a: Any) -> None:
-            self.lost = self.lost or "connection to NATS lost"
-
-        errors: list[Exception] = []
-
-        async def on_error(e: Exception) -> None:
-            errors.append(e)
-            log.debug("logq forward: NATS client error: %r", e)
-
-        # (max_reconnect_attempts=0 would mean "forever": one retry, at once,
-        # then NoServersError; the forwarder does its own backing off.)
-        try:
-            self.nc = await nats.connect(f"nats://{t.host}:{t.port}", user=t.user, password=t.password,
-                                         allow_reconnect=False, max_reconnect_attempts=1,
-                                         reconnect_time_wait=0.01, connect_timeout=o.connect_timeout,
-                                         disconnected_cb=on_gone, closed_cb=on_gone, error_cb=on_error,
-                                         name="logq-forward")
-        except Exception as e:
-            if errors:
-                raise _LinkLost(_describe(errors[-1])) from e
-            raise
-        self.js = self.nc.jetstream(timeout=o.connect_timeout, publish_async_max_pending=o.window + 1)
-        await self._check_stream(NotFoundError)
-        if not o.resume_check:
-            return None
-        try:
-            last = await self.js.get_last_msg(self.stream, self.subject)
-        except NotFoundError:
-            return None, 0
-        return (last.headers or {}).get("Nats-Msg-Id"), last.seq or 0
-
-    async def _check_stream(self, not_found: type) -> None:
-        o = self.opts
-        if o.stream is None:
-            try:
-                self.stream = await self.js.find_stream_name_by_subject(self.subject)
-            except not_found:
-                raise ForwardConfigError(f"no JetStream stream captures subject {self.subject!r} on "
-                                         f"{self.target.public}: create one, or pass stream=NAME "
-                                         "(--stream) to have the forwarder create it") from None
-        try:
-            info = await self.js.stream_info(self.stream)
-        except not_found:
-            await self.js.add_stream(name=self.stream, subjects=[self.subject], storage="file",
-                                     duplicate_window=o.duplicate_window)
-            log.info("logq forward: created stream %s (subject %s, duplicate window %gs)",
-                     self.stream, self.subject, o.duplicate_window)
-            return
-        if o.stream is not None:
-            owner = await self.js.find_stream_name_by_subject(self.subject)
-            if owner != self.stream:
-                raise ForwardConfigError(f"stream {self.stream!r} does not capture subject {self.subject!r} "
-                                         f"(stream {owner!r} does)")
-        have = info.config.duplicate_window or 0
-        if have + 1e-6 < o.duplicate_window:
-            raise ForwardConfigError(
-                f"stream {self.stream!r} has a duplicate window of {have:g}s, shorter than the "
-                f"{o.duplicate_window:g}s asked for: a forwarder restarted later than that after a crash "
-                f"could store duplicates.  Raise the stream's window (nats stream edit {self.stream} "
-                f"--dupe-window), or accept the shorter one (duplicate_window={have:g})")
-
-    async def send(self, e: _Entry) -> None:
-        e.fut = await self.js.publish_async(self.subject, e.m.data,
-                                            headers={"Nats-Msg-Id": f"{self.prefix}{e.m.offset}"})
-
-    @staticmethod
-    def outcome(fut: Any) -> bool:
-        """Whether the upstream reported a duplicate (raises the publish's error)."""
-        return bool(fut.result().duplicate)
-
-    def msg_id(self, m: Message) -> str:
-        return f"{self.prefix}{m.offset}"
-
-    async def close(self) -> None:
-        nc, self.nc, self.js = self.nc, None, None
-        if nc is not None:
-            try:
-                await asyncio.wait_for(nc.close(), self.opts.connect_timeout)
-            except Exception:  # noqa: BLE001 - closing a broken connection
-                pass
-
-
-class _MqttSink:
-    kind = "mqtt"
-
-    def __init__(self, target: _Target, topic: str, opts: ForwardOptions, queue_id: str, group: str) -> None:
-        _check_topic(topic)
-        self.target, self.topic, self.opts = target, topic, opts
-        self.client_id = opts.client_id or f"logq-forward-{queue_id[:12]}-{group}"[:64]
-        self.client: Any = None
-        self.lost: str | None = None
-        self._futs: dict[int, Any] = {}
-
-    @staticmethod
-    def check_installed() -> None:
-        try:
-            importlib.import_module("paho.mqtt.client")
-        except ImportError:
-            raise ImportError("forwarding to MQTT needs paho-mqtt: pip install 'logq[mqtt]'") from None
-
-    async def connect(self) -> None:
-        import paho.mqtt.client as mqtt
-        loop = asyncio.get_running_loop()
-        self.lost = None
-        self._futs = {}
-        connected = loop.create_future()
-        t, o = self.target, self.opts
-        try:
-            client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
-                                 clean_session=True, protocol=mqtt.MQTTv311)
-        except AttributeError:      # paho-mqtt 1.x
-            client = mqtt.Client(client_id=self.client_id, clean_session=True, protocol=mqtt.MQTTv311)
-        client.max_inflight_messages_set(o.window)
-        client.max_queued_messages_set(0)
-        if t.user is not None:
-            client.username_pw_set(t.user, t.password)
-
-        def settle(fut: Any, value: Any) -> None:
-            if not fut.done():
-                fut.set_result(value)
-
-        def on_connect(_c: Any, _u: Any, _flags: Any, rc: Any, *_p: Any) -> None:
-            loop.call_soon_threadsafe(settle, connected, rc)
-
-        def on_disconnect(_c: Any, _u: Any, *args: Any) -> None:
-            loop.call_soon_threadsafe(self._gone, "connection to the MQTT broker lost")
-
-        def on_publish(_c: Any, _u: Any, mid: int, *_rest: Any) -> None:
-            loop.call_soon_threadsafe(self._acked, mid)
-
-        client.on_connect, client.on_disconnect, client.on_publish = on_connect, on_disconnect, on_publish
-        self.client = client
-        # paho's own thread does the network I/O; its automatic reconnects
-        # are not used (the forwarder reconnects with a new client).
-        await loop.run_in_executor(None, lambda: client.connect(t.host, t.port, o.keepalive))
-        client.loop_start()
-        rc = await asyncio.wait_for(connected, o.connect_timeout)
-        if rc != 0:
-            raise _LinkLost(f"the MQTT broker refused the connection: {rc}")
-        return None
-
-    def _gone(self, why: str) -> None:
-        self.lost = self.lost or why
-
-    def _acked(self, mid: int) -> None:
-        fut = self._futs.pop(mid, None)
-        if fut is not None and not fut.done():
-            fut.set_result(False)
-
-    async def send(self, e: _Entry) -> None:
-        fut = asyncio.get_running_loop().create_future()
-        info = self.client.publish(self.topic, e.m.data, qos=self.opts.qos)
-        if info.rc != 0:
-            raise _LinkLost(f"MQTT publish failed: {info.rc}")
-        # (the PUBACK's callback runs in this loop, after this: no race)
-        self._futs[info.mid] = fut
-        e.fut = fut
-
-    @staticmethod
-    def outcome(fut: Any) -> bool:
-        return bool(fut.result())
-
-    def msg_id(self, m: Message) -> str:
-        return ""
-
-    async def close(self) -> None:
-        client, self.client = self.client, None
-        if client is None:
-            return
-        for fut in self._futs.values():
-            fut.cancel()
-        self._futs = {}
-
-        def stop() -> None:
-            try:
-                client.disconnect()
-            finally:
-                client.loop_stop()
-        try:
-            await asyncio.wait_for(asyncio.get_running_loop().run_in_executor(None, stop),
-                                   self.opts.connect_timeout)
-        except Exception:  # noqa: BLE001 - closing a broken connection
-            pass
-
-
 # -- the forwarder ------------------------------------------------------------------------
 class Forwarder:
     """Forward consumer group ``group`` of the queue at ``queue`` (a path,
@@ -475,13 +196,13 @@ class Forwarder:
         if self.target.scheme == "nats":
             if topic is not None or subject is None:
                 raise ForwardConfigError("a nats:// target needs subject= (--subject), not topic=")
-            _check_subject(subject)
-            _NatsSink.check_installed()
+            check_subject(subject)
+            NatsSink.check_installed()
         else:
             if subject is not None or topic is None:
                 raise ForwardConfigError("an mqtt:// target needs topic= (--topic), not subject=")
-            _check_topic(topic)
-            _MqttSink.check_installed()
+            check_topic(topic)
+            MqttSink.check_installed()
         self._subject, self._topic = subject, topic
         if isinstance(queue, Queue):
             self._queue, self.path = queue, queue.path
@@ -611,9 +332,9 @@ class Forwarder:
             lock_fd = self._lock_group(q.path)
             o = self.options
             if self.target.scheme == "nats":
-                sink = _NatsSink(self.target, self._subject, o, q.queue_id)  # type: ignore[arg-type]
+                sink = NatsSink(self.target, self._subject, o, q.queue_id)  # type: ignore[arg-type]
             else:
-                sink = _MqttSink(self.target, self._topic, o, q.queue_id, self.group)  # type: ignore[arg-type]
+                sink = MqttSink(self.target, self._topic, o, q.queue_id, self.group)  # type: ignore[arg-type]
             c = Consumer(q, self.group, visibility_timeout=_LONG_LEASE, max_attempts=_NO_DEAD_LETTERS,
                          commit_every=o.commit_every, commit_interval=o.commit_interval, prefetch=1)
             self._started = time.time()
@@ -659,8 +380,8 @@ class _Run:
         self.fw, self.q, self.c, self.sink = fw, q, c, sink
         self.o = fw.options
         self.until_idle = until_idle
-        self.pending: deque[_Entry] = deque()   # claimed, to send (in order)
-        self.window: deque[_Entry] = deque()    # sent, awaiting acknowledgement (in order)
+        self.pending: deque[Entry] = deque()   # claimed, to send (in order)
+        self.window: deque[Entry] = deque()    # sent, awaiting acknowledgement (in order)
         self.tried: dict[int, bool] = {}         # offsets sent on a connection that failed -> refused
         self.last_seq: int | None = None         # the subject's last stream sequence at the last connect
         self.attempt = 0                         # failed connection attempts in a row
@@ -680,7 +401,7 @@ class _Run:
                         continue
                 try:
                     progressed = await self._pump()
-                except _LinkLost as e:
+                except LinkLost as e:
                     await self._link_failed(str(e))
                     continue
                 if not progressed and not self.window and not self.pending:
@@ -701,7 +422,7 @@ class _Run:
             if len(batch) < _STARTUP_CHUNK or any(not m.due for m in batch):
                 break
         got.sort(key=_offset)
-        self.pending.extend(map(_Entry, got))
+        self.pending.extend(map(Entry, got))
         if got and got[0].due:
             log.info("logq forward %s: %d message(s) to send again first", self.q.path,
                      sum(1 for m in got if m.due))
@@ -722,7 +443,7 @@ class _Run:
         except Exception as e:  # noqa: BLE001 - any failure to connect is retried
             await self.sink.close()
             self.attempt += 1
-            fw._failed(f"connect to {fw.target.public} failed: {_describe(e)}")
+            fw._failed(f"connect to {fw.target.public} failed: {describe(e)}")
             br.record(False, time.monotonic())
             self._status(force=True)
             await self._sleep(backoff_delay(self.attempt, o.backoff_base, o.backoff_max))
@@ -813,10 +534,10 @@ class _Run:
                 window.append(e)
                 try:
                     await sink.send(e)
-                except _LinkLost:
+                except LinkLost:
                     raise
                 except Exception as ex:  # noqa: BLE001 - a closed connection, a full buffer
-                    raise _LinkLost(f"publish failed: {_describe(ex)}") from None
+                    raise LinkLost(f"publish failed: {describe(ex)}") from None
             with self.fw._lock:
                 self.c_["sent_total"] += n
                 self.c_["resent_total"] += resent
@@ -826,12 +547,12 @@ class _Run:
         if not window:
             return moved
         if sink.lost:
-            raise _LinkLost(sink.lost)
+            raise LinkLost(sink.lost)
         head = window[0]
         if not head.fut.done():
             wait = head.sent + o.ack_timeout - time.monotonic()
             if wait <= 0:
-                raise _LinkLost(f"no acknowledgement within {o.ack_timeout:g}s")
+                raise LinkLost(f"no acknowledgement within {o.ack_timeout:g}s")
             await asyncio.wait([head.fut], timeout=min(wait, _POLL))
         return self._settle() or moved
 
@@ -845,11 +566,11 @@ class _Run:
             try:
                 dups += outcome(e.fut)
             except asyncio.CancelledError:
-                raise _LinkLost("publish cancelled") from None
+                raise LinkLost("publish cancelled") from None
             except Exception as ex:  # noqa: BLE001 - the upstream refused it
                 if done:
                     self._ack(done, dups)
-                raise _LinkLost(f"publish of offset {e.m.offset} failed: {_describe(ex)}") from None
+                raise LinkLost(f"publish of offset {e.m.offset} failed: {describe(ex)}") from None
             window.popleft()
             done.append(e.m)
         if done:
@@ -875,7 +596,7 @@ class _Run:
             return
         got = self.c.get_many(self.o.window, timeout=0)
         if got:
-            self.pending.extend(map(_Entry, got))
+            self.pending.extend(map(Entry, got))
             self.claimed_tail = -1
         else:
             self.claimed_tail = tail
@@ -891,7 +612,7 @@ class _Run:
         loop = asyncio.get_running_loop()
         got = await loop.run_in_executor(None, c.get_many, self.o.window, _IDLE_WAIT)
         if got:
-            self.pending.extend(map(_Entry, got))
+            self.pending.extend(map(Entry, got))
             self.claimed_tail = -1
             return False
         if self.until_idle:
@@ -919,7 +640,7 @@ class _Run:
                     await asyncio.wait([head.fut], timeout=min(_POLL, max(0.0, deadline - time.monotonic())))
                 try:
                     self._settle()
-                except _LinkLost as e:
+                except LinkLost as e:
                     fw._failed(str(e))
                     break
             if self.window:
@@ -968,10 +689,3 @@ class _Run:
 
 def _offset(m: Message) -> int:
     return m.offset
-
-
-def _describe(e: BaseException) -> str:
-    text = str(e)
-    if isinstance(e, _LinkLost):
-        return text
-    return f"{type(e).__name__}: {text}" if text else type(e).__name__
