@@ -263,14 +263,7 @@ def note(request: pytest.FixtureRequest) -> Callable[[str], None]:
 
 
 def _table(rows: list[tuple[str, ...]], right: set[int]) -> list[str]:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    out = []
-    for k, r in enumerate(rows):
-        out.append("  ".join(c.rjust(w) if i in right else c.ljust(w)
-                             for i, (c, w) in enumerate(zip(r, widths))).rstrip())
-        if k == 0:
-            out.append("  ".join("-" * w for w in widths))
-    return out
+    return LB.format_table(rows, left=set(range(len(rows[0]))) - right)
 
 
 def _meta() -> dict[str, Any]:

@@ -193,44 +193,39 @@ def _close(ctx: dict) -> None:
         ctx["q"].close()
 
 
-def _drain_many(c: Any, n: int) -> tuple[int, list]:
-    """get_many(1000) + ack_many() until n messages are consumed; commit.
-    Per batch: (first offset, last offset, count, one message of it) for the check."""
-    get_many, ack_many = c.get_many, c.ack_many
+def _drain_many(c: Any, n: int, settle: Any = None) -> tuple[int, list]:
+    """get_many(1000) + ``settle`` (default ack_many) until n messages are
+    consumed; commit.  Per batch: (first offset, last offset, count, one
+    message of it) for the check."""
+    get_many, settle = c.get_many, settle or c.ack_many
     runs = []
     got = 0
     while got < n:
         ms = get_many(min(BATCH, n - got))
         if not ms:
             break
-        ack_many(ms)
+        settle(ms)
         runs.append((ms[0].offset, ms[-1].offset, len(ms), ms[len(runs) % len(ms)]))
         got += len(ms)
     c.commit()
     return got, runs
 
 
-def _drain_many_ack_each(c: Any, n: int, commit_each: bool) -> tuple[int, list]:
-    """get_many(1000) and ack() per message (and commit() after each ack if
-    ``commit_each``) until n messages are consumed; commit."""
-    get_many, ack, commit = c.get_many, c.ack, c.commit
-    runs = []
-    got = 0
-    while got < n:
-        ms = get_many(min(BATCH, n - got))
-        if not ms:
-            break
-        if commit_each:
+def _ack_each(c: Any, commit_each: bool) -> Any:
+    """A ``settle`` for _drain_many: ack() per message, and commit() after
+    each ack if ``commit_each``."""
+    ack, commit = c.ack, c.commit
+    if not commit_each:
+        def settle(ms: list) -> None:
             for m in ms:
                 ack(m)
-                commit()
-        else:
-            for m in ms:
-                ack(m)
-        runs.append((ms[0].offset, ms[-1].offset, len(ms), ms[len(runs) % len(ms)]))
-        got += len(ms)
-    commit()
-    return got, runs
+        return settle
+
+    def settle_committing(ms: list) -> None:
+        for m in ms:
+            ack(m)
+            commit()
+    return settle_committing
 
 
 def _check_runs(got: int, runs: list, n: int, seq: Any) -> None:
@@ -414,7 +409,7 @@ def test_batched_vs_commit_per_ack(benchmark, log_1m, report, floor_fdatasync_pr
         ctx = _open_consumer(path)
         try:
             t = time.perf_counter()
-            out = _drain_many_ack_each(ctx["c"], n_each, commit_each=True)
+            out = _drain_many(ctx["c"], n_each, _ack_each(ctx["c"], commit_each=True))
             each_times.append(time.perf_counter() - t)
             _check_runs(*out, n_each, seq)
             _check_group(ctx["q"], ctx["name"], n_each)
@@ -423,7 +418,7 @@ def test_batched_vs_commit_per_ack(benchmark, log_1m, report, floor_fdatasync_pr
         return _open_consumer(path)
 
     def work(ctx):
-        ctx["out"] = _drain_many_ack_each(ctx["c"], n, commit_each=False)
+        ctx["out"] = _drain_many(ctx["c"], n, _ack_each(ctx["c"], commit_each=False))
 
     def check(ctx):
         _check_runs(*ctx["out"], n, seq)

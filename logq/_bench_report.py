@@ -119,7 +119,9 @@ def _si(v: float) -> str:
     return f"{v:.3g}"
 
 
-def _table(rows: list[list[str]], left: set[int]) -> list[str]:
+def format_table(rows: list[Any], left: set[int]) -> list[str]:
+    """Lines of a text table: the first row is the header, underlined;
+    columns in ``left`` are left-aligned, the others right-aligned."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     out = []
     for k, r in enumerate(rows):
@@ -177,7 +179,7 @@ def format_report(report: Report) -> str:
             _num(r.latency_p50_ms), _num(r.latency_p99_ms), _num(r.latency_p999_ms),
             _num(r.fsyncs_per_s), _num(r.records_per_fsync), str(r.commits), _num(r.cpu_percent),
             f"{r.rss_parent_mb:.0f}/{r.rss_children_mb:.0f}", r.check])
-    out += _table(rows, {0, 1 + len(swept) + 2, len(head) - 1} | set(range(1, 1 + len(swept))))
+    out += format_table(rows, {0, 1 + len(swept) + 2, len(head) - 1} | set(range(1, 1 + len(swept))))
     out.append("RSS MB: peak of this process / of its largest child")
     if report.peers:
         out.append("")
@@ -191,7 +193,7 @@ def format_report(report: Report) -> str:
                 continue
             rows.append([f"{pr.peer} {pr.version}".strip(), pr.fsync, pr.workload, f"{pr.messages:,}", f"{pr.msgs_per_s:,.0f}",
                          _num(pr.mb_per_s), pr.floor, _num(pr.ratio), _num(pr.logq_vs_peer), pr.durability])
-        out += _table(rows, {0, 1, 2, 6, 9})
+        out += format_table(rows, {0, 1, 2, 6, 9})
     if report.failed:
         out.append("")
         for r in report.failed:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import fcntl
 import logging
-import mmap
 import os
 import struct
 from dataclasses import asdict, dataclass, field
@@ -39,10 +38,10 @@ import lmdb
 from logq import _codec as C
 from logq import _format as F
 from logq._errors import NotAQueueError
-from logq._fsutil import fsync_dir, keep_aside, losses, quarantine_path, record_loss
-from logq._index import K_CHECKPOINT, lmdb_file_problem
-from logq._log import Log, _data_end, quarantine_bytes, scan_tail
-from logq._segment import encode_header, header_problem
+from logq._fsutil import keep_aside, losses
+from logq._index import K_CHECKPOINT, lmdb_file_problem, open_index, quarantine_index
+from logq._log import Log, _data_end, _read_meta, quarantine_bytes, scan_tail
+from logq._segment import Segment, encode_header
 
 log = logging.getLogger("logq")
 
@@ -99,32 +98,6 @@ class Report:
         return out
 
 
-class _ReadOnlySegment:
-    """What ``scan_tail`` needs of a segment, over a read-only mapping."""
-
-    def __init__(self, path: str, base: int, size_limit: int | None = None) -> None:
-        self.path, self.base = path, base
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        try:
-            size = os.fstat(fd).st_size
-            self.head = os.pread(fd, F.SEGMENT_HEADER_SIZE, 0)
-            self.mm = mmap.mmap(fd, size, access=mmap.ACCESS_READ) if size else None
-        finally:
-            os.close(fd)
-        self.size = size if size_limit is None else min(size, size_limit)
-        self.h = C.handle(self.mm) if self.mm is not None else None
-
-    def offset_at(self, pos: int) -> int:
-        return struct.unpack_from("<Q", self.mm, pos + 8)[0]
-
-    def close(self) -> None:
-        if self.h is not None:
-            C.release(self.h)
-            self.h = None
-        if self.mm is not None:
-            self.mm.close()
-
-
 def require_queue(path: str) -> str:
     """The queue id of the queue at ``path``; NotAQueueError (saying why) if
     there is none: these tools never create a queue."""
@@ -133,7 +106,6 @@ def require_queue(path: str) -> str:
         raise NotAQueueError(f"{path}: no such queue directory")
     if not os.path.exists(meta):
         raise NotAQueueError(f"{path} is not a logq queue (it has no {F.META_FILE})")
-    from logq._log import _read_meta
     return _read_meta(meta)
 
 
@@ -148,10 +120,13 @@ def _size(path: str) -> int:
         return 0            # deleted by retention in another process since listed
 
 
-def _examine(path: str, bases: list[int], open_segment: Callable[[int], Any], rep: Report,
+def _examine(path: str, bases: list[int], open_segment: Callable[[int], Segment] | None, rep: Report,
              progress: Progress | None, tail: tuple[int, int, int] | None) -> None:
-    """Scan every segment into ``rep``.  ``tail`` (base, pos, next) limits
-    the newest segment to what a live writer has published."""
+    """Scan every segment into ``rep``: through ``open_segment`` (a Log's,
+    kept open), or mapped read-only here and closed after.  ``tail`` (base,
+    pos, next) limits the newest segment to what a live writer has
+    published."""
+    owned = open_segment is None
     known = {(e.get("segment"), e.get("first_offset"), e.get("end_offset")) for e in losses(path)}
     total = sum(_size(os.path.join(path, F.segment_name(b))) for b in bases)
     done = 0
@@ -160,13 +135,13 @@ def _examine(path: str, bases: list[int], open_segment: Callable[[int], Any], re
         last = i == len(bases) - 1
         limit = None if last else bases[i + 1]
         try:
-            seg = open_segment(base)
+            seg = (Segment(os.path.join(path, name), base, readonly=True) if owned
+                   else open_segment(base))
         except FileNotFoundError:
             continue        # deleted by retention in another process since listed
         try:
             rep.segments += 1
-            head = bytes(seg.mm[:F.SEGMENT_HEADER_SIZE]) if seg.mm is not None else b""
-            problem = header_problem(head, base, seg.path)
+            problem = seg.header_problem
             if seg.size < F.SEGMENT_HEADER_SIZE:
                 rep.damage.append(Damage(name, 0, seg.size, base, base if last else limit,
                                          "short segment", problem or "short"))
@@ -196,7 +171,7 @@ def _examine(path: str, bases: list[int], open_segment: Callable[[int], Any], re
             done += seg.size
             if progress:
                 progress(done, total)
-            if isinstance(seg, _ReadOnlySegment):
+            if owned:
                 seg.close()
     rep.first_offset = bases[0] if bases else 0
 
@@ -264,8 +239,7 @@ def verify(path: str, *, progress: Progress | None = None) -> Report:
         bases = _bases(path)
         if tail is not None:
             bases = [b for b in bases if b <= tail[0]]
-        _examine(path, bases, lambda b: _ReadOnlySegment(os.path.join(path, F.segment_name(b)), b),
-                 rep, progress, tail)
+        _examine(path, bases, None, rep, progress, tail)
         _check_index(path, rep)
     finally:
         for fd in fds:
@@ -294,14 +268,8 @@ def repair(path: str, *, dry_run: bool = False, rebuild_index: bool = False,
                 act(f"quarantine {where} and zero them: offsets {d.first_offset}..{d.end_offset - 1} "
                     f"({d.offsets} record(s), {d.reason}) are given up")
                 if not dry_run:
-                    seg = lg.segment(F.parse_segment_name(d.segment))
-                    if d.end > d.start:
-                        quarantine_bytes(path, seg, d.start, d.end, (d.first_offset, d.end_offset),
-                                         f"damaged ({d.reason}); given up by repair")
-                    else:
-                        record_loss(path, {"segment": d.segment, "start": d.start, "end": d.end,
-                                           "first_offset": d.first_offset, "end_offset": d.end_offset,
-                                           "file": None, "reason": "missing; given up by repair"})
+                    quarantine_bytes(path, lg.segment(F.parse_segment_name(d.segment)), d.start, d.end,
+                                     (d.first_offset, d.end_offset), f"{d.reason}; given up by repair")
             elif d.kind == "header":
                 act(f"keep the header of {d.segment} in quarantine and write a valid one ({d.reason})")
                 if not dry_run:
@@ -329,14 +297,17 @@ def repair(path: str, *, dry_run: bool = False, rebuild_index: bool = False,
             "the oldest message)" if whole else
             "rebuild the index's offset tables and checkpoint from the log (group state kept)")
         if not dry_run:
-            idx = os.path.join(path, F.INDEX_DIR)
-            if whole and os.path.exists(idx):
-                dest = quarantine_path(path, "index")
-                os.rename(idx, dest)
-                fsync_dir(os.path.dirname(dest))
-                fsync_dir(path)
-            elif not whole:
-                _drop_derived(path)
+            if whole:
+                quarantine_index(path, "damaged" if rep.index != "ok" else "rebuilt by repair")
+            else:
+                # Forget the offset tables and mark the shutdown unclean:
+                # the open below scans the log for its tail again.
+                idx = open_index(path, may_rebuild=False)
+                try:
+                    idx.drop_segments(lg.bases)
+                    idx.set_clean(False)
+                finally:
+                    idx.close()
     finally:
         lg.close()
     if dry_run:
@@ -349,16 +320,3 @@ def repair(path: str, *, dry_run: bool = False, rebuild_index: bool = False,
     Queue(path, exclusive=True).close()
     return rep
 
-
-def _drop_derived(path: str) -> None:
-    """Forget the index's sparse offset tables and mark the shutdown
-    unclean, so that the next open scans the log for its tail again."""
-    env = lmdb.open(os.path.join(path, F.INDEX_DIR), subdir=True, max_dbs=16, sync=True)
-    try:
-        with env.begin(write=True) as txn:
-            segs = env.open_db(b"segments", txn=txn)
-            main = env.open_db(b"main", txn=txn)
-            txn.drop(segs, delete=False)
-            txn.delete(K_CHECKPOINT, db=main)
-    finally:
-        env.close()

@@ -101,6 +101,20 @@ def lmdb_file_problem(path: str) -> str | None:
     return None
 
 
+def quarantine_index(qdir: str, why: str) -> None:
+    """Move the index of ``qdir`` (if any) to quarantine/, durably; the
+    next open rebuilds it from the log (consumer-group state is lost).
+    Only while no process has the queue open."""
+    path = os.path.join(qdir, F.INDEX_DIR)
+    if not os.path.exists(path):
+        return
+    dest = quarantine_path(qdir, "index")
+    os.rename(path, dest)
+    fsync_dir(os.path.dirname(dest))
+    fsync_dir(qdir)
+    log.warning("index %s set aside (%s): moved to %s, rebuilding from the log", path, why, dest)
+
+
 _shared: dict[str, Any] = {}
 _shared_lock = threading.Lock()
 
@@ -273,13 +287,7 @@ class Index(_Env):
                          sync=True, metasync=True, readahead=False, meminit=False)
 
     def _quarantine(self, why: str) -> None:
-        dest = quarantine_path(self.qdir, "index")
-        if os.path.exists(self.path):
-            os.rename(self.path, dest)
-            fsync_dir(os.path.dirname(dest))
-            fsync_dir(self.qdir)
-            log.warning("index %s is damaged (%s): moved to %s, rebuilding from the log",
-                        self.path, why, dest)
+        quarantine_index(self.qdir, f"damaged: {why}")
         self.rebuilt = True
 
     # -- the checkpoint: the last point known to be on stable storage -----
@@ -348,12 +356,13 @@ class Index(_Env):
         return self.read(lambda t: {bytes(k).decode(): struct.unpack_from("<Q", v)[0]
                                     for k, v in t.cursor(db=self.groups)})
 
-    def drop_below(self, offset: int) -> dict[str, int]:
+    def drop_below(self, offset: int) -> dict[str, tuple[int, int]]:
         """Settle everything below ``offset`` for every group (its segments
         are being deleted to make room): watermarks rise to it, state about
         lower offsets goes, and each group counts the unsettled messages it
-        lost as dropped.  Returns group -> messages dropped."""
-        def fn(txn: Any) -> dict[str, int]:
+        lost as dropped.  Returns group -> (its old watermark, messages
+        dropped) for each group that was below ``offset``."""
+        def fn(txn: Any) -> dict[str, tuple[int, int]]:
             dropped = {}
             for name, value in list(txn.cursor(db=self.groups)):
                 g = list(GROUP.unpack(value))
@@ -376,10 +385,10 @@ class Index(_Env):
                         break
                     txn.delete(prefix + due + k[-8:], db=self.sched)
                     txn.delete(k, db=self.pending)
+                dropped[bytes(name).decode()] = (g[G_WATERMARK], lost)
                 g[G_WATERMARK] = offset
                 g[G_DROPPED] += lost
                 txn.put(name, GROUP.pack(*g), db=self.groups)
-                dropped[bytes(name).decode()] = lost
             return dropped
         return self.write(fn)
 

@@ -638,17 +638,20 @@ def boot_id() -> bytes | None:
 
 
 def quarantine_bytes(qdir: str, seg: Segment, start: int, end: int, offsets: tuple[int, int],
-                     reason: str) -> str:
+                     reason: str) -> str | None:
     """Give up segment bytes [start, end), which held ``offsets`` [first,
     end): keep them in quarantine, record the loss in the manifest, then
     zero them in place (in that order, each step durable), so that no
-    reader ever takes a fragment of them for a record.  The path kept."""
-    dest = keep_aside(qdir, f"{F.segment_name(seg.base)}.{start}-{end}", bytes(seg.mm[start:end]))
+    reader ever takes a fragment of them for a record.  The path kept
+    (None for an empty range: offsets whose bytes are gone already)."""
+    dest = (keep_aside(qdir, f"{F.segment_name(seg.base)}.{start}-{end}", bytes(seg.mm[start:end]))
+            if end > start else None)
     record_loss(qdir, {"segment": F.segment_name(seg.base), "start": start, "end": end,
                        "first_offset": offsets[0], "end_offset": offsets[1],
-                       "file": os.path.basename(dest), "reason": reason})
-    seg.mm[start:end] = bytes(end - start)
-    os.fdatasync(seg.fd)
+                       "file": dest and os.path.basename(dest), "reason": reason})
+    if end > start:
+        seg.mm[start:end] = bytes(end - start)
+        os.fdatasync(seg.fd)
     return dest
 
 

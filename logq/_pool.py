@@ -46,6 +46,7 @@ from logq._errors import LogqError
 from logq._leases import Lease
 from logq._queue import Queue, _check_int, _check_seconds
 from logq._retry import CircuitBreaker
+from logq._service import Service
 
 log = logging.getLogger("logq")
 
@@ -263,7 +264,7 @@ class _Worker:
         self.proc.close()
 
 
-class WorkerPool:
+class WorkerPool(Service):
     """Run ``handler(message)`` (or ``handler(messages)`` with
     ``batch=True``) on every message of consumer group ``group`` of the
     queue at ``path``, in worker processes.  ``handler`` is an importable
@@ -274,6 +275,8 @@ class WorkerPool:
     to do), or ``start()``/``stop()``, or ``with WorkerPool(...) as pool``.
     SIGTERM and SIGINT make ``run()`` drain: finish what workers hold,
     commit, stop."""
+
+    _thread_name = "logq-pool"
 
     def __init__(self, path: str | os.PathLike[str], handler: Any, group: str = "default", *,
                  queue_options: dict[str, Any] | None = None,
@@ -300,8 +303,6 @@ class WorkerPool:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._drain = True
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
         self._drain_timeout: float | None = None
         self._start_failures = 0
         self._per_message = 0.0         # smoothed seconds of handler time per message
@@ -319,33 +320,13 @@ class WorkerPool:
         """Process messages until ``stop()``, SIGTERM or SIGINT (or, with
         ``until_idle``, until nothing is in flight and nothing is
         deliverable); then drain and commit.  Returns the final stats."""
-        handlers = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                handlers[sig] = signal.signal(sig, lambda *_: self._stop.set())
-        try:
-            self._loop(until_idle)
-        finally:
-            for sig, old in handlers.items():
-                signal.signal(sig, old)
-        if self._error is not None:
-            raise self._error
-        return self.stats()
+        return self._run(until_idle)
 
-    def start(self) -> "WorkerPool":
-        """Run in a background thread of this process (``stop()`` ends it)."""
-        if self._thread is not None:
-            raise LogqError("the pool is already started")
-        self._thread = threading.Thread(target=self._background, name="logq-pool", daemon=True)
-        self._thread.start()
-        return self
+    def _serve(self, until_idle: bool) -> None:
+        self._loop(until_idle)
 
-    def _background(self) -> None:
-        try:
-            self._loop(False)
-        except BaseException as e:  # noqa: BLE001 - reported by stop()
-            self._error = e
-            log.exception("logq pool on %s failed", self.path)
+    def _request_stop(self) -> None:
+        self._stop.set()
 
     def stop(self, drain: bool = True, timeout: float | None = None) -> PoolStats:
         """Stop dispatching; with ``drain``, let workers finish what they
@@ -353,19 +334,11 @@ class WorkerPool:
         back; commit; stop the workers.  Returns the final stats."""
         self._drain = drain
         self._drain_timeout = timeout
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            raise self._error
-        return self.stats()
+        self._request_stop()
+        return self._join()
 
-    def __enter__(self) -> "WorkerPool":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
+    def __repr__(self) -> str:
+        return f"<logq.WorkerPool {self.path!r} group={self.group!r}>"
 
     def stats(self) -> PoolStats:
         with self._lock:

@@ -450,14 +450,13 @@ class Queue:
         if len(lg.bases) < 2 or lg.bases[0] == lg.active.base:
             return False
         base, after = lg.bases[0], lg.bases[1]
-        marks = self._index.watermarks()
         dropped = self._index.drop_below(after)
         self._delete_segments([base], "to stay within max_bytes (on_full='drop_oldest')")
-        for group, n in dropped.items():
+        for group, (mark, n) in dropped.items():
             if n:
                 log.warning("queue %s: group %r lost %d unsettled message(s) among offsets %d..%d "
                             "to max_bytes (on_full='drop_oldest')", self.path, group, n,
-                            max(base, marks.get(group, base)), after - 1)
+                            max(base, mark), after - 1)
         return True
 
     def _delete_segments(self, bases: list[int], why: str) -> None:

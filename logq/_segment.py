@@ -58,10 +58,12 @@ def header_problem(head: bytes, base: int, path: str) -> str | None:
 class Segment:
     """A mapped segment.  Not thread-safe: its Log serialises access."""
 
-    def __init__(self, path: str, base: int) -> None:
+    def __init__(self, path: str, base: int, *, readonly: bool = False) -> None:
+        """Map the segment at ``path``; ``readonly`` (for checking a queue
+        without writing to it) maps it read-only."""
         self.path = path
         self.base = base
-        self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        self.fd = os.open(path, (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC)
         try:
             self.size = os.fstat(self.fd).st_size
             head = os.pread(self.fd, F.SEGMENT_HEADER_SIZE, 0)
@@ -69,7 +71,8 @@ class Segment:
             if self.header_problem:
                 log.warning("segment %s: %s; reading its records by their own CRCs",
                             path, self.header_problem)
-            self.mm = mmap.mmap(self.fd, self.size) if self.size else None
+            access = mmap.ACCESS_READ if readonly else mmap.ACCESS_WRITE
+            self.mm = mmap.mmap(self.fd, self.size, access=access) if self.size else None
         except BaseException:
             os.close(self.fd)
             raise

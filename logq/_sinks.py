@@ -25,6 +25,16 @@ log = logging.getLogger("logq")
 SCHEMES = ("nats", "mqtt")
 
 
+def check_installed(sink: Any) -> None:
+    """ImportError, naming the extra to install, if ``sink``'s client
+    library (its ``client``: module, message) is missing."""
+    module, message = sink.client
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise ImportError(message) from None
+
+
 @dataclass(frozen=True)
 class Target:
     scheme: str
@@ -101,12 +111,7 @@ class NatsSink:
         self.stream: str | None = opts.stream
         self.lost: str | None = None
 
-    @staticmethod
-    def check_installed() -> None:
-        try:
-            importlib.import_module("nats")
-        except ImportError:
-            raise ImportError("forwarding to NATS needs nats-py: pip install 'logq[nats]'") from None
+    client = ("nats", "forwarding to NATS needs nats-py: pip install 'logq[nats]'")
 
     async def connect(self) -> tuple[str | None, int] | None:
         """Connect, check the stream; the Nats-Msg-Id and stream sequence of
@@ -210,12 +215,7 @@ class MqttSink:
         self.lost: str | None = None
         self._futs: dict[int, Any] = {}
 
-    @staticmethod
-    def check_installed() -> None:
-        try:
-            importlib.import_module("paho.mqtt.client")
-        except ImportError:
-            raise ImportError("forwarding to MQTT needs paho-mqtt: pip install 'logq[mqtt]'") from None
+    client = ("paho.mqtt.client", "forwarding to MQTT needs paho-mqtt: pip install 'logq[mqtt]'")
 
     async def connect(self) -> None:
         import paho.mqtt.client as mqtt

@@ -78,10 +78,12 @@ from logq._bench_params import (PEER_PHASE_SECONDS, STALL_SECONDS, SWEEPABLE, WO
                                 grid, parse_float, parse_fsync, parse_int, parse_size, parse_sweep)
 from logq._bench_peers import PEERS, parse_peers, run_peer
 from logq._bench_procs import _context, _in_child
-from logq._bench_report import PeerResult, Report, RunResult, as_json, format_report, plot, write_csv
+from logq._bench_report import (PeerResult, Report, RunResult, as_json, format_report, format_table, plot,
+                                write_csv)
 from logq._bench_work import GROUP, noop, run_one
 
 __all__ = [
+    "format_table",
     "run", "Params", "grid", "WORKLOADS", "SWEEPABLE", "parse_size", "parse_int", "parse_float",
     "parse_fsync", "parse_sweep", "BenchError", "GROUP", "PEER_PHASE_SECONDS", "STALL_SECONDS",
     "floor_write", "floor_joined", "floor_fdatasync", "floor_slices", "measure_floors", "Floors",

@@ -115,11 +115,12 @@ def _age(seconds: float) -> str:
 
 def _stat(args: argparse.Namespace) -> int:
     from logq import _status
+    from logq._fsutil import losses
     from logq._log import lock_holders
     with _open_existing(args.path) as q:
         st = q.stats()
         others = [] if q._log.alone else list(lock_holders(q._log.open_fd))
-        lost = len(__import__("logq._fsutil", fromlist=["losses"]).losses(args.path))
+        lost = len(losses(args.path))
     live = _status.read_all(args.path)
     st["processes_open"] = others
     st["quarantined_ranges"] = lost
@@ -238,7 +239,7 @@ def _put(args: argparse.Namespace) -> int:
         opts = {k: v for k, v in (("key", args.key), ("priority", args.priority or None),
                                   ("delay", args.delay)) if v is not None}
         if opts:
-            offsets = [q.put(items[0] if args.key else d, **opts) for d in items]
+            offsets = [q.put(d, **opts) for d in items]
             first = offsets[0] if offsets else q.next_offset
         else:
             first = q.put_many(items).start if items else q.next_offset
@@ -312,15 +313,15 @@ def _repair(args: argparse.Namespace) -> int:
 
 def _dlq(args: argparse.Namespace) -> int:
     with _open_existing(args.path) as q:
-        if args.group not in q.stats()["groups"]:
+        if args.group not in q._index.watermarks():
             raise ValueError(f"no consumer group {args.group!r} in {args.path}")
         c = q.consumer(args.group)
         try:
             offsets = args.offset or None
             if args.action == "list":
-                letters = c.dead_letters(limit=args.limit)
+                letters = c.dead_letters(limit=None if offsets else args.limit)
                 if offsets:
-                    letters = [d for d in letters if d.offset in set(offsets)]
+                    letters = [d for d in letters if d.offset in set(offsets)][:args.limit]
                 rows = []
                 for d in letters:
                     kind, text = _render(d.data, "auto")
@@ -354,7 +355,7 @@ def _group(args: argparse.Namespace) -> int:
         raise ValueError("usage: logq group PATH reset GROUP --to OFFSET|earliest|latest")
     to = args.to if args.to in ("earliest", "latest") else int(args.to)
     with _open_existing(args.path, exclusive=True) as q:
-        old = q.stats()["groups"].get(args.group, {}).get("watermark")
+        old = q._index.watermarks().get(args.group)
         new = logq.reset_group(q, args.group, to)
     _show({"group": args.group, "from": old, "to": new},
           f"group {args.group!r}: moved from offset {old} to {new}", args.json)

@@ -93,7 +93,6 @@ import fcntl
 import hashlib
 import logging
 import os
-import signal
 import threading
 import time
 from collections import deque
@@ -106,7 +105,9 @@ from logq._consumer import Consumer, Message
 from logq._errors import ForwardConfigError, ForwardError, ForwarderBusyError, LogqError
 from logq._queue import Queue, _check_int, _check_seconds
 from logq._retry import CircuitBreaker, backoff_delay
-from logq._sinks import Entry, LinkLost, MqttSink, NatsSink, check_subject, check_topic, describe, parse_target
+from logq._service import Service
+from logq._sinks import (Entry, LinkLost, MqttSink, NatsSink, check_installed, check_subject, check_topic, describe,
+                         parse_target)
 
 log = logging.getLogger("logq")
 
@@ -170,7 +171,7 @@ class ForwardOptions:
 
 
 # -- the forwarder ------------------------------------------------------------------------
-class Forwarder:
+class Forwarder(Service):
     """Forward consumer group ``group`` of the queue at ``queue`` (a path,
     or an open :class:`logq.Queue` that stays open) to ``target``:
     ``nats://HOST:PORT`` with ``subject=`` (JetStream), or
@@ -182,6 +183,9 @@ class Forwarder:
     ``start()``/``stop()`` run it in a background thread; ``stats()`` at any
     time.  Bad arguments raise ForwardConfigError (a ValueError) here,
     before anything is touched."""
+
+    _thread_name = "logq-forward"
+    _started_error = ForwardError
 
     def __init__(self, queue: str | os.PathLike[str] | Queue, target: str, *, subject: str | None = None,
                  topic: str | None = None, queue_options: dict[str, Any] | None = None,
@@ -197,12 +201,12 @@ class Forwarder:
             if topic is not None or subject is None:
                 raise ForwardConfigError("a nats:// target needs subject= (--subject), not topic=")
             check_subject(subject)
-            NatsSink.check_installed()
+            check_installed(NatsSink)
         else:
             if subject is not None or topic is None:
                 raise ForwardConfigError("an mqtt:// target needs topic= (--topic), not subject=")
             check_topic(topic)
-            MqttSink.check_installed()
+            check_installed(MqttSink)
         self._subject, self._topic = subject, topic
         if isinstance(queue, Queue):
             self._queue, self.path = queue, queue.path
@@ -216,10 +220,8 @@ class Forwarder:
                                       min_calls=o.breaker_min_calls, cooldown=o.breaker_cooldown, probes=1)
         self._stop = threading.Event()
         self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
-        self._error: BaseException | None = None
         self._drain = True
         self._c = {"published_total": 0, "acked_total": 0, "sent_total": 0, "duplicates_total": 0,
                    "resent_total": 0, "skipped_landed_total": 0, "reconnects_total": 0,
@@ -239,33 +241,10 @@ class Forwarder:
         up to ``drain_timeout`` for the acks of what is in flight, give the
         rest back, commit); with ``until_idle`` until nothing is left.
         Returns the final stats."""
-        handlers = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                handlers[sig] = signal.signal(sig, lambda *_: self._request_stop())
-        try:
-            asyncio.run(self._main(until_idle))
-        finally:
-            for sig, old in handlers.items():
-                signal.signal(sig, old)
-        if self._error is not None:
-            raise self._error
-        return self.stats()
+        return self._run(until_idle)
 
-    def start(self) -> "Forwarder":
-        """Run in a background thread (``stop()`` ends it)."""
-        if self._thread is not None:
-            raise ForwardError("the forwarder is already started")
-        self._thread = threading.Thread(target=self._background, name="logq-forward", daemon=True)
-        self._thread.start()
-        return self
-
-    def _background(self) -> None:
-        try:
-            asyncio.run(self._main(False))
-        except BaseException as e:  # noqa: BLE001 - reported by stop()
-            self._error = e
-            log.exception("logq forward %s -> %s failed", self.path, self.target.public)
+    def _serve(self, until_idle: bool) -> None:
+        asyncio.run(self._main(until_idle))
 
     def stop(self, drain: bool = True) -> dict[str, Any]:
         """Stop (waiting up to ``drain_timeout`` for in-flight acks when
@@ -273,12 +252,10 @@ class Forwarder:
         it failed."""
         self._drain = drain
         self._request_stop()
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            raise self._error
-        return self.stats()
+        return self._join()
+
+    def __repr__(self) -> str:
+        return f"<logq.Forwarder {self.path!r} group={self.group!r} -> {self.target.public}>"
 
     def _request_stop(self) -> None:
         self._stop.set()
@@ -288,12 +265,6 @@ class Forwarder:
                 loop.call_soon_threadsafe(wake.set)
             except RuntimeError:
                 pass        # the loop has finished
-
-    def __enter__(self) -> "Forwarder":
-        return self.start()
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
 
     def stats(self) -> dict[str, Any]:
         """Counters since start, and the state now (the status file's body)."""
