@@ -29,9 +29,7 @@ have gone to another consumer.
 from __future__ import annotations
 
 import bisect
-import fcntl
 import logging
-import os
 import struct
 import threading
 import time
@@ -42,6 +40,7 @@ from operator import attrgetter
 from typing import Any, Iterator, NamedTuple
 
 from logq import _format as F
+from logq import _owners
 from logq._errors import Empty, NotDeliveredError, OffsetError, QueueClosedError
 from logq._index import (G_ACKED, G_DEAD, G_DELIVERED, G_REDELIVERED, G_WATERMARK, GROUP,
                          K_PRIORITIES, _prefixed, open_scratch)
@@ -132,77 +131,6 @@ class DeadLetter:
     dead_at: float
 
 
-# -- owners: one per process and queue directory --------------------------------
-_owners: dict[str, tuple[int, int, int]] = {}   # realpath -> (pid, owner id, fd)
-_owners_lock = threading.Lock()
-
-
-def _owner_of(qdir: str) -> int:
-    """This process's owner id for ``qdir``: a random id whose file in
-    ``owners/`` this process holds an exclusive flock on until it dies."""
-    key = os.path.realpath(qdir)
-    with _owners_lock:
-        got = _owners.get(key)
-        if got is not None and got[0] == os.getpid():
-            return got[1]
-        d = os.path.join(qdir, F.OWNERS_DIR)
-        os.makedirs(d, exist_ok=True)
-        while True:
-            owner = int.from_bytes(os.urandom(8), "little") >> 1 or 1
-            path = os.path.join(d, f"{owner:016x}")
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            _owners[key] = (os.getpid(), owner, fd)
-            return owner
-
-
-def _owner_alive(qdir: str, owner: int) -> bool:
-    path = os.path.join(qdir, F.OWNERS_DIR, f"{owner:016x}")
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)
-    try:
-        os.unlink(path)     # its holder is gone: nobody will ask again
-    except FileNotFoundError:
-        pass
-    return False
-
-
-def _after_fork_in_child() -> None:
-    # The child shares the parent's locked file descriptions: drop its copies
-    # (the parent's locks stay) so that the child takes an id of its own.
-    for _pid, _owner, fd in _owners.values():
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-    _owners.clear()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
-def clear_owners(qdir: str) -> None:
-    """Remove the owner files of dead processes (any that is not locked)."""
-    d = os.path.join(qdir, F.OWNERS_DIR)
-    try:
-        names = os.listdir(d)
-    except FileNotFoundError:
-        return
-    for name in names:
-        try:
-            _owner_alive(qdir, int(name, 16))
-        except ValueError:
-            pass
-
-
 def _check_name(name: Any) -> bytes:
     if not isinstance(name, str):
         raise TypeError(f"a group name must be a str, not {type(name).__name__}")
@@ -225,9 +153,15 @@ class _Group:
         self.prefix = _check_name(name) + b"\0"
         self.opts = opts
         self.idx = q._index
-        clear_owners(q.path)
+        self._create(opts.start)
+        _owners.clear_dead(q.path)
         self.scratch = open_scratch(q.path, may_reset=False)
-        self.owner = _owner_of(q.path)
+        try:
+            self._owner = _owners.acquire(q.path, q.queue_id)
+        except BaseException:
+            self.scratch.close()
+            raise
+        self.owner = self._owner.id
         self.lock = threading.Lock()          # ledger, buffer, counters
         self.claiming = threading.Lock()      # one claim at a time per process
         self.committing = threading.Lock()    # one commit at a time per process
@@ -242,7 +176,6 @@ class _Group:
         self._gets = 0
         self._vt_ns = int(opts.visibility_timeout * 1e9)
         self._priorities = False              # a record with a priority exists
-        self._create(opts.start)
         self._timer_wake = threading.Condition(self.lock)
         self._timer = threading.Thread(target=self._commit_timer, daemon=True,
                                        name=f"logq-commit-{name}")
@@ -319,7 +252,7 @@ class _Group:
         if earliest is None:
             return      # no claims
         owners = [int.from_bytes(k[-8:], "big") for k, _ in _prefixed(vt.cursor(db=sc.summary), p + b"O")]
-        alive: dict[int, bool] = {o: o == self.owner or _owner_alive(self.q.path, o) for o in owners}
+        alive: dict[int, bool] = {o: o == self.owner or _owners.alive(self.q.path, o) for o in owners}
         if now < _I64.unpack(earliest)[0] and all(alive.values()):
             return      # nothing can have expired, and every holder lives
         doomed: list[tuple[bytes, Claim, bool]] = []
@@ -327,7 +260,7 @@ class _Group:
         for k, v in _prefixed(vt.cursor(db=sc.claims), p):
             c = Claim.unpack(int.from_bytes(k[-8:], "big"), v)
             if c.owner not in alive:
-                alive[c.owner] = _owner_alive(self.q.path, c.owner)
+                alive[c.owner] = _owners.alive(self.q.path, c.owner)
             if not alive[c.owner] or c.deadline <= now:
                 doomed.append((k, c, alive[c.owner]))
             else:
@@ -805,6 +738,7 @@ class _Group:
             if self._timer is not threading.current_thread():
                 self._timer.join()
             self.scratch.close()
+            _owners.release(self._owner)
 
 
 _Pick = tuple  # (offset, payload, ts ns, priority, key)
