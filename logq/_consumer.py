@@ -44,7 +44,8 @@ from logq import _owners
 from logq._errors import Empty, NotDeliveredError, OffsetError, QueueClosedError
 from logq._index import (G_ACKED, G_DEAD, G_DELIVERED, G_REDELIVERED, G_WATERMARK, GROUP,
                          K_PRIORITIES, _prefixed, open_scratch)
-from logq._leases import Claim, Delivery, Lease, Ledger, after_failure, level_order, merge_settled, runs
+from logq._leases import (Claim, Delivery, Lease, Ledger, Retry, after_failure, level_order,
+                          merge_settled, runs)
 from logq._queue import MAX_PRIORITY, Queue, _check_int, _check_number, _check_seconds
 
 log = logging.getLogger("logq")
@@ -59,6 +60,7 @@ _DEAD = struct.Struct("<IQQI")   # attempts, dead-letter time ns, message timest
 _SCHED = struct.Struct("<I")     # deliveries made so far; the last error follows
 _U64 = struct.Struct("<Q")
 _I64 = struct.Struct("<q")
+_I64_MAX = (1 << 63) - 1
 _OFFSET, _LEASE = attrgetter("offset"), attrgetter("_l")
 _ALL = 255                       # the cursor of a group that has seen no priorities
 
@@ -165,6 +167,7 @@ class _Group:
         self.lock = threading.Lock()          # ledger, buffer, counters
         self.claiming = threading.Lock()      # one claim at a time per process
         self.committing = threading.Lock()    # one commit at a time per process
+        self.posting = threading.Lock()       # a nack and its posted retry, against a commit
         self.ledger = Ledger()
         self.buffer: deque[Message] = deque()
         self.delivered = 0                    # counted since the last commit
@@ -214,6 +217,7 @@ class _Group:
         self._reap(vt, now, wall)
         tail = self.q.next_offset
         cursors = {k[-1]: _U64.unpack(v)[0] for k, v in _prefixed(vt.cursor(db=sc.cursors), p)}
+        retries = self._retries_due(vt, wall, n)
 
         def snapshot(txn: Any) -> tuple[int, bool, list[tuple[int, int, int]], _Skips]:
             # Everything this claim needs from the index, in one read.
@@ -223,12 +227,17 @@ class _Group:
                 if c > tail or c < mark:
                     c = mark    # the log was cut below it, or the group moved past it
                 cursors[lvl] = c
-            return mark, prio, self._due(txn, vt, wall, n), \
-                _Skips(txn, idx, p, min(cursors.values()), tail)
+            due = self._due(txn, vt, wall, n)
+            if retries:
+                # Retries not yet committed by their nacker, settled since
+                # (acked by another consumer after a redelivery) are done.
+                retries[:] = [r for r in retries if not _is_settled(txn, idx, p, mark, r[1])]
+            return mark, prio, due, _Skips(txn, idx, p, min(cursors.values()), tail)
         mark, self._priorities, due, skip = idx.read(snapshot)
         out: list[Message] = []
-        # 1. the schedule: retries and delayed messages that are due
-        for due_ns, off, attempts in due:
+        # 1. the schedule: retries (posted or durable) and delayed messages that are due
+        for due_ns, off, attempts in sorted(due + retries)[:n]:
+            vt.delete(p + b"N" + _be(off), db=sc.claims)
             m = self._load_one(off, attempts + 1, deadline, due_ns)
             if m is None:
                 continue
@@ -245,8 +254,10 @@ class _Group:
     def _reap(self, vt: Any, now: int, wall: int) -> None:
         """Give back the claims that expired or whose owner died: each of
         their unsettled offsets is scheduled again (an expired lease with
-        backoff; a dead owner's at once), or dead-lettered if it used its
-        attempts."""
+        backoff from when it ran out; a dead owner's at once), or
+        dead-lettered if it used its attempts.  A retry posted by a process
+        that died before committing it goes the same way as the lease it
+        replaced (at once, the attempt counted)."""
         sc, p = self.scratch, self.prefix
         earliest = vt.get(p + b"D", db=sc.summary)
         if earliest is None:
@@ -255,16 +266,19 @@ class _Group:
         alive: dict[int, bool] = {o: o == self.owner or _owners.alive(self.q.path, o) for o in owners}
         if now < _I64.unpack(earliest)[0] and all(alive.values()):
             return      # nothing can have expired, and every holder lives
-        doomed: list[tuple[bytes, Claim, bool]] = []
+        doomed: list[tuple[bytes, Any, bool]] = []
         kept_deadline, kept_owners = None, set()
         for k, v in _prefixed(vt.cursor(db=sc.claims), p):
-            c = Claim.unpack(int.from_bytes(k[-8:], "big"), v)
+            retry = k[len(p):len(p) + 1] == b"N"
+            c: Any = (Retry if retry else Claim).unpack(int.from_bytes(k[-8:], "big"), v)
             if c.owner not in alive:
                 alive[c.owner] = _owners.alive(self.q.path, c.owner)
-            if not alive[c.owner] or c.deadline <= now:
+            if not alive[c.owner] or (not retry and c.deadline <= now):
                 doomed.append((k, c, alive[c.owner]))
             else:
-                kept_deadline = c.deadline if kept_deadline is None else min(kept_deadline, c.deadline)
+                # (a retry has no deadline: it keeps the summary present)
+                d = _I64_MAX if retry else c.deadline
+                kept_deadline = d if kept_deadline is None else min(kept_deadline, d)
                 kept_owners.add(c.owner)
         # The summary, exact again.
         for o in owners:
@@ -276,59 +290,77 @@ class _Group:
             vt.put(p + b"D", _I64.pack(kept_deadline), db=sc.summary)
         if not doomed:
             return
+        # Offsets with a claim or a retry of their own: a range reaped
+        # around them leaves them to it.
         singles = {int.from_bytes(k[-8:], "big") for k, _ in _prefixed(vt.cursor(db=sc.claims), p + b"S")}
-        reaped: list[tuple[int, int, int, bool]] = []    # (offset, attempt, due, expired)
+        singles.update(int.from_bytes(k[-8:], "big") for k, _ in _prefixed(vt.cursor(db=sc.claims), p + b"N"))
+        expired: list[tuple[int, int, int, int | None]] = []    # (offset, attempt, from due, due)
+        died: list[tuple[int, int, int, int | None]] = []
         for k, c, owner_alive in doomed:
-            if k[len(p):len(p) + 1] == b"S":
-                reaped.append((c.start, c.attempt, c.due, owner_alive))
+            kind = k[len(p):len(p) + 1]
+            if not owner_alive:
+                at_once = self._due_after(c.attempts if kind == b"N" else c.attempt, wall, 0.0)
+                if kind == b"N":
+                    died.append((c.offset, c.attempts, c.from_due, at_once))
+                elif kind == b"S":
+                    died.append((c.start, c.attempt, c.due, at_once))
+                else:
+                    died += [(o, c.attempt, 0, at_once) for o in range(c.start, c.end) if o not in singles]
+                continue
+            # The backoff runs from when the lease ran out, not from now.
+            due = self._due_after(c.attempt, wall - max(0, now - c.deadline), None)
+            if kind == b"S":
+                expired.append((c.start, c.attempt, c.due, due))
             else:
-                reaped += [(o, c.attempt, 0, owner_alive) for o in range(c.start, c.end)
-                           if o not in singles]
-        died = [r for r in reaped if not r[3]]
-        self._fail([r for r in reaped if r[3]], wall, "lease expired", None)
+                expired += [(o, c.attempt, 0, due) for o in range(c.start, c.end) if o not in singles]
+        self._fail(expired, wall, "lease expired", None)
         self._fail(died, wall, "the consumer process holding it died", None)
         for k, c, _ in doomed:
             vt.delete(k, db=sc.claims)
-        n_expired = sum(1 for *_, e in reaped if e)
         log.info("queue %s group %r: %d lease(s) reaped (%d expired, %d of dead processes)",
-                 self.q.path, self.name, len(doomed), n_expired, len(reaped) - n_expired)
+                 self.q.path, self.name, len(doomed), len(expired), len(died))
 
-    def _fail(self, items: list[tuple[int, int, int, bool]], wall: int, default_error: str,
-              delays: dict[int, tuple[float | None, str | None]] | None) -> None:
+    def _due_after(self, attempt: int, base: int, delay: float | None) -> int | None:
+        """When a delivery ``attempt`` that failed at ``base`` (wall ns) is
+        due again: after ``delay`` seconds, or the backoff when None; None
+        when it used its attempts (dead letter)."""
+        o = self.opts
+        after = after_failure(attempt, max_attempts=o.max_attempts, backoff_base=o.backoff_base,
+                              backoff_max=o.backoff_max, delay=delay)
+        return None if after is None else base + int(after * 1e9)
+
+    def _fail(self, items: list[tuple[int, int, int, int | None]], wall: int, default_error: str,
+              errors: dict[int, str | None] | None) -> None:
         """Schedule or dead-letter failed deliveries (offset, attempt, the
-        due of the schedule entry it came from or 0, whether to back off) in
-        one durable transaction.  Offsets already settled are skipped; an
-        offset with a schedule entry made since keeps it."""
+        due of the schedule entry it came from or 0, when it is due again
+        in wall ns or None for the dead letters) in one durable
+        transaction.  Offsets already settled are skipped; an offset with a
+        schedule entry made since keeps it."""
         if not items:
             return
-        idx, p, o = self.idx, self.prefix, self.opts
+        idx, p = self.idx, self.prefix
         dead: list[tuple[int, int, str]] = []
         # Payloads of what may be dead-lettered, read now: the log is not
         # read inside an index transaction (lock order: queue, then index).
-        bodies = {off: self._body(off) for off, attempt, _d, _b in items if attempt >= o.max_attempts}
+        bodies = {off: self._body(off) for off, _a, _d, due in items if due is None}
 
         def fn(txn: Any) -> None:
             dead.clear()
             g = list(GROUP.unpack(txn.get(p[:-1], db=idx.groups)))
-            for off, attempt, from_due, backoff in items:
+            for off, attempt, from_due, due in items:
                 if _is_settled(txn, idx, p, g[G_WATERMARK], off):
                     continue
                 pend = txn.get(p + _be(off), db=idx.pending)
                 if pend is not None and int.from_bytes(pend, "big") != from_due:
                     continue    # nacked and scheduled since: that entry rules
-                delay, error = (delays or {}).get(off, (None, None))
+                error = (errors or {}).get(off)
                 error = error if error is not None else default_error
-                if delay is None and not backoff:
-                    delay = 0.0
-                after = after_failure(attempt, max_attempts=o.max_attempts, backoff_base=o.backoff_base,
-                                      backoff_max=o.backoff_max, delay=delay)
                 if pend is not None:
                     txn.delete(p + pend + _be(off), db=idx.sched)
-                if after is None:
+                if due is None:
                     txn.delete(p + _be(off), db=idx.pending)
                     dead.append((off, attempt, error))
                     continue
-                due = wall + int(after * 1e9)
                 txn.put(p + _be(due) + _be(off), _SCHED.pack(attempt) + error.encode()[:_ERROR_MAX],
                         db=idx.sched)
                 txn.put(p + _be(off), _be(due), db=idx.pending)
@@ -366,7 +398,8 @@ class _Group:
 
     def _due(self, txn: Any, vt: Any, wall: int, n: int) -> list[tuple[int, int, int]]:
         """Up to ``n`` schedule entries due by ``wall`` that no live
-        process holds: (due, offset, deliveries so far)."""
+        process holds and no posted retry overrides: (due, offset,
+        deliveries so far)."""
         p, sc = self.prefix, self.scratch
         out = []
         for k, v in _prefixed(txn.cursor(db=self.idx.sched), p):
@@ -374,17 +407,38 @@ class _Group:
             if due > wall or len(out) >= n:
                 break
             off = int.from_bytes(k[-8:], "big")
-            if vt.get(p + b"S" + _be(off), db=sc.claims) is None:
+            if vt.get(p + b"S" + _be(off), db=sc.claims) is None and \
+                    vt.get(p + b"N" + _be(off), db=sc.claims) is None:
                 out.append((due, off, _SCHED.unpack_from(v)[0]))
         return out
 
+    def _retries_due(self, vt: Any, wall: int, n: int) -> list[tuple[int, int, int]]:
+        """Up to ``n`` posted retries due by ``wall`` (earliest first) that
+        no live process holds: (due, offset, deliveries so far)."""
+        p, sc = self.prefix, self.scratch
+        out = []
+        for k, v in _prefixed(vt.cursor(db=sc.claims), p + b"N"):
+            r = Retry.unpack(int.from_bytes(k[-8:], "big"), v)
+            if r.due <= wall and vt.get(p + b"S" + _be(r.offset), db=sc.claims) is None:
+                out.append((r.due, r.offset, r.attempts))
+        out.sort()
+        return out[:n]
+
     def next_due(self) -> int | None:
-        """The earliest schedule time (wall ns), or None."""
+        """The earliest time (wall ns) a retry or delayed message is due,
+        durable or posted, or None."""
         def fn(txn: Any) -> int | None:
             for k, _ in _prefixed(txn.cursor(db=self.idx.sched), self.prefix):
                 return int.from_bytes(k[-16:-8], "big")
             return None
-        return self.idx.read(fn)
+        durable = self.idx.read(fn)
+
+        def posted(vt: Any) -> int | None:
+            dues = [Retry.unpack(0, v).due for _k, v in _prefixed(vt.cursor(db=self.scratch.claims),
+                                                                    self.prefix + b"N")]
+            return min(dues) if dues else None
+        retry = self.scratch.read(posted)
+        return min((d for d in (durable, retry) if d is not None), default=None)
 
     def _load_one(self, off: int, attempt: int, deadline: int, due: int) -> Message | None:
         try:
@@ -528,7 +582,7 @@ class _Group:
                 if m.deadline > time.monotonic_ns():
                     out.append(m)
                 else:
-                    self.ledger.forget(m)   # expired while buffered: left to the reaper
+                    self.ledger.expire(m)   # expired while buffered: left to the reaper
             if a_get:
                 self._gets += 1
             if out:
@@ -588,8 +642,40 @@ class _Group:
         with self.committing:
             self._commit()
 
+    def nack(self, m: Message, delay: float | None, error: str | None) -> None:
+        """``m`` failed: due again ``delay`` seconds from now (the backoff
+        when None), or dead-lettered if it used its attempts.  The retry is
+        posted in the lease table at once, where every live process of the
+        group sees it; the durable record follows at the next commit (until
+        then, a crash of this process redelivers ``m`` at once, the attempt
+        counted, like any lease of a dead process)."""
+        due = self._due_after(m.attempt, time.time_ns(), delay)
+        with self.posting:
+            with self.lock:
+                self.ledger.nack(m, due, error)
+                full = self.ledger.pending() >= self.opts.commit_every
+            if due is not None:
+                self._post_retry(m, due)
+        if due is not None:
+            self.q._poke()
+        if full:
+            self.commit()
+
+    def _post_retry(self, m: Message, due: int) -> None:
+        sc, p, off = self.scratch, self.prefix, m.offset
+
+        def fn(vt: Any) -> None:
+            vt.put(p + b"N" + _be(off), Retry(off, self.owner, due, m.attempt, m.due).pack(), db=sc.claims)
+            if m.single:
+                # Our own claim on it goes: the retry decides when it is due.
+                raw = vt.get(p + b"S" + _be(off), db=sc.claims)
+                if raw is not None and Claim.unpack(off, raw).owner == self.owner:
+                    vt.delete(p + b"S" + _be(off), db=sc.claims)
+            self._note_claims(vt, _I64_MAX)
+        sc.write(fn)
+
     def _commit(self) -> None:
-        with self.lock:
+        with self.posting, self.lock:
             s = self.ledger.take()
             delivered, redelivered = self.delivered, self.redelivered
             self.delivered = self.redelivered = 0
@@ -619,8 +705,8 @@ class _Group:
             if s.acks or delivered:
                 idx.write(fn)
             if s.nacks:
-                self._fail([(d.offset, d.attempt, d.due, True) for d, _dl, _e in s.nacks], wall,
-                           "nacked", {d.offset: (dl, e) for d, dl, e in s.nacks})
+                self._fail([(d.offset, d.attempt, d.due, due) for d, due, _e in s.nacks], wall,
+                           "nacked", {d.offset: e for d, _due, e in s.nacks})
         except BaseException:
             with self.lock:
                 self.ledger.restore(s)
@@ -629,35 +715,73 @@ class _Group:
             raise
         with self.lock:
             done = self.ledger.settled(s)
+        # (A retried single gave up its claim when the retry was posted; the
+        # posted retry goes now that the durable schedule has it.)
         self._free_claims(done, [d.offset for d in check if d.single] +
-                          [d.offset for d, _dl, _e in s.nacks if d.single])
+                          [d.offset for d, due, _e in s.nacks if d.single and due is None],
+                          [(d.offset, due) for d, due, _e in s.nacks if due is not None])
         if s.nacks:
             self.q._poke()
 
-    def _free_claims(self, ranges: list[int], singles: list[int]) -> None:
-        """Delete claims whose messages are all settled or given back.  (A
-        range claim never hides a schedule entry: a message nacked out of a
-        live range is delivered from the schedule, and reaping the range
-        skips it.)"""
-        if not ranges and not singles:
+    def _free_claims(self, ranges: list[int], singles: list[int],
+                     retries: list[tuple[int, int]] = ()) -> None:  # type: ignore[assignment]
+        """Delete claims whose messages are all settled or given back, and
+        the posted retries (offset, due) now in the durable schedule; only
+        this process's own (one reaped after its lease ran out may be
+        another consumer's now).  (A range claim never hides a schedule
+        entry: a message nacked out of a live range is delivered from the
+        schedule, and reaping the range skips it.)"""
+        if not ranges and not singles and not retries:
             return
-        sc, p = self.scratch, self.prefix
+        sc, p, me = self.scratch, self.prefix, self.owner
 
         def fn(vt: Any) -> None:
-            for start in ranges:
-                vt.delete(p + b"R" + _be(start), db=sc.claims)
-            for off in singles:
-                vt.delete(p + b"S" + _be(off), db=sc.claims)
+            for key in [p + b"R" + _be(start) for start in ranges] + [p + b"S" + _be(o) for o in singles]:
+                raw = vt.get(key, db=sc.claims)
+                if raw is not None and Claim.unpack(0, raw).owner == me:
+                    vt.delete(key, db=sc.claims)
+            for off, due in retries:
+                raw = vt.get(p + b"N" + _be(off), db=sc.claims)
+                if raw is not None:
+                    r = Retry.unpack(off, raw)
+                    if r.owner == me and r.due == due:
+                        vt.delete(p + b"N" + _be(off), db=sc.claims)
         sc.write(fn)
 
     def extend(self, m: Message, seconds: float) -> None:
         _check_seconds("seconds", seconds)
         deadline = time.monotonic_ns() + int(seconds * 1e9)
         with self.lock:
+            if self.ledger.out.get(m.offset) is not m:
+                self.ledger._take(m)            # raises, naming it
+        sc, p, off = self.scratch, self.prefix, m.offset
+
+        def fn(vt: Any) -> bool:
+            # Only a lease this process still holds is extended: one reaped
+            # after it ran out may be another consumer's by now.
+            raw = vt.get(p + b"S" + _be(off), db=sc.claims)
+            if raw is not None:
+                c = Claim.unpack(off, raw)
+                if c.owner != self.owner or c.attempt != m.attempt:
+                    return False
+            elif m.single:
+                return False
+            else:
+                raw = vt.get(p + b"R" + _be(m.range_start), db=sc.claims)
+                if raw is None:
+                    return False
+                c = Claim.unpack(m.range_start, raw)
+                if c.owner != self.owner or not c.start <= off < c.end:
+                    return False
+            claim = Claim(off, off + 1, self.owner, max(m.deadline, deadline), m.attempt, m.due)
+            vt.put(p + b"S" + _be(off), claim.pack(), db=sc.claims)
+            return True
+        if not sc.write(fn):
+            raise NotDeliveredError(f"the lease on message {off} ran out and was given back to the "
+                                    f"group {self.name!r} (it may be out with another consumer): it "
+                                    "cannot be extended; an ack is still accepted")
+        with self.lock:
             self.ledger.extend(m, deadline)
-        sc, p = self.scratch, self.prefix
-        claim = Claim(m.offset, m.offset + 1, self.owner, m.deadline, m.attempt, m.due)
-        sc.write(lambda vt: vt.put(p + b"S" + _be(m.offset), claim.pack(), db=sc.claims))
 
     def give_back(self, ms: list[Message]) -> None:
         """Return messages out with this process unprocessed: delivered
@@ -705,8 +829,10 @@ class _Group:
         if not out:
             return
         held = {id(m) for m in buffered}
-        self._fail([(m.offset, m.attempt, m.due, False) for m in out if id(m) not in held],
-                   time.time_ns(), "its consumer closed before settling it", None)
+        wall = time.time_ns()
+        self._fail([(m.offset, m.attempt, m.due, self._due_after(m.attempt, wall, 0.0))
+                    for m in out if id(m) not in held],
+                   wall, "its consumer closed before settling it", None)
         self._reschedule(buffered)
         self._forget(out)
 
@@ -835,7 +961,13 @@ class Consumer:
     """A consumer in a group: ``get``/``get_many``/iteration, ``ack``,
     ``nack``, ``extend``, ``commit``.  Thread-safe; consumers of one group
     (threads, or processes with the queue open) compete for its messages,
-    each message leased to one at a time.  Create with ``Queue.consumer``."""
+    each message leased to one at a time.  Create with ``Queue.consumer``.
+
+    Closed: after ``close()``, or once its Queue is closed, every method
+    raises QueueClosedError (as a closed file raises ValueError), whatever
+    its arguments, except ``close()`` (and ``__exit__``), which do nothing
+    the second time.  Its attributes (``queue``, ``group``, ``options``)
+    stay readable."""
 
     def __init__(self, q: Queue, group: str, **options: Any) -> None:
         self.queue = q
@@ -853,6 +985,13 @@ class Consumer:
         g.users += 1
         self._g = g
         self._closed = False
+
+    def _check_open(self) -> None:
+        """Raise QueueClosedError if this consumer, its group state or its
+        queue is closed (the one rule for every method but close)."""
+        if self._closed or self._g.closed:
+            raise QueueClosedError(f"consumer of group {self.group!r} is closed")
+        self.queue._open_log()      # raises if the queue was closed (or this process forked)
 
     # -- delivery -------------------------------------------------------------------
     def get(self, timeout: float | None = None) -> Message:
@@ -875,13 +1014,18 @@ class Consumer:
         return self._get(max_messages, timeout, False)
 
     def __iter__(self) -> Iterator[Message]:
+        """Messages as ``get()`` returns them, forever (until the consumer
+        closes: QueueClosedError, at once if it is closed already)."""
+        self._check_open()
+        return self._iterate()
+
+    def _iterate(self) -> Iterator[Message]:
         while True:
             yield self.get()
 
     def _get(self, n: int, timeout: float | None, single: bool) -> list[Message]:
         g = self._g
-        if self._closed:
-            raise QueueClosedError(f"consumer of group {self.group!r} is closed")
+        self._check_open()
         limit = None if timeout is None else time.monotonic() + timeout
         while True:
             out = g.from_buffer(n, single)
@@ -916,6 +1060,7 @@ class Consumer:
 
     # -- settling -------------------------------------------------------------------
     def _own(self, m: Any) -> Message:
+        self._check_open()
         if m is None:
             raise NotDeliveredError("ack/nack/extend of None: pass the Message that get() returned")
         if not isinstance(m, Message):
@@ -923,8 +1068,6 @@ class Consumer:
         if m._group is not self._g:
             raise NotDeliveredError(f"message {m.offset} was not delivered to this consumer's group "
                                     f"{self.group!r} on this queue")
-        if self._closed or self._g.closed:
-            raise QueueClosedError(f"consumer of group {self.group!r} is closed")
         return m
 
     def ack(self, m: Message) -> None:
@@ -932,7 +1075,7 @@ class Consumer:
         g = self._g
         led = g.ledger
         with g.lock:
-            if type(m) is not Message or led.out.get(m.offset) is not m or self._closed:
+            if type(m) is not Message or led.out.get(m.offset) is not m or self._closed or g.closed:
                 self._own(m)            # the precise error
             led.ack(m)
             full = len(led.acks) + len(led.nacks) >= self.options.commit_every
@@ -941,10 +1084,9 @@ class Consumer:
 
     def ack_many(self, ms: list[Message]) -> None:
         """Ack every message in ``ms`` (all or, on an error, none)."""
+        self._check_open()
         ms = list(ms)
         g = self._g
-        if self._closed or g.closed:
-            raise QueueClosedError(f"consumer of group {self.group!r} is closed")
         with g.lock:
             try:
                 g.ledger.ack_many(ms)   # the ledger holds the very objects it delivered
@@ -957,45 +1099,53 @@ class Consumer:
             g.commit()
 
     def nack(self, m: Message, delay: float | None = None, error: str | None = None) -> None:
-        """Delivery of ``m`` failed: redeliver it after ``delay`` seconds, or
-        with exponential backoff and full jitter when None; after
-        ``max_attempts`` deliveries it goes to the dead letters with
-        ``error`` (text) as the reason."""
+        """Delivery of ``m`` failed: redeliver it ``delay`` seconds from now
+        (the time of this call), or after exponential backoff with full
+        jitter when None; after ``max_attempts`` deliveries it goes to the
+        dead letters with ``error`` (text) as the reason.
+
+        Takes effect at once, for every consumer of the group in this and
+        other processes (it is posted in the lease table; no fsync here):
+        the message is due again at that time, whenever the group next
+        commits.  The nack becomes durable at the next commit, like an ack;
+        if this process dies before then, the message is delivered again
+        at once, this delivery counted as an attempt.  A dead letter is
+        written at the next commit."""
         self._own(m)
         if delay is not None:
             _check_number("delay", delay)
         if error is not None and not isinstance(error, str):
             error = repr(error)
-        g = self._g
-        with g.lock:
-            g.ledger.nack(m, delay, error)
-            full = g.ledger.pending() >= self.options.commit_every
-        if full:
-            g.commit()
+        self._g.nack(m, delay, error)
 
     def give_back(self, ms: list[Message]) -> None:
         """Return messages unprocessed (say, on shutdown): delivered again
         at once, to any consumer of the group, without counting an attempt."""
+        self._check_open()
         ms = list(ms)
         for m in ms:
             self._own(m)
         self._g.give_back(ms)
 
     def extend(self, m: Message, seconds: float) -> None:
-        """Keep ``m`` leased for at least ``seconds`` from now."""
+        """Keep ``m`` leased for at least ``seconds`` from now (never
+        shorter than it is), at once for every process.  Raises
+        NotDeliveredError if its lease already ran out and was given back
+        to the group (it may be out with another consumer; an ack is still
+        accepted)."""
         self._own(m)
         self._g.extend(m, seconds)
 
     def commit(self) -> None:
         """Return once every ack and nack made so far (by any consumer of
         this group on this queue object) is durable."""
-        if self._closed:
-            raise QueueClosedError(f"consumer of group {self.group!r} is closed")
+        self._check_open()
         self._g.commit()
 
     # -- dead letters -----------------------------------------------------------------
     def dead_letters(self, limit: int | None = None) -> list[DeadLetter]:
         """The group's dead letters, oldest offset first."""
+        self._check_open()
         g = self._g
 
         def fn(txn: Any) -> list[DeadLetter]:
@@ -1021,6 +1171,7 @@ class Consumer:
         return len(self._take_dead(offsets, replay=False))
 
     def _take_dead(self, offsets: list[int] | None, replay: bool) -> list[int]:
+        self._check_open()
         g = self._g
         letters = self.dead_letters()
         if offsets is not None:
@@ -1035,11 +1186,15 @@ class Consumer:
 
     def stats(self) -> dict[str, Any]:
         """This group's entry of ``Queue.stats()["groups"]``."""
+        self._check_open()
         return self.queue.stats()["groups"].get(self.group, {})
 
     def close(self) -> None:
         """Commit, and give back the messages this consumer's process holds
-        for the group once its last consumer on this queue closes."""
+        for the group once its last consumer on this queue closes (its
+        owner file in ``owners/`` goes with the last group of this process
+        on the directory).  A second call, or one after the queue closed,
+        does nothing."""
         if self._closed:
             return
         self._closed = True
@@ -1057,6 +1212,7 @@ class Consumer:
             g.commit()
 
     def __enter__(self) -> "Consumer":
+        self._check_open()
         return self
 
     def __exit__(self, *exc: Any) -> None:

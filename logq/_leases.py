@@ -53,6 +53,31 @@ class Claim:
         return cls(start, end, owner, deadline, attempt, due)
 
 
+@dataclass(slots=True)
+class Retry:
+    """A failed delivery of ``offset`` (a nack), posted in the lease table
+    the moment it is made, so that every live process of the group sees it
+    before the durable record of the nack (written at its owner's next
+    commit): the message is due again at ``due`` (wall ns), after
+    ``attempts`` deliveries; ``from_due`` is the schedule entry the failed
+    delivery came from (0: none).  ``owner`` made it: if that process dies
+    before its commit, the retry is reaped like the lease it replaced.  It
+    leases nothing: stored as a claim whose span is empty."""
+    offset: int
+    owner: int
+    due: int
+    attempts: int
+    from_due: int = 0
+
+    def pack(self) -> bytes:
+        return _CLAIM.pack(self.offset, self.owner, self.due, self.attempts, self.from_due)
+
+    @classmethod
+    def unpack(cls, offset: int, raw: bytes) -> "Retry":
+        _end, owner, due, attempts, from_due = _CLAIM.unpack(raw)
+        return cls(offset, owner, due, attempts, from_due)
+
+
 def runs(offsets: Iterable[int]) -> list[tuple[int, int]]:
     """Sorted, merged half-open runs covering ``offsets``."""
     ordered = sorted(offsets)
@@ -182,10 +207,11 @@ class Delivery:
 
 @dataclass(slots=True)
 class Settlement:
-    """What one commit writes: acked deliveries, and failed ones with the
-    delay asked for (None: backoff) and the error text."""
+    """What one commit writes: acked deliveries, and failed ones with when
+    they are due again (wall ns, fixed when the nack was made; None: they
+    used their attempts and go to the dead letters) and the error text."""
     acks: list[Delivery]
-    nacks: list[tuple[Delivery, float | None, str | None]]
+    nacks: list[tuple[Delivery, int | None, str | None]]
 
 
 class Ledger:
@@ -200,7 +226,7 @@ class Ledger:
         self.out: dict[int, Delivery] = {}
         self.ranges: dict[int, list[int]] = {}   # range claim start -> [end, offsets still out]
         self.acks: list[Delivery] = []
-        self.nacks: list[tuple[Delivery, float | None, str | None]] = []
+        self.nacks: list[tuple[Delivery, int | None, str | None]] = []
 
     def add_range(self, start: int, end: int, count: int) -> None:
         """A range claim over [start, end) holding ``count`` deliveries."""
@@ -243,8 +269,10 @@ class Ledger:
         deque(map(out.pop, offsets), 0)
         self.acks += ds
 
-    def nack(self, d: Delivery, delay: float | None, error: str | None) -> None:
-        self.nacks.append((self._take(d), delay, error))
+    def nack(self, d: Delivery, due: int | None, error: str | None) -> None:
+        """``d`` failed: due again at ``due`` (what the caller decided when
+        the nack was made), or dead-lettered (None)."""
+        self.nacks.append((self._take(d), due, error))
 
     def extend(self, d: Delivery, deadline: int) -> None:
         """Give ``d`` its own lease until ``deadline`` (never shorter); the
@@ -268,6 +296,17 @@ class Ledger:
                 del self.ranges[d.range_start]
                 return d.range_start
         return None
+
+    def expire(self, d: Delivery) -> None:
+        """Drop ``d`` without settling it and without freeing anything: its
+        lease ran out (while buffered), so its offset is left to the reaper,
+        which needs the claim over it.  Settling the rest of its range claim
+        never frees that claim then (it expires and is reaped; what was
+        settled is skipped)."""
+        if self.out.get(d.offset) is not d:
+            return
+        del self.out[d.offset]
+        self.ranges.pop(d.range_start, None)
 
     def pending(self) -> int:
         return len(self.acks) + len(self.nacks)
