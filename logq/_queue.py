@@ -931,8 +931,11 @@ class Queue:
         self._stop = True
 
     def close(self) -> None:
-        """Flush (unless fsync="never"), release the locks, and mark the
-        shutdown clean if no other process has the queue open.  Idempotent."""
+        """Flush (unless fsync="never"), close its consumers, release the
+        locks, and mark the shutdown clean if no other process has the queue
+        open.  Idempotent: a second call does nothing.  After it, every
+        other method and property of the queue and of its consumers raises
+        QueueClosedError (``path`` and ``options`` stay readable)."""
         with self._lock:
             lg = self._log
             if lg is None:
@@ -976,6 +979,7 @@ class Queue:
         _open_queues.discard(self)
 
     def __enter__(self) -> "Queue":
+        self._open_log()        # a closed queue raises, as every call but close does
         return self
 
     def __exit__(self, *exc: Any) -> None:
