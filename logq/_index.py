@@ -123,7 +123,15 @@ def open_index(qdir: str, *, may_rebuild: bool) -> "Index":
     """The Index of ``qdir`` for this process.  LMDB forbids opening one
     environment twice in a process, so Queue objects on the same directory
     share one, counted; ``Index.close`` closes it with the last of them."""
-    return _open_shared(os.path.realpath(qdir), lambda: Index(qdir, may_rebuild=may_rebuild))
+    return _open_shared(_dir_key(qdir), lambda: Index(qdir, may_rebuild=may_rebuild))
+
+
+def _dir_key(qdir: str) -> str:
+    """The registry key of a queue directory: its identity, not its path (a
+    directory deleted and made again at the same path is another queue, and
+    must not be served the old one's environments)."""
+    st = os.stat(qdir)
+    return f"{os.path.realpath(qdir)}#{st.st_dev}:{st.st_ino}"
 
 
 def _open_shared(key: str, make: Callable[[], Any]) -> Any:
@@ -559,7 +567,7 @@ def reset_scratch(qdir: str) -> None:
 
 def open_scratch(qdir: str, *, may_reset: bool) -> Scratch:
     """The lease table of ``qdir`` for this process (shared, counted)."""
-    return _open_shared(os.path.realpath(qdir) + "#leases", lambda: Scratch(qdir, may_reset=may_reset))
+    return _open_shared(_dir_key(qdir) + "#leases", lambda: Scratch(qdir, may_reset=may_reset))
 
 
 def _close_shared(env: Any) -> None:
