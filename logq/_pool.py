@@ -588,7 +588,7 @@ class WorkerPool(Service):
 
     def _idle(self, c: Consumer) -> bool:
         """Nothing deliverable now, and no retry due within _IDLE_GRACE
-        (after committing: nacks enter the schedule at commit)."""
+        (a nack's retry is seen at once; the commit makes it durable)."""
         self._maybe_commit(c, force=True)
         due = c._g.next_due()
         return due is None or due > time.time_ns() + _IDLE_GRACE * 1e9
