@@ -20,8 +20,19 @@ moves a torn tail to quarantine the same way, rewrites bad segment headers
 (keeping the old ones), drops the index's derived state (sparse offset
 indexes; the whole index only if it is damaged or ``rebuild_index``, which
 loses group state), and opens the queue once so that recovery rebuilds what
-was dropped.  Nothing is deleted: every byte it takes out is kept aside.
-Every intact record stays, at its offset.
+was dropped and moves a checkpoint whose records are gone back to the last
+intact record (new puts follow it, reusing the offsets given up after it).
+Nothing is deleted: every byte it takes out is kept aside.
+
+What it may give up, exactly: only bytes that are not intact records of
+the log, always copied to quarantine first.  A record of the log is one
+that passes its CRC, sits where the scan from the segment's start expects
+it with the offset expected next (or is where resynchronisation after
+damage resumes), and, above the durable checkpoint, belongs to a whole
+batch (``_log.scan_tail``).  So repair never zeroes a record below the
+checkpoint that passes its CRC; above it, the intact records of a torn
+batch are given up with it (they were never promised: the batch is all or
+nothing).
 """
 
 from __future__ import annotations
@@ -121,11 +132,14 @@ def _size(path: str) -> int:
 
 
 def _examine(path: str, bases: list[int], open_segment: Callable[[int], Segment] | None, rep: Report,
-             progress: Progress | None, tail: tuple[int, int, int] | None) -> None:
+             progress: Progress | None, tail: tuple[int, int, int] | None, durable: int = 0) -> None:
     """Scan every segment into ``rep``: through ``open_segment`` (a Log's,
     kept open), or mapped read-only here and closed after.  ``tail`` (base,
     pos, next) limits the newest segment to what a live writer has
-    published."""
+    published.  ``durable``: the index's checkpoint vouches for every record
+    below this offset (batches there were written whole: damage loses only
+    the records it touches); above it a batch belongs to the log only whole
+    (``scan_tail``)."""
     owned = open_segment is None
     known = {(e.get("segment"), e.get("first_offset"), e.get("end_offset")) for e in losses(path)}
     total = sum(_size(os.path.join(path, F.segment_name(b))) for b in bases)
@@ -151,12 +165,11 @@ def _examine(path: str, bases: list[int], open_segment: Callable[[int], Segment]
             pos, nxt = F.SEGMENT_HEADER_SIZE, base
             if last and tail is not None and tail[0] == base:
                 seg.size = min(seg.size, tail[1])
-            end, nxt, lost = scan_tail(seg, pos, nxt, limit=limit)
+            end, nxt, lost = scan_tail(seg, pos, nxt, limit=limit, durable=durable)
             for a, b, at, found in lost:
                 stop = found if found >= 0 else _data_end(seg, at)
                 zero = not seg.mm[at:stop].strip(b"\0")
-                rep.damage.append(Damage(name, at, stop, a, b, "records",
-                                         F.SCAN_REASONS.get(C.scan(seg.h, at, seg.size, a, 1)[2], "damage"),
+                rep.damage.append(Damage(name, at, stop, a, b, "records", _why(seg, at, a),
                                          known=zero and (name, a, b) in known))
             rep.records += nxt - base - sum(b - a for a, b, _, _ in lost)
             rep.bytes_scanned += seg.size
@@ -166,7 +179,7 @@ def _examine(path: str, bases: list[int], open_segment: Callable[[int], Segment]
                     data_end = _data_end(seg, end)
                     if data_end > end:
                         rep.torn_tail = Damage(name, end, data_end, nxt, nxt, "torn tail",
-                                               F.SCAN_REASONS[C.scan(seg.h, end, seg.size, nxt, 1)[2]])
+                                               _why(seg, end, nxt))
         finally:
             done += seg.size
             if progress:
@@ -176,34 +189,53 @@ def _examine(path: str, bases: list[int], open_segment: Callable[[int], Segment]
     rep.first_offset = bases[0] if bases else 0
 
 
-def _check_index(path: str, rep: Report) -> None:
-    """Whether the index opens, and whether its checkpoint vouches for
-    records that are gone."""
+def _why(seg: Segment, at: int, offset: int) -> str:
+    """Why the log's record ``offset`` is not at ``at``: the scan's reason,
+    or a torn batch when an intact record is there (scan_tail stopped at a
+    batch that is not whole)."""
+    status = C.scan(seg.h, at, seg.size, offset, 1)[2]
+    return F.SCAN_REASONS[F.TORN_BATCH if status == F.SCAN_OK else status]
+
+
+def _stored_checkpoint(path: str, in_use: bool) -> tuple[str, tuple[int, int, int] | None]:
+    """(the index's state for ``Report.index``, its checkpoint (base, pos,
+    next) or None).  Opened read-only, without LMDB's reader lock only while
+    no process can write."""
     idx = os.path.join(path, F.INDEX_DIR)
     problem = lmdb_file_problem(os.path.join(idx, "data.mdb"))
     if problem is not None:
-        rep.index = f"damaged: {problem}"
-        return
+        return f"damaged: {problem}", None
     if not os.path.exists(os.path.join(idx, "data.mdb")):
-        rep.index = "missing (the next open rebuilds it from the log)"
-        return
+        return "missing (the next open rebuilds it from the log)", None
     try:
-        # Without LMDB's reader lock only while no process can write.
-        env = lmdb.open(idx, subdir=True, readonly=True, lock=rep.in_use, max_dbs=16)
+        env = lmdb.open(idx, subdir=True, readonly=True, lock=in_use, max_dbs=16)
     except lmdb.Error as e:
-        rep.index = f"damaged: {e}"
-        return
+        return f"damaged: {e}", None
     try:
         with env.begin() as txn:
             main = env.open_db(b"main", txn=txn, create=False)
             raw = txn.get(K_CHECKPOINT, db=main)
     except lmdb.Error as e:
-        rep.index = f"damaged: {e}"
-        return
+        return f"damaged: {e}", None
     finally:
         env.close()
-    if raw and len(raw) == 24 and not rep.in_use:   # (a live writer's checkpoint moves on)
-        base, _pos, durable_next = struct.unpack("<QQQ", raw)
+    return "ok", struct.unpack("<QQQ", raw) if raw and len(raw) == 24 else None
+
+
+def _durable_next(path: str, in_use: bool) -> int:
+    """The offset below which the index's checkpoint vouches that every
+    record was durable; 0 if there is none (every batch is then judged by
+    its count)."""
+    ck = _stored_checkpoint(path, in_use)[1]
+    return ck[2] if ck else 0
+
+
+def _check_index(path: str, rep: Report) -> None:
+    """Whether the index opens, and whether its checkpoint vouches for
+    records that are gone."""
+    rep.index, ck = _stored_checkpoint(path, rep.in_use)
+    if ck is not None and not rep.in_use:   # (a live writer's checkpoint moves on)
+        base, _pos, durable_next = ck
         if durable_next > rep.next_offset and rep.segments:
             rep.damage.append(Damage(F.segment_name(base), 0, 0, rep.next_offset, durable_next,
                                      "durable records missing",
@@ -239,7 +271,7 @@ def verify(path: str, *, progress: Progress | None = None) -> Report:
         bases = _bases(path)
         if tail is not None:
             bases = [b for b in bases if b <= tail[0]]
-        _examine(path, bases, None, rep, progress, tail)
+        _examine(path, bases, None, rep, progress, tail, _durable_next(path, rep.in_use))
         _check_index(path, rep)
     finally:
         for fd in fds:
@@ -257,7 +289,7 @@ def repair(path: str, *, dry_run: bool = False, rebuild_index: bool = False,
     lg = Log(path, segment_bytes=4096, exclusive=True)   # opens wait while we work
     try:
         rep = Report(path, queue_id=lg.queue_id)
-        _examine(path, list(lg.bases), lg.segment, rep, progress, None)
+        _examine(path, list(lg.bases), lg.segment, rep, progress, None, _durable_next(path, False))
         _check_index(path, rep)
         act = rep.actions.append
         for d in rep.damage:
@@ -279,7 +311,13 @@ def repair(path: str, *, dry_run: bool = False, rebuild_index: bool = False,
                     os.fsync(seg.fd)
             elif d.kind == "durable records missing":
                 act(f"accept that offsets {d.first_offset}..{d.end_offset - 1}, which were durable, "
-                    "are gone (the log ends before them); the checkpoint is moved back")
+                    "are gone (the log ends before them); the checkpoint is moved back to the "
+                    "last intact record, and new records follow it")
+                if not dry_run:
+                    # Nothing to keep (the bytes are gone): the manifest
+                    # records the loss; the open below moves the checkpoint.
+                    quarantine_bytes(path, lg.segment(lg.bases[-1]), 0, 0,
+                                     (d.first_offset, d.end_offset), f"{d.reason}; given up by repair")
             elif d.kind == "short segment" and d.segment != F.segment_name(lg.bases[-1]):
                 rep.unrepairable.append(f"{d.segment} is {d.end} bytes, too short to be a segment, and "
                                         "not the newest: left as it is (its offsets cannot be given "

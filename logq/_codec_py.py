@@ -69,13 +69,20 @@ def encode(buf: Any, pos: int, end: int, offset: int, ts: int, payload: Any,
 def encode_batch(buf: Any, pos: int, end: int, first_offset: int, ts: int,
                  joined: Any, lengths: Any, priority: int = 0) -> int:
     """Write ``len(lengths)`` records whose payloads are consecutive slices of
-    ``joined``, with offsets from ``first_offset``; the new position, or -1
+    ``joined``, with offsets from ``first_offset``, as one batch (the first
+    of two or more carries BATCH and their count); the new position, or -1
     if they do not all fit before ``end`` (nothing is written then)."""
-    if pos + _HDR * len(lengths) + len(joined) > end:
+    count = len(lengths)
+    if pos + F.batch_size(count, len(joined)) > end:
         return -1
     src = memoryview(joined)
     # Records 1.. first, flagged CONT; record 0 last: a reader stops at it
     # until it is whole, so the batch appears all at once or not at all.
+    # Record 0 of two or more carries their count (BATCH): after a power
+    # cut, recovery checks that all of them reached the disk.
+    head_flags, head_meta = F.RECORD_MARK, b""
+    if count > 1:
+        head_flags, head_meta = F.RECORD_MARK | F.FLAG_BATCH, F.BATCH_COUNT.pack(count)
     first_pos = pos
     at = 0
     for i, n in enumerate(lengths):
@@ -83,10 +90,10 @@ def encode_batch(buf: Any, pos: int, end: int, first_offset: int, ts: int,
             pos = _put(buf, pos, first_offset + i, ts, src[at:at + n], priority,
                        F.RECORD_MARK | F.FLAG_CONT, b"")
         else:
-            pos += _HDR + len(src[:n])
+            pos += _HDR + len(head_meta) + len(src[:n])
         at += n
     if lengths:
-        _put(buf, first_pos, first_offset, ts, src[:lengths[0]], priority, F.RECORD_MARK, b"")
+        _put(buf, first_pos, first_offset, ts, src[:lengths[0]], priority, head_flags, head_meta)
     return pos
 
 

@@ -1,4 +1,4 @@
-"""The logq on-disk format, version 1.  This docstring is the specification.
+"""The logq on-disk format, version 2.  This docstring is the specification.
 
 Every other module takes its sizes and offsets from the constants below;
 ``native/logq_native.h`` mirrors them and ``tests/test_codec.py`` checks that
@@ -35,8 +35,23 @@ together with its directory::
     version 1
     id 3f2c...          (32 hex digits: the stable queue identity)
 
-An unknown ``version`` in ``logq.meta`` or in a segment header is refused
-with :class:`logq.FormatVersionError`, naming the version found.
+Its ``version`` is the version of the directory layout (META_VERSION, still
+1); each segment names its own record format version in its header.  An
+unknown ``version`` in ``logq.meta`` or in a segment header is refused with
+:class:`logq.FormatVersionError`, naming the version found.
+
+Versions
+--------
+* **2** (this logq writes it): the head of a ``put_many`` batch of two or
+  more records carries the batch's record count (BATCH, below), so that
+  recovery can tell a whole batch from the part of one that a power cut left.
+* **1**: the same records without BATCH.  Still read: a segment keeps the
+  version it was created with, its batches have no count, and recovery
+  judges them as before (a batch whose head is intact is taken whole).
+  Nothing is ever appended to a version 1 segment: a writer that finds one
+  active rolls to a new version 2 segment before its first record (or, if
+  it holds no record yet, rewrites its header as version 2).  The codecs
+  read both versions alike (a version 1 writer never set BATCH).
 
 Segment file
 ============
@@ -49,7 +64,7 @@ open; the unused tail is zero.
 off    size  field
 =====  ====  ==================================================================
 0      8     magic ``b"LOGQSEG\\x00"``
-8      2     format version (1)
+8      2     format version (2; 1 is still read)
 10     2     header size (32)
 12     4     reserved, zero
 16     8     base offset: the offset of the first record in this segment
@@ -70,14 +85,18 @@ off    size  field
 24     2     meta_len: bytes of metadata between header and payload
 26     1     priority: 0..255 (0 is the default)
 27     1     flags: bit 7 (RECORD_MARK) is always set; bit 0 HAS_DELIVER_AT;
-             bit 1 HAS_KEY; bit 2 CONT; the other bits must be zero
+             bit 1 HAS_KEY; bit 2 CONT; bit 3 BATCH (version 2); the
+             other bits must be zero
 28     ...   meta (meta_len bytes), then the payload (length bytes)
 =====  ====  ==================================================================
 
 The meta block holds, in this order: the delivery time (u64 nanoseconds since
-the epoch) when HAS_DELIVER_AT is set, then the idempotency key (the rest of
-the meta, at least one byte) when HAS_KEY is set.  So ``meta_len`` is exactly
-``8 * HAS_DELIVER_AT + len(key)``, and zero when neither flag is set.
+the epoch) when HAS_DELIVER_AT is set, then the batch count (u32, the number
+of records in the batch, this head included: at least 2) when BATCH is set,
+then the idempotency key (the rest of the meta, at least one byte) when
+HAS_KEY is set.  So ``meta_len`` is exactly ``8 * HAS_DELIVER_AT + 4 * BATCH
++ len(key)``, and zero when no flag is set.  The codecs check only these
+lengths; what a count means is the log's business (below).
 
 The CRC is CRC32C (Castagnoli, reflected, init and final xor 0xFFFFFFFF;
 ``crc32c(b"123456789") == 0xE3069283``), masked as in LevelDB so that a CRC
@@ -87,10 +106,28 @@ stored inside data does not reproduce itself::
 
 CONT marks a record that continues the batch (one ``put_many``) begun by the
 record before it.  A writer writes a batch's CONT records first and its first
-record last, so a reader, which stops at the first record that does not
-validate, sees a batch whole or not at all; and resynchronisation after
-damage never starts on a CONT record, so the tail of a torn batch is never
-taken for data.  A batch lies within one segment.
+record (the head) last, so a reader of the page cache, which stops at the
+first record that does not validate, sees a batch whole or not at all.  A
+batch lies within one segment.
+
+A power cut is another matter: the disk may keep the page holding the head
+and lose a later page holding the rest of the batch.  So in version 2 the
+head of a batch of ``n >= 2`` records carries BATCH and the count ``n``, and
+its ``n - 1`` CONT records follow it at offsets ``head + 1 ..``.  The rule
+that decides what survives (``_log.scan_tail``):
+
+* **Above the durable checkpoint** (records the index does not vouch for
+  as fsynced): a head whose count of CONT records does not follow intact is
+  a **torn batch**; none of it is taken.  At the tail of the newest segment
+  it is cut with the torn tail; elsewhere it is given up (kept in
+  quarantine), like damage.  Resynchronisation after damage lands only on a
+  record that is not CONT, so the rest of a torn batch is never taken for
+  data.
+* **Below the durable checkpoint** every batch was written whole: damage
+  there destroys only the records it touches, and resynchronisation may land
+  on a CONT record (``find_next(..., batch_ok=True)``).
+* A version 1 head (no BATCH) is taken with the CONT records that follow it
+  intact, as version 1 always did.
 
 Offsets are dense: the records of segment ``B`` carry offsets ``B, B+1, …``
 and the next segment's base is the offset after this segment's last record.
@@ -116,8 +153,8 @@ tail is truncated); inside a sealed segment it is damage, and the reader
 resynchronises by searching for the next intact record whose offset is
 higher (:func:`logq._codec.find_next`).
 
-Worked example
-==============
+Worked examples
+===============
 Record at offset 5, timestamp 1_700_000_000_000_000_000 ns, priority 0, no
 meta, payload ``b"hi"``: 30 bytes ::
 
@@ -125,14 +162,26 @@ meta, payload ``b"hi"``: 30 bytes ::
     00 00 2a 36 fe 9c 97 17   00 00   00   80   68 69
 
 ``86 53 5d 07`` is the masked CRC32C of the 26 bytes that follow it
-(``tests/test_format.py`` checks this example).
+(``tests/test_codec.py`` checks this example).
+
+``put_many([b"a", b"b"])`` at offset 7, same timestamp: the head (flags
+``0x88``: RECORD_MARK | BATCH, ``meta_len`` 4, meta ``02 00 00 00``: two
+records) then one CONT record (flags ``0x84``); 62 bytes, the CONT record
+written first::
+
+    91 f6 ba 09   01 00 00 00   07 00 00 00 00 00 00 00
+    00 00 2a 36 fe 9c 97 17   04 00   00   88   02 00 00 00   61
+    3c d1 dc 7f   01 00 00 00   08 00 00 00 00 00 00 00
+    00 00 2a 36 fe 9c 97 17   00 00   00   84   62
 """
 
 from __future__ import annotations
 
 import struct
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2            # the segment format this logq writes
+READABLE_VERSIONS = (1, 2)    # segment formats it reads
+META_VERSION = 1              # the directory layout named in logq.meta
 
 # --- directory -----------------------------------------------------------
 META_FILE = "logq.meta"
@@ -177,8 +226,12 @@ RECORD_MARK = 0x80
 FLAG_DELIVER_AT = 0x01
 FLAG_KEY = 0x02
 FLAG_CONT = 0x04
-FLAGS_KNOWN = RECORD_MARK | FLAG_DELIVER_AT | FLAG_KEY | FLAG_CONT
+FLAG_BATCH = 0x08            # version 2: the meta holds the batch's record count
+FLAGS_KNOWN = RECORD_MARK | FLAG_DELIVER_AT | FLAG_KEY | FLAG_CONT | FLAG_BATCH
 DELIVER_AT_SIZE = 8
+BATCH_COUNT_SIZE = 4
+BATCH_COUNT = struct.Struct("<I")
+MAX_BATCH = 0xFFFFFFFF
 MAX_PAYLOAD = 1 << 30        # hard limit of the format; max_message_bytes is lower
 MAX_META = 0xFFFF
 MAX_KEY = MAX_META - DELIVER_AT_SIZE
@@ -201,6 +254,10 @@ SCAN_REASONS = {
     SCAN_BAD_CRC: "CRC mismatch",
     SCAN_BAD_OFFSET: "unexpected record offset",
 }
+# Not a codec status: the log's verdict on an intact batch head whose count
+# of CONT records does not follow it intact (see "the rule" above).
+TORN_BATCH = 6
+SCAN_REASONS[TORN_BATCH] = "torn batch (its head's count of records does not follow intact)"
 
 # Each record found by a scan is reported as SCAN_FIELDS integers:
 # record position, payload position, payload length, timestamp, attrs,
@@ -241,6 +298,19 @@ def record_size(payload_len: int, meta_len: int = 0) -> int:
     return RECORD_HEADER_SIZE + meta_len + payload_len
 
 
+def batch_size(count: int, payload_bytes: int) -> int:
+    """Bytes that ``count`` records with ``payload_bytes`` of payload in all
+    take as one batch (the head's count included)."""
+    return RECORD_HEADER_SIZE * count + payload_bytes + (BATCH_COUNT_SIZE if count > 1 else 0)
+
+
+def batch_count_at(buf, pos: int, attrs: int) -> int:
+    """The count of the validated BATCH head at ``pos`` whose SCAN_FIELDS
+    attrs are ``attrs`` (the u32 after its delivery time, if any)."""
+    at = pos + RECORD_HEADER_SIZE + (DELIVER_AT_SIZE if attrs >> 24 & FLAG_DELIVER_AT else 0)
+    return BATCH_COUNT.unpack_from(buf, at)[0]
+
+
 def encode_meta(deliver_at_ns: int | None, key: bytes | None) -> tuple[int, bytes]:
     """(flags, meta bytes) for the optional attributes of one record."""
     flags = RECORD_MARK
@@ -255,11 +325,14 @@ def encode_meta(deliver_at_ns: int | None, key: bytes | None) -> tuple[int, byte
 
 
 def decode_meta(flags: int, meta: bytes) -> tuple[int | None, bytes | None]:
-    """(deliver_at_ns, key) from a validated record's flags and meta."""
+    """(deliver_at_ns, key) from a validated record's flags and meta (a
+    batch count between them is skipped)."""
     deliver_at = None
     if flags & FLAG_DELIVER_AT:
         (deliver_at,) = struct.unpack_from("<Q", meta, 0)
         meta = meta[DELIVER_AT_SIZE:]
+    if flags & FLAG_BATCH:
+        meta = meta[BATCH_COUNT_SIZE:]
     key = bytes(meta) if flags & FLAG_KEY else None
     return deliver_at, key
 
@@ -269,6 +342,8 @@ def meta_valid(flags: int, meta_len: int) -> bool:
     if not flags & RECORD_MARK or flags & ~FLAGS_KNOWN & 0xFF:
         return False
     need = DELIVER_AT_SIZE if flags & FLAG_DELIVER_AT else 0
+    if flags & FLAG_BATCH:
+        need += BATCH_COUNT_SIZE
     if flags & FLAG_KEY:
         return meta_len > need
     return meta_len == need

@@ -17,12 +17,17 @@ Who recovers
 Recovery runs only in a process that opens the queue while no other process
 has it open (``open.lock`` is held shared by every open queue).  It scans the
 newest segment from the last durable checkpoint, keeps every intact record,
-skips damaged ones when intact records follow (but never resumes inside a
-batch: a torn batch goes whole), and cuts the file at the end of the last
-intact record (freeing, then preallocating again, everything after it, so
-that no stale bytes survive past the tail).  Rolling does not fsync the
-sealed segment, so after a machine restart (a new kernel boot id) the
-sealed segments since the checkpoint are validated too.
+skips damaged ones when intact records follow, and cuts the file at the end
+of the last intact record (freeing, then preallocating again, everything
+after it, so that no stale bytes survive past the tail).  Above the
+checkpoint a batch is kept only whole (its head's count of records follows
+intact; ``scan_tail``): a torn batch is cut or given up, never returned in
+part.  The checkpoint's position is trusted only once the record before it
+is found intact there: if the records it vouches for are gone, recovery
+scans the segment from its start and the log ends after the last intact
+record (so new puts follow it).  Rolling does not fsync the sealed segment,
+so after a machine restart (a new kernel boot id) the sealed segments since
+the checkpoint are validated too.
 """
 
 from __future__ import annotations
@@ -72,10 +77,10 @@ def _read_meta(path: str) -> str:
     if not lines or lines[0] != F.META_MAGIC:
         raise NotAQueueError(f"{os.path.dirname(path)} is not a logq queue ({path} is not a logq meta file)")
     version = fields.get("version", "?")
-    if version != str(F.FORMAT_VERSION):
+    if version != str(F.META_VERSION):
         raise FormatVersionError(
             f"{os.path.dirname(path)} is a logq queue in format version {version}; this logq "
-            f"reads version {F.FORMAT_VERSION} only")
+            f"reads version {F.META_VERSION} only")
     return fields.get("id", "")
 
 
@@ -100,7 +105,7 @@ def init_dir(qdir: str) -> str:
             raise NotAQueueError(f"{qdir} is not empty and has no {F.META_FILE}: not a logq queue")
     tmp = f"{meta}.{os.getpid()}.tmp"
     with open(tmp, "w", encoding="utf-8") as f:
-        f.write(f"{F.META_MAGIC}\nversion {F.FORMAT_VERSION}\nid {uuid.uuid4().hex}\n")
+        f.write(f"{F.META_MAGIC}\nversion {F.META_VERSION}\nid {uuid.uuid4().hex}\n")
         f.flush()
         os.fsync(f.fileno())
     try:
@@ -306,18 +311,27 @@ class Log:
         if seg.size < F.SEGMENT_HEADER_SIZE:
             seg = self._rebuild_short(seg, rep)
         pos, nxt = F.SEGMENT_HEADER_SIZE, base
+        # Records below the checkpoint were durable, so written whole.
+        durable = checkpoint[2] if checkpoint else 0
+        trusted = True
         if checkpoint and checkpoint[0] == base and F.SEGMENT_HEADER_SIZE <= checkpoint[1] <= seg.size \
                 and checkpoint[2] >= base:
-            pos, nxt = checkpoint[1], checkpoint[2]
-            if C.scan(seg.h, pos, seg.size, nxt, 0)[2] != F.SCAN_OK:
-                pos, nxt = F.SEGMENT_HEADER_SIZE, base
-        if clean and C.scan(seg.h, pos, seg.size, nxt, 1)[2] == F.SCAN_END:
+            if ends_at(seg, checkpoint[1], checkpoint[2]):
+                pos, nxt = checkpoint[1], checkpoint[2]
+            else:
+                # The records it vouches for are gone (zeroed, cut): starting
+                # there would put new records behind a hole.
+                log.error("segment %s: the durable checkpoint (offset %d at position %d) does not "
+                          "follow an intact record; scanning the segment from its start",
+                          seg.path, checkpoint[2], checkpoint[1])
+                trusted = False
+        if clean and trusted and C.scan(seg.h, pos, seg.size, nxt, 1)[2] == F.SCAN_END:
             self._set_active(seg, pos, nxt)
             return rep
         rep.clean = False
         seg.reset_index()   # any stored one may describe records about to be cut
         start = pos
-        pos, nxt, lost = scan_tail(seg, pos, nxt)
+        pos, nxt, lost = scan_tail(seg, pos, nxt, durable=durable)
         rep.scanned_bytes += pos - start
         for a, b, at, found in lost:
             # Damage with intact records after it (the tail has none): keep
@@ -343,9 +357,9 @@ class Log:
     def _validate_sealed(self, checkpoint: tuple[int, int, int] | None, rep: Recovery) -> None:
         """After a restart: the sealed segments written since the last
         checkpoint may never have reached the disk whole (rolling does not
-        fsync).  Scan them; where records are missing, keep the bytes in
-        quarantine and zero them, so that no reader later takes the rest of
-        a torn batch (CONT records whose head is gone) for data."""
+        fsync).  Scan them; where records are missing, or a batch is not
+        whole, keep the bytes in quarantine and zero them, so that no reader
+        later takes part of a torn batch for data."""
         first = checkpoint[0] if checkpoint else self.bases[0]
         for i, base in enumerate(self.bases[:-1]):
             if base < first:
@@ -354,9 +368,10 @@ class Log:
             if seg.h is None:
                 continue
             pos, nxt = F.SEGMENT_HEADER_SIZE, base
-            if checkpoint and checkpoint[0] == base and checkpoint[1] <= seg.size:
+            if checkpoint and checkpoint[0] == base and ends_at(seg, checkpoint[1], checkpoint[2]):
                 pos, nxt = checkpoint[1], checkpoint[2]
-            end, _, lost = scan_tail(seg, pos, nxt, limit=limit)
+            end, _, lost = scan_tail(seg, pos, nxt, limit=limit,
+                                     durable=checkpoint[2] if checkpoint else 0)
             rep.scanned_bytes += end - pos
             for first_lost, end_lost, at, found in lost:
                 stop = found if found >= 0 else _data_end(seg, at)
@@ -455,6 +470,23 @@ class Log:
         self.ctl_set(F.CTL_GENERATION, self.ctl_get(F.CTL_GENERATION) + 1)
         self.end = self.active.size
         self.holding = True
+        if self.active.version != F.FORMAT_VERSION:
+            self._upgrade_active()
+
+    def _upgrade_active(self) -> None:
+        """The active segment is in an older format (a queue written by an
+        older logq): records are never appended to it.  One that holds no
+        record yet gets a current header; otherwise the writer rolls to a
+        new segment."""
+        seg = self.active
+        if self.pos == F.SEGMENT_HEADER_SIZE:
+            os.pwrite(seg.fd, encode_header(seg.base), 0)
+            os.fsync(seg.fd)
+            seg.version = F.FORMAT_VERSION
+        else:
+            log.info("segment %s is in format version %d: new records go to a new segment",
+                     seg.path, seg.version)
+            self.roll(0)
 
     def release(self) -> None:
         """Publish the tail and let other processes append."""
@@ -594,28 +626,42 @@ class Log:
 
 
 def scan_tail(seg: Segment, pos: int, nxt: int, *, limit: int | None = None,
-              resync: bool = True) -> tuple[int, int, list[tuple[int, int, int, int]]]:
+              resync: bool = True, durable: int = 0) -> tuple[int, int, list[tuple[int, int, int, int]]]:
     """Scan a segment from a known record boundary: to its end (the newest
     segment), or up to offset ``limit`` (a sealed one, whose next segment
     starts there).
 
-    Returns (position after the last intact record, next offset, lost
-    ranges as (first offset, end offset, position of the damage, position
-    of the intact record after it or -1)).  With ``resync``, a bad record
-    followed later by an intact record with a higher offset is damage in the
-    middle (its offsets are lost, the scan goes on); with nothing intact
-    after it, it is the tail, or (before ``limit``) the loss of the rest.
-    Resynchronisation never lands inside a batch (on a CONT record): its
-    head may be the torn record, and a batch is kept whole or not at all."""
+    Returns (position after the last intact record of the log, next offset,
+    lost ranges as (first offset, end offset, position of the damage,
+    position of the intact record after it or -1)).  With ``resync``, a bad
+    record followed later by an intact record with a higher offset is damage
+    in the middle (its offsets are lost, the scan goes on); with nothing
+    intact after it, it is the tail, or (before ``limit``) the loss of the
+    rest.
+
+    ``durable``: every record below this offset was durable, so written
+    whole (the index's checkpoint vouches for it).  Below it, damage loses
+    only the records it touches: resynchronisation may land inside a batch
+    (on a CONT record).  From it on, a batch belongs to the log only whole
+    (the format's rule, ``_format``): a BATCH head whose count of CONT
+    records does not follow intact is a torn batch, where the scan stops as
+    at damage (``F.TORN_BATCH``), and resynchronisation lands only on a
+    record that begins a batch or stands alone."""
     lost: list[tuple[int, int, int, int]] = []
     while True:
         room = (1 << 62) if limit is None else limit - nxt
-        n, stop, status, _ = C.scan(seg.h, pos, seg.size, nxt, room)
+        n, stop, status = _scan_whole(seg, pos, nxt, room, durable)
         pos, nxt = stop, nxt + n
         if n == room or not resync or stop >= seg.size and limit is None:
             return pos, nxt, lost
         most = limit - 1 if limit is not None else nxt + (seg.size - stop) // F.RECORD_HEADER_SIZE
-        found = C.find_next(seg.h, stop, seg.size, nxt, most)
+        # A torn batch's head is intact: look past it.
+        start = stop + 1 if status == F.TORN_BATCH else stop
+        found = -1
+        if nxt < durable:
+            found = C.find_next(seg.h, start, seg.size, nxt, min(most, durable - 1), True)
+        if found < 0:
+            found = C.find_next(seg.h, start, seg.size, max(nxt, durable), most)
         if found < 0:
             if limit is not None:
                 lost.append((nxt, limit, stop, -1))
@@ -624,6 +670,82 @@ def scan_tail(seg: Segment, pos: int, nxt: int, *, limit: int | None = None,
         resume = seg.offset_at(found)
         lost.append((nxt, resume, stop, found))
         pos, nxt = found, resume
+
+
+_CHUNK = 1 << 16      # records per scan above the checkpoint (their fields are kept)
+
+
+def _scan_whole(seg: Segment, pos: int, nxt: int, room: int, durable: int) -> tuple[int, int, int]:
+    """``C.scan`` of up to ``room`` records from ``pos`` (offset ``nxt``),
+    that also stops (status TORN_BATCH) at a batch head at or above offset
+    ``durable`` whose batch is not whole: (count, stop, status)."""
+    total = 0
+    if nxt < durable:
+        below = min(room, durable - nxt)
+        n, stop, status, _ = C.scan(seg.h, pos, seg.size, nxt, below)
+        if n < below or below == room:
+            return n, stop, status
+        total, pos, nxt, room = n, stop, nxt + n, room - n
+    chunk = _CHUNK
+    while True:
+        want = min(room, chunk)
+        n, stop, status, fields = C.scan(seg.h, pos, seg.size, nxt, want, True)
+        whole, need = _whole_batches(seg, fields, n)
+        if whole == n:
+            total += n
+            if n < want or n == room:
+                return total, stop, status
+            pos, nxt, room, chunk = stop, nxt + n, room - n, _CHUNK
+            continue
+        if need and n == want < room:
+            # The scan stopped at the chunk's end, inside the batch: scan on
+            # from its head, far enough to see all of it.
+            total, nxt, room = total + whole, nxt + whole, room - whole
+            pos, chunk = fields[whole * F.SCAN_FIELDS], max(_CHUNK, need)
+            continue
+        return total + whole, fields[whole * F.SCAN_FIELDS], F.TORN_BATCH
+
+
+_BATCH_BIT = F.FLAG_BATCH << 24
+_CONT_BIT = F.FLAG_CONT << 24
+
+
+def _whole_batches(seg: Segment, fields: list[int], n: int) -> tuple[int, int]:
+    """Of ``n`` consecutive intact records (their SCAN_FIELDS), how many
+    precede the first batch that is not whole among them, and how many
+    records that batch needs when it only runs past them (0 if it is
+    broken: a record that is not CONT where its count wants one)."""
+    attrs = fields[4::F.SCAN_FIELDS]
+    for i in [i for i, a in enumerate(attrs) if a & _BATCH_BIT]:
+        count = F.batch_count_at(seg.mm, fields[i * F.SCAN_FIELDS], attrs[i])
+        rest = attrs[i + 1:i + count]
+        if not all(a & _CONT_BIT for a in rest):
+            return i, 0
+        if i + count > n:
+            return i, count
+    return n, 0
+
+
+def ends_at(seg: Segment, pos: int, nxt: int) -> bool:
+    """Whether the record before offset ``nxt`` lies intact in ``seg`` and
+    ends at ``pos`` (what a checkpoint (base, pos, nxt) claims).  Searches
+    backwards from ``pos`` in growing windows: its cost is about the size
+    of that record."""
+    if nxt == seg.base:
+        return pos == F.SEGMENT_HEADER_SIZE
+    if seg.h is None or nxt < seg.base or pos > seg.size:
+        return False
+    window = _PAGE
+    lo = pos
+    while lo > F.SEGMENT_HEADER_SIZE:
+        lo, hi = max(F.SEGMENT_HEADER_SIZE, pos - window), lo
+        p = C.find_next(seg.h, lo, pos, nxt - 1, nxt - 1, True)
+        while 0 <= p < hi:
+            if C.scan(seg.h, p, pos, nxt - 1, 1)[:2] == (1, pos):
+                return True
+            p = C.find_next(seg.h, p + 1, pos, nxt - 1, nxt - 1, True)
+        window *= 4
+    return False
 
 
 @functools.lru_cache(maxsize=1)

@@ -44,10 +44,11 @@ MAX_KEY_BYTES = 256
 _ROOM_POLL = 0.02             # a put blocked at max_bytes looks for room this often (s)
 _RETAIN_EVERY = 1.0           # the housekeeper deletes settled segments this often (s)
 _HDR = F.RECORD_HEADER_SIZE
-# The attrs (see _fetch) of a record with no meta and no priority: alone, or
-# continuing a put_many batch.
+# The attrs (see _fetch) of a record with no meta and no priority: alone,
+# continuing a put_many batch, or heading one (its only meta is the count).
 _PLAIN = F.RECORD_MARK << 24
 _PLAIN_CONT = (F.RECORD_MARK | F.FLAG_CONT) << 24
+_PLAIN_HEAD = (F.RECORD_MARK | F.FLAG_BATCH) << 24 | F.BATCH_COUNT_SIZE   # a batch's count: no attribute
 _WAIT_SLICE = 1.0             # wait() looks at the clock and for close() this often
 _PREFAULT_AHEAD = 32 << 20    # the housekeeper maps this much ahead of the writer
 _PREFAULT_CHUNK = 4 << 20
@@ -507,10 +508,11 @@ class Queue:
             i = max(range(len(batch)), key=lengths.__getitem__)
             raise MessageTooLargeError(
                 f"item {i} of put_many is {lengths[i]} bytes, over max_message_bytes={self._max}; nothing was stored")
-        first = self._append(_HDR * len(batch) + len(joined), len(batch), lambda lg, first: C.encode_batch(
+        need = F.batch_size(len(batch), len(joined))
+        first = self._append(need, len(batch), lambda lg, first: C.encode_batch(
             lg.h, lg.pos, lg.end, first, time.time_ns(), joined, lengths))
         if self._syncs:
-            self._after_write(first + len(batch), len(joined) + _HDR * len(batch))
+            self._after_write(first + len(batch), need)
         return range(first, first + len(batch))
 
     # -- durability -----------------------------------------------------------
@@ -775,7 +777,7 @@ class Queue:
                    if payloads else None)
             attrs = fields[4::F.SCAN_FIELDS]
             metas = None
-            if attrs.count(_PLAIN) + attrs.count(_PLAIN_CONT) != len(attrs):
+            if attrs.count(_PLAIN) + attrs.count(_PLAIN_CONT) + attrs.count(_PLAIN_HEAD) != len(attrs):
                 metas = {}
                 for i, a in enumerate(attrs):
                     if a & 0xFFFF:

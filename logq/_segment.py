@@ -28,8 +28,8 @@ _STRIDE = F.SPARSE_STRIDE
 _OFFSET_AT = struct.Struct("<Q")
 
 
-def encode_header(base: int) -> bytes:
-    head = F.SEGMENT_HEADER.pack(F.SEGMENT_MAGIC, F.FORMAT_VERSION, F.SEGMENT_HEADER_SIZE, 0, base, 0)
+def encode_header(base: int, version: int = F.FORMAT_VERSION) -> bytes:
+    head = F.SEGMENT_HEADER.pack(F.SEGMENT_MAGIC, version, F.SEGMENT_HEADER_SIZE, 0, base, 0)
     return head[:F.SEGMENT_HEADER_CRC_AT] + struct.pack("<I", F.mask_crc(C.crc32c(head[:F.SEGMENT_HEADER_CRC_AT])))
 
 
@@ -44,10 +44,10 @@ def header_problem(head: bytes, base: int, path: str) -> str | None:
         return "bad segment magic"
     if crc != F.mask_crc(C.crc32c(head[:F.SEGMENT_HEADER_CRC_AT])):
         return "segment header CRC mismatch"
-    if version != F.FORMAT_VERSION:
+    if version not in F.READABLE_VERSIONS:
         raise FormatVersionError(
-            f"{path} is in logq segment format version {version}; this logq reads version "
-            f"{F.FORMAT_VERSION} only (upgrade logq to read it)")
+            f"{path} is in logq segment format version {version}; this logq reads versions "
+            f"{', '.join(map(str, F.READABLE_VERSIONS))} only (upgrade logq to read it)")
     if hsize != F.SEGMENT_HEADER_SIZE:
         return f"unexpected header size {hsize}"
     if hbase != base:
@@ -68,6 +68,10 @@ class Segment:
             self.size = os.fstat(self.fd).st_size
             head = os.pread(self.fd, F.SEGMENT_HEADER_SIZE, 0)
             self.header_problem = header_problem(head, base, path)
+            # The format its records were written in (a header that cannot
+            # be read is rewritten by recovery in the current one).
+            self.version = (F.FORMAT_VERSION if self.header_problem
+                            else F.SEGMENT_HEADER.unpack_from(head, 0)[1])
             if self.header_problem:
                 log.warning("segment %s: %s; reading its records by their own CRCs",
                             path, self.header_problem)

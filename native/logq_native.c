@@ -292,13 +292,17 @@ int64_t logq_encode_batch(uint8_t *buf, uint64_t pos, uint64_t end,
                           uint32_t priority)
 {
     uint64_t i, at = 0;
+    uint64_t counted = n > 1 ? LOGQ_BATCH_COUNT_SIZE : 0;  /* the head's count */
+    uint8_t count[LOGQ_BATCH_COUNT_SIZE];
 
-    if (n > UINT64_MAX / HDR || !fits(pos, end, HDR * n, joined_len, 0))
+    if (n > (UINT64_MAX - LOGQ_BATCH_COUNT_SIZE) / HDR
+            || !fits(pos, end, HDR * n + counted, joined_len, 0))
         return LOGQ_E_NOFIT;
     if (n == 0)
         return (int64_t)pos;
-    if (priority > 0xFF || first_offset > UINT64_MAX - (n - 1))
+    if (priority > 0xFF || first_offset > UINT64_MAX - (n - 1) || n > LOGQ_MAX_BATCH)
         return LOGQ_E_ARG;
+    st32(count, (uint32_t)n);
     /* Records 1..n-1 first, flagged CONT; record 0 last, after a release
      * fence: until it is whole, a reader stops at it and never sees the rest,
      * so the batch appears all at once or (after a crash) not at all. */
@@ -318,7 +322,7 @@ int64_t logq_encode_batch(uint8_t *buf, uint64_t pos, uint64_t end,
             if (i == 0) {
                 first_src = src;
                 first_take = take;
-                pos += HDR + take;
+                pos += HDR + counted + take;
             } else {
                 pos = put(buf, pos, first_offset + i, ts, src, take, priority,
                           LOGQ_RECORD_MARK | LOGQ_FLAG_CONT, NULL, 0);
@@ -326,7 +330,8 @@ int64_t logq_encode_batch(uint8_t *buf, uint64_t pos, uint64_t end,
         }
         __atomic_thread_fence(__ATOMIC_RELEASE);
         put(buf, first_pos, first_offset, ts, first_src, first_take, priority,
-            LOGQ_RECORD_MARK, NULL, 0);
+            counted ? LOGQ_RECORD_MARK | LOGQ_FLAG_BATCH : LOGQ_RECORD_MARK,
+            counted ? count : NULL, counted);
     }
     return (int64_t)pos;
 }
@@ -512,6 +517,8 @@ static inline int meta_valid(unsigned flags, unsigned mlen)
     if (!(flags & LOGQ_RECORD_MARK) || (flags & ~(unsigned)LOGQ_FLAGS_KNOWN & 0xFF))
         return 0;
     need = (flags & LOGQ_FLAG_DELIVER_AT) ? LOGQ_DELIVER_AT_SIZE : 0;
+    if (flags & LOGQ_FLAG_BATCH)
+        need += LOGQ_BATCH_COUNT_SIZE;
     if (flags & LOGQ_FLAG_KEY)
         return mlen > need;
     return mlen == need;

@@ -9,7 +9,7 @@
  * that they agree); LOGQ_E_* are this codec's negative return codes.
  */
 
-#define LOGQ_FORMAT_VERSION 1
+#define LOGQ_FORMAT_VERSION 2
 #define LOGQ_SEGMENT_HEADER_SIZE 32
 #define LOGQ_SEGMENT_HEADER_CRC_AT 28
 #define LOGQ_RECORD_HEADER_SIZE 28
@@ -18,8 +18,11 @@
 #define LOGQ_FLAG_DELIVER_AT 0x01
 #define LOGQ_FLAG_KEY 0x02
 #define LOGQ_FLAG_CONT 0x04
-#define LOGQ_FLAGS_KNOWN 0x87
+#define LOGQ_FLAG_BATCH 0x08
+#define LOGQ_FLAGS_KNOWN 0x8F
 #define LOGQ_DELIVER_AT_SIZE 8
+#define LOGQ_BATCH_COUNT_SIZE 4
+#define LOGQ_MAX_BATCH 0xFFFFFFFF
 #define LOGQ_MAX_PAYLOAD 0x40000000
 #define LOGQ_MAX_META 0xFFFF
 #define LOGQ_MAX_KEY 0xFFF7
@@ -67,7 +70,8 @@ int64_t logq_encode(uint8_t *buf, uint64_t pos, uint64_t end, uint64_t offset,
 /* n records whose payloads are consecutive slices of joined (joined_len
  * bytes; lengths[i] each), offsets first_offset, first_offset + 1, ...; all
  * or nothing.  Records 1..n-1 carry LOGQ_FLAG_CONT and record 0 is written
- * last.  As in _codec_py.encode_batch, the fit check counts joined_len and a
+ * last; when n >= 2, record 0 carries LOGQ_FLAG_BATCH and n as a u32 meta
+ * (LOGQ_BATCH_COUNT_SIZE more bytes; n > LOGQ_MAX_BATCH is LOGQ_E_ARG).  As in _codec_py.encode_batch, the fit check counts joined_len and a
  * payload running past joined_len is cut short there. */
 int64_t logq_encode_batch(uint8_t *buf, uint64_t pos, uint64_t end,
                           uint64_t first_offset, uint64_t ts,
