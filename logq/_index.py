@@ -551,8 +551,49 @@ class Scratch(_Env):
                     txn.delete(k, db=db)
         self.write(fn)
 
+    def clamp(self, next_offset: int) -> int:
+        """The volatile twin of :meth:`Index.clamp_groups`, for recovery
+        (no other process has the queue open): forget what the lease table
+        says about offsets at or above ``next_offset``, where the log now
+        ends.  Scan cursors past it come back to it and claims on offsets
+        beyond it go, so records put from now on, which reuse those offsets,
+        are delivered to every group that existed before the cut.  Every
+        key of ``claims`` ends with its first offset (big-endian) and every
+        value starts with its end offset (u64); every cursor value is the
+        next offset to scan.  Returns how many entries changed."""
+        cut = struct.pack("<Q", next_offset)
+
+        def fn(txn: Any) -> int:
+            changed = 0
+            for k, v in list(txn.cursor(db=self.cursors).iternext()):
+                if struct.unpack_from("<Q", v)[0] > next_offset:
+                    txn.put(k, cut, db=self.cursors)
+                    changed += 1
+            for k, v in list(txn.cursor(db=self.claims).iternext()):
+                start, (end,) = int.from_bytes(k[-8:], "big"), struct.unpack_from("<Q", v)
+                if start >= next_offset:
+                    txn.delete(k, db=self.claims)
+                    changed += 1
+                elif end > next_offset:
+                    txn.put(k, cut + bytes(v[8:]), db=self.claims)
+                    changed += 1
+            return changed
+        return self.write(fn)
+
     def close(self) -> None:
         _close_shared(self)
+
+
+def clamp_scratch(qdir: str, next_offset: int) -> int:
+    """:meth:`Scratch.clamp` on ``qdir``'s lease table, if it has one (only
+    while no other process has the queue open)."""
+    if not os.path.exists(os.path.join(qdir, F.LEASES_DIR, "data.mdb")):
+        return 0
+    sc = open_scratch(qdir, may_reset=True)
+    try:
+        return sc.clamp(next_offset)
+    finally:
+        sc.close()
 
 
 def reset_scratch(qdir: str) -> None:

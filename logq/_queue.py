@@ -31,7 +31,8 @@ from logq import _status
 from logq._errors import (LogqError, MessageTooLargeError, OffsetError, QueueClosedError,
                           QueueFullError, RecordLostError)
 from logq._index import (G_ACKED, G_DEAD, G_DELIVERED, G_DROPPED, G_REDELIVERED, G_WATERMARK,
-                         K_PRIORITIES, RESERVE_BYTES, in_flight, open_index, reset_scratch)
+                         K_PRIORITIES, RESERVE_BYTES, clamp_scratch, in_flight, open_index,
+                         reset_scratch)
 from logq._fsutil import fsync_dir
 from logq._log import Log, Recovery
 
@@ -233,6 +234,11 @@ class Queue:
                     log.warning("queue %s: group %r had acknowledged up to offset %d, but the log "
                                 "now ends at %d; its position is clamped so new messages are "
                                 "delivered", self.path, group.decode(errors="replace"), mark, lg.next)
+                # The lease table outlives processes, not cuts: its scan
+                # cursors and claims past the new tail would hide the records
+                # that now reuse those offsets from every existing group.
+                # (A clean shutdown leaves nothing past the tail: cheap then.)
+                clamp_scratch(self.path, lg.next)
                 if rec.truncated_bytes or rec.lost or not rec.clean:
                     log.info("queue %s recovered after an unclean shutdown: tail at offset %d, "
                              "%d torn bytes cut, %d record(s) lost", self.path, lg.next,

@@ -185,7 +185,7 @@ class NatsSink:
 
     async def send(self, e: Entry) -> None:
         e.fut = await self.js.publish_async(self.subject, e.m.data,
-                                            headers={"Nats-Msg-Id": f"{self.prefix}{e.m.offset}"})
+                                            headers={"Nats-Msg-Id": self.msg_id(e.m)})
 
     @staticmethod
     def outcome(fut: Any) -> bool:
@@ -193,7 +193,12 @@ class NatsSink:
         return bool(fut.result().duplicate)
 
     def msg_id(self, m: Message) -> str:
-        return f"{self.prefix}{m.offset}"
+        # The offset alone is not an identity: recovery may cut a tail that
+        # was never durable, and new records then reuse its offsets.  The
+        # write timestamp tells a new record from the one forwarded before
+        # the cut, which the stream's duplicate window would otherwise take
+        # it for and drop.
+        return f"{self.prefix}{m.offset}:{m.ts_ns}"
 
     async def close(self) -> None:
         nc, self.nc, self.js = self.nc, None, None

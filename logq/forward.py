@@ -22,9 +22,11 @@ Promises
 
 **JetStream: each message exactly once, in order** -- within the limits
 below.  Every message is published with the header
-``Nats-Msg-Id: <queue_id>:<offset>`` (``queue_id`` is the queue directory's
-stable identity), so JetStream drops a second copy that arrives within the
-stream's ``duplicate_window``.  Order comes from three rules:
+``Nats-Msg-Id: <queue_id>:<offset>:<timestamp_ns>`` (``queue_id`` is the
+queue directory's stable identity; the record's write timestamp tells a
+record from a later one at the same offset, which follows when recovery cut
+a tail that was never durable), so JetStream drops a second copy that
+arrives within the stream's ``duplicate_window``.  Order comes from three rules:
 
 1. *One forwarder per group.*  A forwarder holds an exclusive lock for its
    (queue, group) while it runs; a second one raises ForwarderBusyError.
