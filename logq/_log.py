@@ -701,7 +701,9 @@ def _scan_whole(seg: Segment, pos: int, nxt: int, room: int, durable: int) -> tu
             # The scan stopped at the chunk's end, inside the batch: scan on
             # from its head, far enough to see all of it.
             total, nxt, room = total + whole, nxt + whole, room - whole
-            pos, chunk = fields[whole * F.SCAN_FIELDS], max(_CHUNK, need)
+            pos = fields[whole * F.SCAN_FIELDS]
+            # (no more records than the segment can hold, whatever a count says)
+            chunk = max(_CHUNK, min(need, (seg.size - pos) // F.RECORD_HEADER_SIZE + 1))
             continue
         return total + whole, fields[whole * F.SCAN_FIELDS], F.TORN_BATCH
 

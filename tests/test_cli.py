@@ -435,3 +435,86 @@ def test_repair_killed_at_random_moments_then_run_again_loses_no_intact_record(t
                     if m != F.QUARANTINE_MANIFEST)
     for off in destroyed:
         assert bytes(b ^ 0xFF for b in originals[off]) in kept, f"the damaged bytes of {off} were not kept"
+
+
+# -- damage inside a durable batch; durable records missing at the end ------------------
+@pytest.mark.parametrize("batched", [True, False])
+def test_damage_inside_a_durable_batch_loses_only_the_damaged_records(tmp_path, batched):
+    """Bytes overwritten across the end of one record and the start of the
+    next, inside one put_many of a cleanly closed queue (every record
+    durable, so the batch was written whole): verify names those two
+    offsets and nothing else, repair gives up only their bytes, and every
+    other record of the batch is served, at its offset, after it."""
+    q = str(tmp_path / "q")
+    items = [payload(TAG, i) for i in range(400)]
+    with logq.open(q) as qq:
+        if batched:
+            qq.put_many(items)
+        else:
+            for it in items:
+                qq.put(it)
+    recs = record_map(q)
+    path, pos, end = recs[199]
+    write_at(path, end - 4, b"\xff" * 8)               # the end of 199, the CRC of 200
+    rep = ok_json("verify", q, rc=1)
+    assert [(d["kind"], d["first_offset"], d["end_offset"]) for d in rep["damage"]] == [("records", 199, 201)]
+    assert rep["torn_tail"] is None and rep["next_offset"] == 400
+    with open(path, "rb") as f:
+        damaged = f.read()
+    fixed = ok_json("repair", q)
+    assert fixed["after"]["clean"], fixed
+    with open(path, "rb") as f:
+        repaired = f.read()
+    for o, (p, a, b) in recs.items():
+        if o not in (199, 200) and p == path:
+            assert repaired[a:b] == damaged[a:b], f"repair changed the intact record {o}"
+    with logq.open(q) as qq:
+        assert [o for o, _ in qq.scan()] == [o for o in range(400) if o not in (199, 200)]
+        assert all(identity(p) == (TAG, o) for o, p in qq.scan())
+        assert qq.put(b"next") == 400
+    assert ok_json("verify", q)["clean"]
+
+
+def test_repair_moves_the_checkpoint_back_when_durable_records_are_gone(tmp_path):
+    """The newest segment's last durable records zeroed: verify says so,
+    repair accepts the loss (recorded in the manifest), verify is clean
+    after it, and new puts follow the last intact record, reusing the
+    offsets given up (and verify stays clean after them)."""
+    q = str(tmp_path / "q")
+    build(q, 120)
+    recs = record_map(q)
+    path = recs[119][0]
+    first_gone = min(o for o, (p, _, _) in recs.items() if p == path) + 3
+    start, end = recs[first_gone][1], recs[119][2]
+    write_at(path, start, bytes(end - start))
+    rep = ok_json("verify", q, rc=1)
+    assert [(d["kind"], d["first_offset"], d["end_offset"]) for d in rep["damage"]] == \
+        [("durable records missing", first_gone, 120)]
+    fixed = ok_json("repair", q)
+    assert fixed["after"]["clean"], fixed
+    manifest = [json.loads(ln) for ln in open(os.path.join(q, F.QUARANTINE_DIR, F.QUARANTINE_MANIFEST))]
+    assert [(m["first_offset"], m["end_offset"]) for m in manifest] == [(first_gone, 120)]
+    with logq.open(q, segment_bytes=4096) as qq:
+        assert qq.next_offset == first_gone
+        assert qq.put(b"new") == first_gone
+        assert qq.put_many([b"a", b"b"]) == range(first_gone + 1, first_gone + 3)
+    assert ok_json("verify", q)["clean"]
+    with logq.open(q, segment_bytes=4096) as qq:
+        got = list(qq.scan())
+        assert [o for o, _ in got] == list(range(first_gone + 3))
+        assert [p for _, p in got[-3:]] == [b"new", b"a", b"b"]
+
+
+def test_recovery_alone_does_not_trust_a_checkpoint_whose_records_are_gone(tmp_path):
+    """Without repair: an open after the same loss ends the log at the last
+    intact record, not at the checkpoint (a put there would land behind a
+    hole)."""
+    q = str(tmp_path / "q")
+    build(q, 50)
+    recs = record_map(q)
+    path, start, _ = recs[45]
+    write_at(path, start, bytes(recs[49][2] - start))
+    with logq.open(q, segment_bytes=4096) as qq:
+        assert qq.next_offset == 45
+        assert qq.put(b"x") == 45
+    assert ok_json("verify", q)["clean"]

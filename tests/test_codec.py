@@ -49,10 +49,15 @@ HDR = F.RECORD_HEADER_SIZE
 U64 = (1 << 64) - 1
 TS = 1_700_000_000_000_000_000
 
-# The worked example in _format's docstring.
+# The worked examples in _format's docstring: one record, and a batch of two.
 EXAMPLE = bytes.fromhex(
     "86535d07" "02000000" "0500000000000000"
     "00002a36fe9c9717" "0000" "00" "80" "6869")
+BATCH_EXAMPLE = bytes.fromhex(
+    "91f6ba09" "01000000" "0700000000000000"
+    "00002a36fe9c9717" "0400" "00" "88" "02000000" "61"
+    "3cd1dc7f" "01000000" "0800000000000000"
+    "00002a36fe9c9717" "0000" "00" "84" "62")
 
 
 # --- helpers -------------------------------------------------------------
@@ -193,7 +198,8 @@ def mutate(buf, ops):
 
 REQUIRED = [
     "FORMAT_VERSION", "SEGMENT_HEADER_SIZE", "RECORD_HEADER_SIZE", "RECORD_MARK",
-    "FLAG_DELIVER_AT", "FLAG_KEY", "FLAG_CONT", "FLAGS_KNOWN", "DELIVER_AT_SIZE", "MAX_PAYLOAD",
+    "FLAG_DELIVER_AT", "FLAG_KEY", "FLAG_CONT", "FLAG_BATCH", "FLAGS_KNOWN", "DELIVER_AT_SIZE",
+    "BATCH_COUNT_SIZE", "MAX_BATCH", "MAX_PAYLOAD",
     "MAX_META", "CRC_MASK_DELTA", "SCAN_OK", "SCAN_END", "SCAN_TRUNCATED",
     "SCAN_BAD_HEADER", "SCAN_BAD_CRC", "SCAN_BAD_OFFSET", "SCAN_FIELDS",
     "CTL_TAIL_BASE", "CTL_TAIL_POS", "CTL_TAIL_NEXT", "CTL_WANT", "CTL_HOLDER",
@@ -238,6 +244,42 @@ def test_worked_example(codec):
     M.release(h)
     assert bytes(buf[:30]) == EXAMPLE
     assert bytes(buf[30:]) == bytes(10)
+
+
+@pytest.mark.parametrize("codec", ["pure", pytest.param("native", marks=native)])
+def test_worked_batch_example(codec):
+    """Format 2: the head of a batch of two carries BATCH and the count 2,
+    its CONT record follows; one record alone carries no count."""
+    M = P if codec == "pure" else N
+    buf = bytearray(70)
+    h = M.handle(buf)
+    assert M.encode_batch(h, 0, 70, 7, TS, b"ab", [1, 1]) == 62
+    n, stop, status, fields = M.scan(h, 0, 70, 7, 10, True)
+    assert (n, stop, status) == (2, 62, F.SCAN_END)
+    assert fields[4] == (F.RECORD_MARK | F.FLAG_BATCH) << 24 | F.BATCH_COUNT_SIZE
+    assert F.batch_count_at(buf, 0, fields[4]) == 2
+    assert F.decode_meta(fields[4] >> 24, bytes(buf[28:32])) == (None, None)
+    M.release(h)
+    assert bytes(buf[:62]) == BATCH_EXAMPLE
+    one = bytearray(40)
+    h = M.handle(one)
+    assert M.encode_batch(h, 0, 40, 5, TS, b"hi", [2]) == 30
+    M.release(h)
+    assert bytes(one[:30]) == EXAMPLE        # a batch of one is a plain record
+    # the size the queue reserves is what the codecs write
+    assert F.batch_size(2, 2) == 62 and F.batch_size(1, 2) == 30
+
+
+def test_meta_rules_of_a_batch_count():
+    assert F.meta_valid(F.RECORD_MARK | F.FLAG_BATCH, 4)
+    assert not F.meta_valid(F.RECORD_MARK | F.FLAG_BATCH, 0)
+    assert F.meta_valid(F.RECORD_MARK | F.FLAG_BATCH | F.FLAG_DELIVER_AT, 12)
+    assert F.meta_valid(F.RECORD_MARK | F.FLAG_BATCH | F.FLAG_KEY, 5)
+    assert not F.meta_valid(F.RECORD_MARK | F.FLAG_BATCH | F.FLAG_KEY, 4)
+    meta = struct.pack("<QI", 99, 3) + b"key"
+    flags = F.RECORD_MARK | F.FLAG_BATCH | F.FLAG_DELIVER_AT | F.FLAG_KEY
+    assert F.decode_meta(flags, meta) == (99, b"key")
+    assert F.batch_count_at(b"\0" * HDR + meta, 0, flags << 24) == 3
 
 
 # --- crc32c --------------------------------------------------------------
@@ -369,9 +411,21 @@ def test_encode_batch_identical(lengths, extra, first, ts, priority, pos, room, 
     N.release(h)
     assert rn == rp
     assert bn == bp
+    if rp >= 0:
+        assert rp - pos <= F.batch_size(len(lengths), len(joined))
     if extra == 0 and rp >= 0:
-        n, stop, status, _ = same_scan(bp, pos, rp, first)
+        assert rp - pos == F.batch_size(len(lengths), total)
+        n, stop, status, fields = same_scan(bp, pos, rp, first)
         assert (n, stop, status) == (len(lengths), rp, F.SCAN_END)
+        fields = P.scan(bytes(bp), pos, rp, first, 1 << 20, True)[3]
+        attrs = fields[4::F.SCAN_FIELDS]
+        if len(lengths) > 1:
+            # the head counts the batch; the others continue it
+            assert attrs[0] >> 24 == F.RECORD_MARK | F.FLAG_BATCH
+            assert F.batch_count_at(bp, pos, attrs[0]) == len(lengths)
+            assert all(a >> 24 == F.RECORD_MARK | F.FLAG_CONT for a in attrs[1:])
+        elif lengths:
+            assert attrs[0] >> 24 == F.RECORD_MARK
 
 
 @native
@@ -591,7 +645,8 @@ def test_garbage_around_intact_records(recs, base, seed):
 lengths = st.one_of(st.integers(0, 64), st.sampled_from(
     [F.MAX_PAYLOAD - 1, F.MAX_PAYLOAD, F.MAX_PAYLOAD + 1, 0xFFFFFFFF]), st.integers(0, 0xFFFFFFFF))
 mlens = st.one_of(st.integers(0, 20), st.sampled_from([0xFFFF, 0xFFFE]), st.integers(0, 0xFFFF))
-flag_values = st.one_of(st.sampled_from([0x80, 0x81, 0x82, 0x83, 0, 1, 2, 3, 0x84, 0xC0, 0xFF]),
+flag_values = st.one_of(st.sampled_from([0x80, 0x81, 0x82, 0x83, 0, 1, 2, 3, 0x84, 0xC0, 0xFF,
+                                         0x88, 0x89, 0x8A, 0x8B, 0x8C, 0x8F, 0x90]),
                         st.integers(0, 255))
 
 

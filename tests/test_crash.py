@@ -301,3 +301,64 @@ def test_creator_killed_before_the_meta_file_was_published(tmp_path):
         assert q.put(b"first") == 0
     with logq.open(qdir) as q:
         assert q.read(0) == b"first"
+
+
+# -- damage inside batches, met by recovery after a SIGKILL ----------------------
+BATCHES_THEN_DIE = """
+import os, sys, logq
+from helpers import payload
+q = logq.open(sys.argv[1], fsync="never", segment_bytes=1 << 20)
+q.put_many([payload("d", i) for i in range(400)])
+q.flush()                                          # the checkpoint vouches for 0..399
+q.put_many([payload("d", i) for i in range(400, 500)])
+os.fsync(os.open(sys.argv[1] + "/00000000000000000000.log", os.O_RDONLY))   # on disk, not vouched for
+os.kill(os.getpid(), 9)
+"""
+
+
+def _die_after_batches(tmp_path) -> tuple[str, dict]:
+    from helpers import record_map, run_child
+    qdir = str(tmp_path / "q")
+    rc, out = run_child(BATCHES_THEN_DIE, str(tmp_path / "out"), qdir)
+    assert rc == -signal.SIGKILL, out
+    return qdir, record_map(qdir)
+
+
+def test_recovery_resyncs_inside_a_durable_batch(tmp_path):
+    """After a SIGKILL, recovery scans from the segment's start (the
+    checkpoint's records at 395..399 are gone, so its position is not
+    trusted) and meets damage inside the durable batch: only the damaged
+    records are lost; the unvouched batch after it is whole, and kept."""
+    from helpers import identity, write_at
+    qdir, recs = _die_after_batches(tmp_path)
+    path, pos, end = recs[199]
+    write_at(path, end - 4, b"\xff" * 8)                               # 199 and 200
+    write_at(path, recs[395][1], bytes(recs[399][2] - recs[395][1]))   # 395..399
+    with logq.open(qdir) as q:
+        assert q.stats()["last_shutdown_clean"] is False
+        got = dict(q.scan())
+        # 395..399 are gone, and the next batch (intact, whole) follows them
+        assert sorted(got) == [o for o in range(500) if o not in (199, 200) and not 395 <= o < 400]
+        assert all(identity(p) == ("d", o) for o, p in got.items())
+        assert q.next_offset == 500
+
+
+def test_recovery_gives_up_a_batch_above_the_checkpoint_that_is_not_whole(tmp_path):
+    """The batch after the checkpoint loses a record in its middle: above
+    the checkpoint a batch is all or nothing, and with nothing intact after
+    it, it is the torn tail: recovery cuts it whole (saying how many bytes),
+    and the durable records before it stay."""
+    from helpers import identity, write_at
+    qdir, recs = _die_after_batches(tmp_path)
+    path, pos, end = recs[450]
+    write_at(path, pos + 30, b"\xff" * 4)
+    with logq.open(qdir) as q:
+        got = dict(q.scan())
+        assert sorted(got) == list(range(400))
+        assert all(identity(p) == ("d", o) for o, p in got.items())
+        assert q.next_offset == 400
+        assert q.stats()["recovery_truncated_bytes"] > 0
+        assert q.put(b"next") == 400
+    with open(path, "rb") as f:
+        f.seek(recs[400][1] + 28 + 5)
+        assert f.read(recs[499][2] - recs[400][1]).strip(b"\0") == b"", "the torn batch was not cut"
