@@ -96,7 +96,8 @@ def encode(h: Any, pos: int, end: int, offset: int, ts: int, payload: Any,
 def encode_batch(h: Any, pos: int, end: int, first_offset: int, ts: int,
                  joined: Any, lengths: Any, priority: int = 0) -> int:
     """Write ``len(lengths)`` records whose payloads are consecutive slices of
-    ``joined``, with offsets from ``first_offset``; the new position, or -1
+    ``joined``, with offsets from ``first_offset``, as one batch (the first
+    of two or more carries BATCH and their count); the new position, or -1
     if they do not all fit before ``end`` (nothing is written then)."""
     if end > len(h):
         raise _too_far(h, end)
