@@ -26,7 +26,6 @@ import logq
 from logq import _format as F
 
 SIZE = 100
-REC = F.RECORD_HEADER_SIZE + SIZE
 
 
 @pytest.fixture(scope="module")
@@ -45,31 +44,33 @@ def log_1m(bench_dir):
 
 class RawLog:
     """The queue's segment files mapped read-only, with the payload position
-    of each record computed from the fixed record size."""
+    of each record found once, before timing, by walking the record headers
+    (a batch head carries a few bytes of meta: the sizes are not fixed)."""
 
     def __init__(self, path: str, n: int) -> None:
         self.bases = sorted(b for b in map(F.parse_segment_name, os.listdir(path)) if b is not None)
         self.files = [open(os.path.join(path, F.segment_name(b)), "rb") for b in self.bases]
         self.mms = [mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) for f in self.files]
         ends = self.bases[1:] + [n]
-        start = F.SEGMENT_HEADER_SIZE + F.RECORD_HEADER_SIZE
-        self.runs = [(mm, start, start + (end - base) * REC) for mm, base, end in zip(self.mms, self.bases, ends)]
-        # the layout assumed: record i of a segment carries offset base + i
+        self.pos: list[list[int]] = []       # per segment: each record's payload position
         for mm, base, end in zip(self.mms, self.bases, ends):
-            for i in (0, end - base - 1):
-                at = F.SEGMENT_HEADER_SIZE + i * REC
-                assert F.RECORD_HEADER.unpack_from(mm, at)[2] == base + i, "unexpected record layout"
+            at, out = F.SEGMENT_HEADER_SIZE, []
+            for i in range(end - base):
+                _, length, off, _, meta_len, _, _ = F.RECORD_HEADER.unpack_from(mm, at)
+                assert off == base + i and length == SIZE, "unexpected record layout"
+                out.append(at + F.RECORD_HEADER_SIZE + meta_len)
+                at = out[-1] + length
+            self.pos.append(out)
 
     def sequential(self) -> list[list[bytes]]:
-        return [[mm[p:p + SIZE] for p in range(a, b, REC)] for mm, a, b in self.runs]
+        return [[mm[p:p + SIZE] for p in ps] for mm, ps in zip(self.mms, self.pos)]
 
     def random(self, offsets: list[int]) -> list[bytes]:
-        bases, mms, out = self.bases, self.mms, []
-        start = F.SEGMENT_HEADER_SIZE + F.RECORD_HEADER_SIZE
+        bases, mms, pos, out = self.bases, self.mms, self.pos, []
         right = bisect.bisect_right
         for o in offsets:
             i = right(bases, o) - 1
-            p = start + (o - bases[i]) * REC
+            p = pos[i][o - bases[i]]
             out.append(mms[i][p:p + SIZE])
         return out
 

@@ -27,6 +27,7 @@ wait = impl.wait
 wake = impl.wake
 scan = impl.scan
 find_next = impl.find_next
+seek = impl.seek
 
 
 def native_enabled() -> bool:
@@ -35,4 +36,5 @@ def native_enabled() -> bool:
 
 
 __all__ = ["impl", "native_enabled", "crc32c", "handle", "release", "encode",
-           "encode_batch", "Writer", "put", "prefault", "wait", "wake", "scan", "find_next"]
+           "encode_batch", "Writer", "put", "prefault", "wait", "wake", "scan", "find_next",
+           "seek"]

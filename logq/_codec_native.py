@@ -33,6 +33,7 @@ _encode = lib.logq_encode
 _encode_batch = lib.logq_encode_batch
 _scan = lib.logq_scan
 _find_next = lib.logq_find_next
+_seek = lib.logq_seek
 
 _HDR = F.RECORD_HEADER_SIZE
 _NFIELDS = F.SCAN_FIELDS
@@ -207,3 +208,15 @@ def find_next(h: Any, start: int, end: int, min_offset: int, max_offset: int,
     if min_offset > max_offset:
         return -1
     return _find_next(h, start, end, min_offset, max_offset, 1 if batch_ok else 0)
+
+
+def seek(h: Any, start: int, end: int, at_offset: int, target: int) -> int:
+    """The position of the intact record carrying ``target``, walking the
+    headers from ``start`` (where the record carrying ``at_offset`` lies);
+    ``-status`` when the walk or the record does not check out.  As the
+    reference does."""
+    if end > len(h):
+        raise _too_far(h, end)
+    if not 0 <= at_offset <= target <= _U64_MAX:
+        return -F.SCAN_BAD_OFFSET
+    return _seek(h, start, end, at_offset, target)

@@ -223,6 +223,34 @@ def scan(buf: Any, start: int, end: int, expected_offset: int, max_records: int,
     return n, pos, status, out
 
 
+def seek(buf: Any, start: int, end: int, at_offset: int, target: int) -> int:
+    """The position of the intact record carrying ``target``, walking from
+    ``start``, where the record carrying ``at_offset`` lies: the records
+    skipped are checked only for a sane header with the offset expected (no
+    CRC: a damaged one that still looks sane only moves where the walk
+    lands); the record returned is validated whole and carries ``target``.
+    Otherwise ``-status`` (a SCAN_* code), and the caller scans properly.
+    For random reads through the sparse index."""
+    if not 0 <= at_offset <= target:
+        return -F.SCAN_BAD_OFFSET
+    pos, off = start, at_offset
+    while off < target:
+        if pos >= end or end - pos < _HDR:
+            return -F.SCAN_TRUNCATED
+        _, length, o, _, mlen, _, flags = _unpack_header(buf, pos)
+        if length > F.MAX_PAYLOAD or not F.meta_valid(flags, mlen) or o != off:
+            return -F.SCAN_BAD_HEADER
+        size = _HDR + mlen + length
+        if size > end - pos:
+            return -F.SCAN_TRUNCATED
+        pos += size
+        off += 1
+    if pos >= end:
+        return -F.SCAN_END
+    status, _, h = _check(buf, pos, end, target)
+    return pos if status == F.SCAN_OK else -status
+
+
 # The flags byte (27) of a record is RECORD_MARK plus known bits: one of these.
 _MARKS_ALL = tuple(bytes([F.RECORD_MARK | f]) for f in range(F.FLAGS_KNOWN - F.RECORD_MARK + 1))
 _MARKS_HEAD = tuple(m for m in _MARKS_ALL if not m[0] & F.FLAG_CONT)

@@ -587,6 +587,20 @@ class Log:
             return self.next
         return max(self.next, self.ctl_get(F.CTL_TAIL_NEXT))
 
+    def find(self, offset: int) -> tuple[Segment, int, int] | None:
+        """(segment, payload position, length) of the intact record
+        ``offset`` by the quick route (:meth:`Segment.find`: a segment
+        already mapped, its region indexed, no losses in it); None sends the
+        caller to :meth:`locate` and a full read, which also says why."""
+        bases = self.bases
+        i = bisect.bisect_right(bases, offset) - 1
+        seg = self.segments.get(bases[i]) if i >= 0 else None
+        # No tail check: Segment.find answers only below what this process
+        # has validated, which was below the tail then, and the tail of an
+        # open queue never moves back.
+        found = seg.find(offset) if seg is not None else None
+        return None if found is None else (seg, found[0], found[1])
+
     def locate(self, offset: int) -> tuple[Segment, int] | None:
         """The segment holding ``offset`` and the first offset after it."""
         if not self.bases or offset < self.bases[0]:

@@ -741,6 +741,13 @@ class Queue:
         [first_offset, next_offset), RecordLostError for a record destroyed
         by damage (never its bytes)."""
         with self._lock:
+            # The usual case, a record in an indexed region without losses:
+            # one codec call through the sparse index.
+            if type(offset) is int and self._log is not None:
+                found = self._log.find(offset)
+                if found is not None:
+                    seg, p, n = found
+                    return seg.mm[p:p + n]
             at, out = self._read_run(offset, 1)
             if not out and at == offset:
                 lg = self._open_log()

@@ -26,6 +26,7 @@ log = logging.getLogger("logq")
 
 _STRIDE = F.SPARSE_STRIDE
 _OFFSET_AT = struct.Struct("<Q")
+_LENGTH_META = struct.Struct("<4xI16xH")   # a record header's length and meta_len
 
 
 def encode_header(base: int, version: int = F.FORMAT_VERSION) -> bytes:
@@ -244,6 +245,22 @@ class Segment:
             if offset < resume:
                 return found, resume
             pos, at = found, resume
+
+    def find(self, offset: int) -> tuple[int, int] | None:
+        """(payload position, length) of the intact record ``offset``, found
+        through the sparse index with one codec call; None where that is not
+        the whole story (the region not indexed yet, losses in this segment,
+        or the walk failed): :meth:`read_run` then does it properly.  The
+        caller keeps ``offset`` below the segment's limit."""
+        rel = offset - self.base
+        i = rel // _STRIDE
+        if offset >= self.known_next or self.lost or i >= len(self.sparse):
+            return None
+        pos = C.seek(self.h, self.sparse[i], self.size, offset - rel % _STRIDE, offset)
+        if pos < 0:
+            return None
+        length, meta_len = _LENGTH_META.unpack_from(self.mm, pos)
+        return pos + F.RECORD_HEADER_SIZE + meta_len, length
 
     def _lost_end(self, offset: int) -> int | None:
         for a, b in self.lost:

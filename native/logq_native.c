@@ -612,6 +612,44 @@ int64_t logq_scan(const uint8_t *buf, uint64_t start, uint64_t end,
     return (int64_t)n;
 }
 
+int64_t logq_seek(const uint8_t *buf, uint64_t start, uint64_t end,
+                  uint64_t at_offset, uint64_t target)
+{
+    uint64_t pos = start, off = at_offset, size = 0;
+    uint8_t h[HDR];
+    int status;
+
+    if (target < at_offset)
+        return -LOGQ_SCAN_BAD_OFFSET;
+    /* Skipping: the headers only.  A damaged record on the way that still
+     * looks like one only moves where the walk lands, and the record it
+     * lands on is fully checked below; anything else stops the walk. */
+    while (off < target) {
+        uint64_t length, s;
+        unsigned mlen, flags;
+        if (pos >= end || end - pos < HDR)
+            return -LOGQ_SCAN_TRUNCATED;
+        length = ld32(buf + pos + 4);
+        mlen = ld16(buf + pos + 24);
+        flags = buf[pos + 27];
+        if (length > LOGQ_MAX_PAYLOAD || !meta_valid(flags, mlen) || ld64(buf + pos + 8) != off)
+            return -LOGQ_SCAN_BAD_HEADER;
+        s = HDR + mlen + length;
+        if (s > end - pos)
+            return -LOGQ_SCAN_TRUNCATED;
+        pos += s;
+        off++;
+    }
+    if (pos >= end)
+        return -LOGQ_SCAN_END;
+    status = check(buf, pos, end, h, &size);
+    if (status != LOGQ_SCAN_OK)
+        return -status;
+    if (ld64(h + 8) != target)
+        return -LOGQ_SCAN_BAD_OFFSET;
+    return (int64_t)pos;
+}
+
 int64_t logq_find_next(const uint8_t *buf, uint64_t start, uint64_t end,
                        uint64_t min_offset, uint64_t max_offset, int batch_ok)
 {

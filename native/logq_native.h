@@ -124,6 +124,14 @@ int64_t logq_scan(const uint8_t *buf, uint64_t start, uint64_t end,
                   uint64_t expected_offset, uint64_t max_records,
                   uint64_t *fields, uint64_t *result);
 
+/* The position of the record carrying offset target, walking from start,
+ * where the record carrying at_offset lies: the records skipped are only
+ * checked for a sane header carrying the offset expected (no CRC); the one
+ * returned is validated whole (as logq_scan does) and carries target.
+ * Otherwise -status (LOGQ_SCAN_*): the caller falls back to a full scan. */
+int64_t logq_seek(const uint8_t *buf, uint64_t start, uint64_t end,
+                  uint64_t at_offset, uint64_t target);
+
 /* The smallest position p >= start where an intact record with
  * min_offset <= offset <= max_offset lies wholly before end; -1 if none.
  * Records flagged LOGQ_FLAG_CONT (inside a batch) qualify only if batch_ok

@@ -142,6 +142,28 @@ def check_stream(buf, positions, base):
             same_find(buf, start, n, base + 1, base + max(count - 1, 1))
             same_find(buf, start, n, base + count // 2, base + count // 2)
     same_find(buf, 0, n, base + 1, base)
+    for i, p in enumerate(positions[:3]):
+        if p <= n:
+            for target in range(base + i, base + count + 2):
+                same_seek(buf, p, n, base + i, target)
+
+
+def same_seek(buf, start, end, at, target):
+    """Both codecs agree on seek; a position returned holds an intact record
+    carrying ``target`` (a damaged one is never found, whatever was skipped)."""
+    data = bytes(buf)
+    want = P.seek(data, start, end, at, target)
+    if N is not None:
+        h = N.handle(buf)
+        try:
+            assert N.seek(h, start, end, at, target) == want, (start, end, at, target)
+        finally:
+            N.release(h)
+    if want >= 0:
+        assert P.scan(data, want, end, target, 1)[0] == 1, (start, at, target, want)
+    else:
+        assert -want in F.SCAN_REASONS and -want != F.SCAN_OK
+    return want
 
 
 records = st.lists(
@@ -570,6 +592,18 @@ def test_writer_put_is_thread_safe():
 
 # --- scanning ------------------------------------------------------------
 
+@SETTINGS
+@given(recs=records.filter(bool), base=bases)
+def test_seek_finds_every_record_of_a_valid_stream(recs, base):
+    buf, positions = build(recs, base)
+    buf += bytes(HDR)
+    for i, p in enumerate(positions[:-1]):
+        for j in range(i, len(recs)):
+            assert same_seek(buf, p, len(buf), base + i, base + j) == positions[j]
+        assert same_seek(buf, p, len(buf), base + i, base + len(recs)) == -F.SCAN_END
+    assert same_seek(buf, 0, len(buf), base + 1, base) == -F.SCAN_BAD_OFFSET
+
+
 @native
 @SETTINGS
 @given(recs=records, base=bases, tail=st.integers(0, 40))
@@ -785,7 +819,7 @@ def test_codec_selector():
     from logq import _codec
     assert _codec.native_enabled() == (_codec.impl.NAME == "native")
     for name in ("crc32c", "handle", "release", "encode", "encode_batch", "Writer", "put",
-                 "prefault", "wait", "wake", "scan", "find_next"):
+                 "prefault", "wait", "wake", "scan", "find_next", "seek"):
         assert getattr(_codec, name) is getattr(_codec.impl, name)
     if N is not None and os.environ.get("LOGQ_PURE") != "1":
         assert _codec.native_enabled()

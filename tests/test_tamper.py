@@ -227,6 +227,34 @@ def test_damage_after_the_sparse_index_was_used(plain):
             assert all(x == plain.items[o] for o, x in got)
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_random_reads_after_damage_under_an_open_queue(pristine, tmp_path, seed):
+    """read(offset) through the sparse index skips records by their headers:
+    with headers, lengths and payloads damaged in place after the index was
+    built, every read gives the record's own payload or RecordLostError,
+    never another record's bytes or damaged ones."""
+    rng = random.Random(SEED + seed)
+    c = Clone(pristine["plain"], tmp_path / "q")
+    with logq.open(c.dir, segment_bytes=4096) as q:
+        assert [p for _, p in q.scan()] == c.items      # builds the sparse index
+        victims = set()
+        for _ in range(rng.randrange(1, 6)):
+            _, path = rng.choice(c.sealed)
+            off, p, e = rng.choice(c.in_segment(path))
+            at = rng.choice([p + 4, p + 8, p + 24, p + F.RECORD_HEADER_SIZE, rng.randrange(p, e)])
+            write_at(path, at, rng.randbytes(rng.randrange(1, 5)))
+            victims.add(off)
+        order = list(range(N))
+        rng.shuffle(order)
+        for off in order:
+            try:
+                got = q.read(off)
+            except logq.RecordLostError:
+                assert off in victims, f"offset {off} lost, only {sorted(victims)} damaged"
+                continue
+            assert got == c.items[off], f"offset {off}: wrong bytes"
+
+
 def test_append_garbage_to_newest_segment(plain):
     rng = random.Random(f"{SEED}-append")
     with open(plain.newest, "ab") as f:
