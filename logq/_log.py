@@ -468,10 +468,17 @@ class Log:
             self._repair_after(dead)
         self.ctl_set(F.CTL_HOLDER, self.pid)
         self.ctl_set(F.CTL_GENERATION, self.ctl_get(F.CTL_GENERATION) + 1)
+        if self.active.version != F.FORMAT_VERSION:
+            # Before ``end`` is set: if the new segment is refused (the disk
+            # budget), nothing can be appended to the old-format one.
+            try:
+                self._upgrade_active()
+            except BaseException:
+                self.ctl_set(F.CTL_HOLDER, 0)
+                fcntl.flock(self.append_fd, fcntl.LOCK_UN)
+                raise
         self.end = self.active.size
         self.holding = True
-        if self.active.version != F.FORMAT_VERSION:
-            self._upgrade_active()
 
     def _upgrade_active(self) -> None:
         """The active segment is in an older format (a queue written by an
