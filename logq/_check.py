@@ -49,7 +49,7 @@ import lmdb
 from logq import _codec as C
 from logq import _format as F
 from logq._errors import NotAQueueError
-from logq._fsutil import keep_aside, losses
+from logq._fsutil import given_up, keep_aside, losses
 from logq._index import K_CHECKPOINT, lmdb_file_problem, open_index, quarantine_index
 from logq._log import Log, _data_end, _read_meta, quarantine_bytes, scan_tail
 from logq._segment import Segment, encode_header
@@ -141,7 +141,9 @@ def _examine(path: str, bases: list[int], open_segment: Callable[[int], Segment]
     the records it touches); above it a batch belongs to the log only whole
     (``scan_tail``)."""
     owned = open_segment is None
-    known = {(e.get("segment"), e.get("first_offset"), e.get("end_offset")) for e in losses(path)}
+    known: dict[str, list[tuple[int, int]]] = {}
+    for e in losses(path):
+        known.setdefault(e.get("segment"), []).append((e.get("first_offset"), e.get("end_offset")))
     total = sum(_size(os.path.join(path, F.segment_name(b))) for b in bases)
     done = 0
     for i, base in enumerate(bases):
@@ -170,7 +172,7 @@ def _examine(path: str, bases: list[int], open_segment: Callable[[int], Segment]
                 stop = found if found >= 0 else _data_end(seg, at)
                 zero = not seg.mm[at:stop].strip(b"\0")
                 rep.damage.append(Damage(name, at, stop, a, b, "records", _why(seg, at, a),
-                                         known=zero and (name, a, b) in known))
+                                         known=zero and given_up(known.get(name, ()), a, b)))
             rep.records += nxt - base - sum(b - a for a, b, _, _ in lost)
             rep.bytes_scanned += seg.size
             if last:

@@ -73,6 +73,20 @@ def losses(qdir: str) -> list[dict[str, Any]]:
     return out
 
 
+def given_up(ranges: Any, first: int, end: int) -> bool:
+    """Whether the offsets [first, end) all lie in ``ranges`` ((first, end)
+    pairs given up earlier): ranges given up one after another (a torn batch
+    and the damage before it) are met again as one."""
+    at = first
+    for a, b in sorted(r for r in ranges if None not in r):
+        if a > at:
+            break
+        at = max(at, b)
+        if at >= end:
+            return True
+    return first >= end
+
+
 def preallocate(fd: int, size: int, path: str) -> None:
     """Reserve ``size`` bytes of real blocks for ``fd`` so that writes through
     a mapping cannot fault for lack of space: a full disk shows up here, as

@@ -20,7 +20,7 @@ from typing import Any
 from logq import _codec as C
 from logq import _format as F
 from logq._errors import FormatVersionError
-from logq._fsutil import fsync_dir, preallocate
+from logq._fsutil import fsync_dir, given_up, preallocate
 
 log = logging.getLogger("logq")
 
@@ -201,7 +201,7 @@ class Segment:
         if first >= end or any(a <= first < b for a, b in self.lost):
             return
         self.lost.append((first, end))
-        if (first, end) in self.given_up:
+        if given_up(self.given_up, first, end):
             log.debug("segment %s: offsets %d..%d were given up earlier (quarantine/manifest)",
                       self.path, first, end - 1)
             return

@@ -498,3 +498,97 @@ def test_verify_and_repair_damage_inside_batches(mixed, tmp_path_factory, damage
             assert q.put_many([b"new-1", b"new-2"]) == range(nxt, nxt + 2)
             assert q.put(b"new-3") == nxt + 2
         assert logq.verify(c.dir).clean, what
+
+
+# Above the durable checkpoint a batch counts only whole: a writer killed
+# after putting more batches than it flushed, then damage anywhere.  Below
+# the checkpoint damage loses the records it touched; above it, the whole
+# batch of every record it touched.  verify, repair and recovery agree.
+KILLED_LAYOUT = [1, 3, 1, 9, 2, 17, 1, 5, 30, 1, 4, 12, 1, 2, 25, 8, 1, 40, 6, 3]
+KILLED_FLUSHED = 9          # batches below the checkpoint
+KILLED_CHILD = """
+import sys, logq
+from helpers import payload
+q = logq.open(sys.argv[1], fsync="never", segment_bytes=8192)
+layout = [int(x) for x in sys.argv[2].split(",")]
+for k, n in enumerate(layout):
+    at = q.next_offset
+    if n == 1:
+        q.put(payload("k", at))
+    else:
+        q.put_many([payload("k", at + j) for j in range(n)])
+    if k + 1 == int(sys.argv[3]):
+        q.flush()
+print("written", flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory):
+    """A queue whose writer was SIGKILLed: KILLED_LAYOUT's batches, the first
+    KILLED_FLUSHED of them below the durable checkpoint."""
+    from helpers import Child, checkpoint, children, wait_for
+    root = tmp_path_factory.mktemp("killed")
+    d = root / "q"
+    with children() as kids:
+        kid = Child(KILLED_CHILD, str(root / "out"), str(d), ",".join(map(str, KILLED_LAYOUT)),
+                    KILLED_FLUSHED)
+        kids.append(kid)
+        wait_for(lambda: "written" in kid.output() or not kid.alive(), 30, "the writer")
+        assert kid.alive(), kid.output()
+        kid.kill()
+        kid.wait(30)
+    assert checkpoint(str(d))[2] == sum(KILLED_LAYOUT[:KILLED_FLUSHED])
+    assert len(segments(str(d))) >= 3
+    return d
+
+
+@settings(max_examples=int(30 * float(os.environ.get("LOGQ_TEST_SCALE", "1"))), deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(damage=damage, seed=st.integers(0, 2**32))
+def test_damage_above_the_checkpoint_takes_whole_batches(killed, tmp_path_factory, damage, seed):
+    total = sum(KILLED_LAYOUT)
+    durable = sum(KILLED_LAYOUT[:KILLED_FLUSHED])
+    batch_of, at = {}, 0
+    for n in KILLED_LAYOUT:
+        for j in range(n):
+            batch_of[at + j] = range(at, at + n)
+        at += n
+    c = Clone(killed, tmp_path_factory.mktemp("dmg") / "q", total, "k")
+    rng = random.Random(seed)
+    before = c.snapshot()
+    data_end = {path: max(e for o, (p, _, e) in c.records.items() if p == path) for _, path in c.segs}
+    for where, length, kind in damage:
+        _, path = c.segs[where % len(c.segs)]
+        pos = HDR + where // len(c.segs) % (data_end[path] - HDR)
+        with open(path, "r+b") as f:
+            f.seek(pos)
+            old = f.read(length)
+            new = (bytes(len(old)) if kind == "zeros" else rng.randbytes(len(old)) if kind == "garbage"
+                   else bytes(b ^ (1 << rng.randrange(8)) for b in old))
+            f.seek(pos)
+            f.write(new)
+    hit = changed_records(c, before)
+    lost = {o for o in hit if o < durable} | {b for o in hit if o >= durable for b in batch_of[o]}
+    kept = set(range(total)) - lost
+    nxt = max(kept) + 1 if kept else 0
+    what = f"[damage {damage}: records {sorted(hit)}, lost {sorted(lost)}]"
+    rep = logq.verify(c.dir)
+    named = {o for d in rep.damage for o in range(d.first_offset, d.end_offset)}
+    assert rep.next_offset == nxt, f"{what} verify says the log ends at {rep.next_offset}"
+    assert named | set(range(nxt, total)) == lost | set(range(nxt, total)), f"{what} verify names {sorted(named)}"
+    damaged = c.snapshot()
+    logq.repair(c.dir)
+    for off, (path, pos, end) in c.records.items():
+        if off in kept:
+            with open(path, "rb") as f:
+                f.seek(pos)
+                assert f.read(end - pos) == damaged[path][pos:end], f"{what} repair changed record {off}"
+    assert logq.verify(c.dir).clean, what
+    with deadline(30, f"reading the repaired queue {what}"):
+        with logq.open(c.dir, segment_bytes=8192) as q:
+            assert q.next_offset == nxt, what
+            assert [(o, p) for o, p in q.scan()] == [(o, c.items[o]) for o in sorted(kept)], what
+            assert q.put_many([b"new-1", b"new-2"]) == range(nxt, nxt + 2)
+        assert logq.verify(c.dir).clean, what
