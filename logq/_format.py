@@ -56,9 +56,12 @@ Versions
 Segment file
 ============
 A segment starts with a 32-byte header, followed by records packed back to
-back (no padding).  Segment files are preallocated to ``segment_bytes`` (or
-more, for a record that would not fit) and never shrink while the queue is
-open; the unused tail is zero.
+back (no padding).  A segment file is created one growth step long
+(``preallocate_bytes``) and grown by the writer in such steps ahead of the
+records, up to ``segment_bytes`` (or more, for a first record that would
+not fit); every byte is allocated (``posix_fallocate``) before anything is
+written there.  A file never shrinks while the queue is open; the unused
+tail is zero.
 
 =====  ====  ==================================================================
 off    size  field

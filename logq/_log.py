@@ -157,10 +157,12 @@ class Log:
     into the active segment's mapping: whoever remaps that segment points
     the writer at the new mapping (``_point_at``) before appending again."""
 
-    def __init__(self, qdir: str, *, segment_bytes: int, exclusive: bool = False) -> None:
+    def __init__(self, qdir: str, *, segment_bytes: int, exclusive: bool = False,
+                 preallocate_bytes: int = 4 << 20) -> None:
         self.dir = qdir
         self.exclusive = exclusive
-        self.segment_bytes = segment_bytes
+        self.segment_bytes = segment_bytes      # the roll size
+        self.preallocate_bytes = _round_up(preallocate_bytes)   # the growth step
         self.queue_id = init_dir(qdir)
         self.pid = os.getpid()
         self.segments: dict[int, Segment] = {}
@@ -171,9 +173,10 @@ class Log:
         # Where sealed segments' stored sparse indexes come from (the Queue
         # plugs in its Index): base -> (end, count, positions) or None.
         self.sparse_source: Callable[[int], tuple[int, int, array] | None] | None = None
-        # Called with a new segment's size before it is created (the Queue's
-        # disk budget); may delete old segments, or raise to refuse.
-        self.before_roll: Callable[[int], None] | None = None
+        # Called with the bytes about to be allocated (a new segment, or a
+        # growth step of the active one) before they are (the Queue's disk
+        # budget); may delete old segments, or raise to refuse.
+        self.before_alloc: Callable[[int], None] | None = None
         self._fds: list[int] = []
         # Ranges of offsets given up earlier (quarantine/manifest), by
         # segment name: meeting them again is no news.
@@ -283,9 +286,14 @@ class Log:
                     seg.load_sparse(*stored)
         return seg
 
+    def _first_size(self, need: int) -> int:
+        """The size a new segment is created with: one growth step (at most
+        segment_bytes), or room for its first record if that is more."""
+        return max(_round_up(F.SEGMENT_HEADER_SIZE + need),
+                   min(self.segment_bytes, self.preallocate_bytes))
+
     def _new_segment(self, base: int, need: int) -> Segment:
-        size = max(self.segment_bytes, _round_up(F.SEGMENT_HEADER_SIZE + need))
-        seg = Segment.create(self.dir, base, size)
+        seg = Segment.create(self.dir, base, self._first_size(need))
         self.segments[base] = seg
         if not self.bases or self.bases[-1] < base:
             self.bases.append(base)
@@ -345,8 +353,7 @@ class Log:
             log.error("queue %s: %d record(s) below the durable checkpoint (offset %d) are gone; "
                       "the log now ends at offset %d", self.dir, rep.durable_lost, checkpoint[2], nxt)
         rep.truncated_bytes = self._cut_tail(seg, pos)
-        if seg.size < self.segment_bytes:
-            seg.grow(self.segment_bytes)  # a truncated file: room to append again
+        # (a file shorter than segment_bytes grows when a record needs it: room())
         if seg.header_problem:
             os.pwrite(seg.fd, encode_header(base), 0)
             os.fsync(seg.fd)
@@ -542,16 +549,44 @@ class Log:
 
     # -- appending (holder only) ----------------------------------------------
     def room(self, need: int) -> None:
-        """Make sure ``need`` bytes fit in the active segment: roll if not,
-        or grow it when it holds no record yet."""
+        """Make sure ``need`` bytes fit in the active segment: grow its file
+        (by ``preallocate_bytes`` ahead of the writer, up to segment_bytes;
+        any size for a first record), or roll to a new segment when the
+        record would pass segment_bytes.  The bytes are allocated before
+        the writer may write there (DiskFullError, nothing written, if the
+        disk has no room)."""
         if self.pos + need <= self.end:
             return
-        if self.pos == F.SEGMENT_HEADER_SIZE:
-            self.active.grow(_round_up(F.SEGMENT_HEADER_SIZE + need))
-            self._point_at(self.active)
-            self.end = self.active.size
+        want = _round_up(self.pos + need)
+        if want <= self.segment_bytes or self.pos == F.SEGMENT_HEADER_SIZE:
+            self.grow_active(max(want, min(self.segment_bytes, self.active.size + self.preallocate_bytes)))
         else:
             self.roll(need)
+
+    def grow_ahead(self, ahead: int) -> bool:
+        """Keep at least ``ahead`` bytes allocated after the writer (up to
+        segment_bytes): grow the active segment's file by at least one
+        step when less is left.  Whether it grew.  Holder only, under the
+        writer's lock; raises as ``grow_active`` does."""
+        seg = self.active
+        cap = max(self.segment_bytes, seg.size)
+        if seg.size >= cap or seg.size - self.pos >= min(ahead, cap - self.pos):
+            return False
+        self.grow_active(min(cap, max(seg.size + self.preallocate_bytes, _round_up(self.pos + ahead))))
+        return True
+
+    def grow_active(self, size: int) -> None:
+        """Grow the active segment's file to ``size`` bytes (the disk budget
+        asked first) and point the writer at the new mapping.  Holder only,
+        under the writer's lock."""
+        seg = self.active
+        if size <= seg.size:
+            return
+        if self.before_alloc is not None:
+            self.before_alloc(size - seg.size)
+        seg.grow(size)
+        self._point_at(seg)
+        self.end = seg.size
 
     def roll(self, need: int) -> None:
         """Seal the active segment and start a new one at the next offset,
@@ -559,8 +594,8 @@ class Log:
         fsynced here: whoever needs its records durable syncs it
         (``sync_segments``), and recovery after a restart validates every
         segment written since the last checkpoint."""
-        if self.before_roll is not None:
-            self.before_roll(max(self.segment_bytes, _round_up(F.SEGMENT_HEADER_SIZE + need)))
+        if self.before_alloc is not None:
+            self.before_alloc(self._first_size(need))
         seg = self._new_segment(self.next, need)
         self._point_at(seg)
         self.pos = F.SEGMENT_HEADER_SIZE

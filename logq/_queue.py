@@ -52,7 +52,7 @@ _PLAIN_CONT = (F.RECORD_MARK | F.FLAG_CONT) << 24
 _PLAIN_HEAD = (F.RECORD_MARK | F.FLAG_BATCH) << 24 | F.BATCH_COUNT_SIZE   # a batch's count: no attribute
 _WAIT_SLICE = 1.0             # wait() looks at the clock and for close() this often
 _PREFAULT_AHEAD = 32 << 20    # the housekeeper maps this much ahead of the writer
-_PREFAULT_CHUNK = 4 << 20
+_PREFAULT_CHUNK = 1 << 20
 _put = C.put
 # Per-process figures of the group commit, published to the status file
 # (``logq metrics``): histogram bucket bounds (upper, inclusive).
@@ -68,6 +68,10 @@ class Options:
     fsync_interval: float = 0.2       # batch: longest a put waits to be fsynced (s)
     fsync_bytes: int = 4 << 20        # batch: fsync once this much is unsynced
     segment_bytes: int = 64 << 20     # roll the active segment at this size
+    preallocate_bytes: int = 4 << 20  # grow the active segment's file this much at a time, ahead
+                                      # of the writer (allocated before use: a full disk is
+                                      # DiskFullError at put, never SIGBUS); disk use follows
+                                      # the contents within about this much per queue
     max_message_bytes: int = 16 << 20
     checkpoint_interval: float = 1.0  # most often the index checkpoint is committed (s)
     retention: float | None = None    # keep a settled segment at least this long (s)
@@ -82,6 +86,7 @@ class Options:
         if self.fsync not in FSYNC_POLICIES:
             raise ValueError(f"fsync must be one of {', '.join(map(repr, FSYNC_POLICIES))}, not {self.fsync!r}")
         _check_int("segment_bytes", self.segment_bytes, 4096, 1 << 40)
+        _check_int("preallocate_bytes", self.preallocate_bytes, 4096, 1 << 40)
         _check_int("fsync_bytes", self.fsync_bytes, 1, 1 << 40)
         _check_int("max_message_bytes", self.max_message_bytes, 1, F.MAX_PAYLOAD)
         _check_seconds("fsync_interval", self.fsync_interval)
@@ -200,8 +205,9 @@ class Queue:
         self._close_hooks: list[Callable[[], None]] = []   # consumer groups commit at close
         self._groups: dict[str, Any] = {}                  # consumer-group state (``_consumer``)
         self._priorities_marked = False
-        lg = Log(self.path, segment_bytes=opts.segment_bytes, exclusive=opts.exclusive)
-        lg.before_roll = self._before_roll
+        lg = Log(self.path, segment_bytes=opts.segment_bytes, exclusive=opts.exclusive,
+                 preallocate_bytes=opts.preallocate_bytes)
+        lg.before_alloc = self._before_alloc
         self._index = None
         try:
             self._index = open_index(self.path, may_rebuild=lg.alone)
@@ -363,7 +369,10 @@ class Queue:
                             seen = self._index.dedup_find(key, since)
                             if seen is not None:
                                 return seen
+                        end = lg.end
                         lg.room(need)
+                        if lg.end != end:
+                            self._kick.set()    # the writer caught up with the file: grow further ahead
                         first = lg.next
                         lg.pos = encode(lg, first)
                         lg.next = first + count
@@ -386,10 +395,12 @@ class Queue:
                 time.sleep(_ROOM_POLL)
 
     # -- the disk budget ------------------------------------------------------
-    def _before_roll(self, size: int) -> None:
-        """Called (under the locks) before a new segment of ``size`` bytes is
-        created: delete what retention allows (on a full disk, that is what
-        makes room), and keep the directory within ``max_bytes``."""
+    def _before_alloc(self, size: int) -> None:
+        """Called (under the locks) before ``size`` more bytes of segment are
+        allocated (a new segment, or a growth step of the active one):
+        delete what retention allows (on a full disk, that is what makes
+        room), and keep the directory within ``max_bytes``, counted in
+        blocks really allocated (``_disk_bytes``)."""
         self._retain()
         budget = self.options.max_bytes
         if budget is None:
@@ -616,7 +627,8 @@ class Queue:
         fsync figures to its status file (at most once a second, when they
         changed; never on the put path)."""
         last_next = -1
-        prefaulted: tuple[Any, int] = (None, 0)   # (segment, position) mapped ahead
+        prefaulted: tuple[Any, Any, int] = (None, None, 0)   # (segment, mapping, position) mapped ahead
+        grown_from = (None, 0)      # (segment, writer position) at the last growth check
         retained = time.monotonic()
         published: tuple[int, bool] | None = None  # what the status file last said
         published_at = 0.0
@@ -641,6 +653,7 @@ class Queue:
                             lg.release()
                 last_next = lg.next
                 if lg.holding:
+                    grown_from = self._grow_ahead(lg, *grown_from)
                     prefaulted = self._prefault(lg, *prefaulted)
                 # "batch": fsync once the oldest unsynced put is about
                 # fsync_interval old, or fsync_bytes were put (a kick), not
@@ -678,20 +691,47 @@ class Queue:
                 "fsync_records_bounds": FSYNC_RECORDS_BOUNDS,
                 "fsync_records_counts": list(self._fsync_records_counts)}
 
-    @staticmethod
-    def _prefault(lg: Log, seg: Any, at: int) -> tuple[Any, int]:
+    def _grow_ahead(self, lg: Log, seg: Any, pos: int) -> tuple[Any, int]:
+        """Grow the active segment's file ahead of the writer, off the put
+        path: half a growth step ahead when the writer is slow, twice what
+        it appended since the last look when it is fast (at most
+        _PREFAULT_AHEAD), so puts seldom stop to allocate and the pages
+        can be faulted in before they are written.  A full disk or budget
+        is left for the put that needs the room to report."""
+        with self._lock, lg.w:
+            if self._log is None or not lg.holding:
+                return seg, pos
+            active, now = lg.active, lg.pos
+            appended = now - pos if active is seg and now > pos else 0
+            step = self.options.preallocate_bytes
+            ahead = step // 2 if appended < step // 2 else min(_PREFAULT_AHEAD, 2 * appended)
+            try:
+                lg.grow_ahead(ahead)
+            except (LogqError, _NoRoom):
+                pass
+            return active, now
+
+    def _prefault(self, lg: Log, seg: Any, h: Any, at: int) -> tuple[Any, Any, int]:
         """Fault in the active segment's pages up to _PREFAULT_AHEAD bytes
-        ahead of the writer, on this (housekeeping) thread, so that appends
-        run at memory speed instead of stopping for each fresh page."""
-        active = lg.active
-        if active is not seg:
-            seg, at = active, lg.pos
-        while at < seg.size and at < lg.pos + _PREFAULT_AHEAD:
-            n = min(_PREFAULT_CHUNK, seg.size - at)
-            if C.prefault(seg.h, at, n) < 0:
-                return seg, seg.size      # not supported here: stop trying
-            at += n
-        return seg, at
+        ahead of the writer (at most to the end of its file, which grows
+        in steps), on this (housekeeping) thread, so that appends run at
+        memory speed instead of stopping for each fresh page.  A segment
+        mapped anew after growing is faulted in again from the writer on.
+        Each chunk under the queue's lock, which growing takes: the mapping
+        is never unmapped under it."""
+        while True:
+            with self._lock:
+                if self._log is None:
+                    return seg, h, at
+                active = lg.active
+                if active is not seg or active.h is not h:
+                    seg, h, at = active, active.h, lg.pos
+                if not (at < seg.size and at < lg.pos + _PREFAULT_AHEAD):
+                    return seg, h, at
+                n = min(_PREFAULT_CHUNK, seg.size - at)
+                if C.prefault(h, at, n) < 0:
+                    return seg, h, seg.size      # not supported here: stop trying
+                at += n
 
     # -- consumer groups --------------------------------------------------------
     # ``_consumer`` plugs its Consumer class in here: it is the layer above.

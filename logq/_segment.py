@@ -2,10 +2,13 @@
 sparse index that is built lazily by scanning.
 
 A segment file never shrinks while any process may map it (so a mapping
-never reaches past the end of its file).  It grows only while it holds no
-record yet (a record larger than ``segment_bytes``), and readers remap when
-they find it grown.  Only recovery, run while no other process has the
-queue open, truncates.
+never reaches past the end of its file).  The writer grows it in steps
+(``preallocate_bytes``, and for a record larger than ``segment_bytes``),
+always with ``posix_fallocate`` before a byte is written there, so a write
+through a mapping never lands in a hole (a full disk is DiskFullError at
+the growth, not SIGBUS at the write).  Readers remap when they find it
+grown.  Only recovery, run while no other process has the queue open,
+truncates.
 """
 
 from __future__ import annotations
@@ -116,9 +119,28 @@ class Segment:
 
     def grow(self, size: int) -> None:
         """Preallocate the file to ``size`` bytes and map all of it.  Files
-        only ever grow while the queue is open; readers remap on demand."""
+        only ever grow while the queue is open; readers remap on demand.
+        Raises DiskFullError (nothing changed) when the disk has no room.
+        Only the append lock's holder grows a file; it remaps in place
+        (mremap keeps the pages mapped so far, so appends do not fault them
+        in again; the ftruncate that mmap.resize does first finds the file
+        at its new size already and changes nothing)."""
         preallocate(self.fd, size, self.path)
-        self.refresh_size()
+        size = os.fstat(self.fd).st_size
+        if self.mm is None or size <= self.size:
+            self.refresh_size()
+            return
+        if self.h is not None:
+            C.release(self.h)
+            self.h = None
+        try:
+            self.mm.resize(size)
+        except (OSError, ValueError, BufferError, SystemError, TypeError):
+            self.h = C.handle(self.mm)
+            self.refresh_size()
+            return
+        self.h = C.handle(self.mm)
+        self.size = size
 
     def refresh_size(self) -> bool:
         """Remap if another process grew the file; whether it had grown."""
@@ -172,7 +194,10 @@ class Segment:
                 self._resync(stop, status, limit)
 
     def _resync(self, stop: int, status: int, limit: int) -> None:
-        if stop + F.RECORD_HEADER_SIZE >= self.size and self.refresh_size():
+        # Every record below limit exists: a scan that stopped short either
+        # met the end of this process's mapping (the writer grew the file
+        # since, possibly in the middle of a record) or damage.
+        if self.refresh_size():
             return  # the records go on in the part of the file mapped just now
         found, resume = self._skip_damage(stop, self.known_next, status, limit)
         if found < 0:
