@@ -518,3 +518,62 @@ def reader_main(config_json: str) -> None:
     with open(cfg["result"] + ".tmp", "w") as f:
         json.dump(seen, f)
     os.rename(cfg["result"] + ".tmp", cfg["result"])
+
+
+# -- the children of the model-based test (test_model.py) ---------------------------
+def model_child_main(config_json: str) -> None:
+    """Child entry for test_model: a producer or a consumer that reports
+    what it did, one line per event, and waits for its SIGKILL.
+
+    producer (tag, n, mode): puts payload(tag, i), i = 0..n-1, one by one or
+    in put_many batches of 1..8; ``O offset i`` after each put returned.
+
+    consumer (group, n, seed, options): get_many batches of 1..n (now and
+    then get()), ``D offset crc32`` for each message delivered; acks a random
+    part; every other batch commits: ``P offsets`` before commit(), ``C
+    offsets`` after it returned.  Stops when two gets in a row find nothing.
+
+    Both write ``ready`` at the end and sleep; the parent kills them
+    whenever it likes.  config also: dir, report, queue (open options)."""
+    import zlib
+    cfg = json.loads(config_json)
+    q = logq.open(cfg["dir"], **cfg["queue"])
+    fd = os.open(cfg["report"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    rng = random.Random(json.dumps(cfg, sort_keys=True))
+    if cfg["role"] == "producer":
+        i, n, tag = 0, cfg["n"], cfg["tag"]
+        while i < n:
+            if cfg["mode"] == "put_many":
+                k = min(rng.randint(1, 8), n - i)
+                offs = list(q.put_many([payload(tag, i + j) for j in range(k)]))
+            else:
+                k, offs = 1, [q.put(payload(tag, i))]
+            os.write(fd, "".join(f"O {o} {i + j}\n" for j, o in enumerate(offs)).encode())
+            i += k
+    else:
+        c = q.consumer(cfg["group"], **cfg["options"])
+        empty, batch = 0, 0
+        while empty < 2:
+            if rng.random() < 0.2:
+                try:
+                    ms = [c.get(timeout=0.05)]
+                except logq.Empty:
+                    ms = []
+            else:
+                ms = c.get_many(rng.randint(1, cfg["n"]), timeout=0.05)
+            if not ms:
+                empty += 1
+                continue
+            empty = 0
+            os.write(fd, "".join(f"D {m.offset} {zlib.crc32(m.data) & 0xFFFFFFFF}\n" for m in ms).encode())
+            acks = [m for m in ms if rng.random() < 0.7]
+            c.ack_many(acks)
+            batch += 1
+            if batch % 2 == 0 and acks:
+                offs = " ".join(str(m.offset) for m in acks)
+                os.write(fd, f"P {offs}\n".encode())
+                c.commit()
+                os.write(fd, f"C {offs}\n".encode())
+    os.write(fd, b"ready\n")
+    while True:
+        time.sleep(1)
