@@ -95,3 +95,44 @@ class ForwardConfigError(ForwardError, ValueError):
 class ForwarderBusyError(ForwardError):
     """Another forwarder runs for this queue and group (one at a time keeps
     the order)."""
+
+
+class TaskError(LogqError):
+    """Base class of the tasks layer's errors (``logq.tasks``)."""
+
+
+class TaskFailed(TaskError):
+    """The task failed (out of attempts, or an error not in ``retry_on``).
+    ``task_id``, and the remote exception's ``type`` (qualified name),
+    ``message`` and ``traceback`` (text) say what happened there."""
+
+    def __init__(self, task_id: str, type: str, message: str, traceback: str) -> None:
+        super().__init__(f"task {task_id} failed: {type}: {message}")
+        self.task_id = task_id
+        self.type = type
+        self.message = message
+        self.traceback = traceback
+
+
+class TaskCancelled(TaskError):
+    """The task was cancelled before it finished: it has no result."""
+
+
+class TaskNotFound(TaskError, LookupError):
+    """No task has this id here: never submitted to this queue, lost with
+    the unsynced tail of the log, or finished and expired (``result_ttl``)."""
+
+
+class UnknownTaskError(TaskError, LookupError):
+    """A task name that this app (or the worker running it) does not know."""
+
+
+class SerializationError(TaskError, TypeError):
+    """Arguments or a result the task's serializer cannot encode (or
+    decode).  At submission nothing is stored; a result that cannot be
+    encoded fails the task with this error."""
+
+
+class ResultTooLargeError(TaskError, ValueError):
+    """An encoded result is larger than the app's ``max_result_bytes``; the
+    task fails with this error (its result is not stored)."""

@@ -1,0 +1,1 @@
+"""logq.tasks (in progress)"""
