@@ -25,6 +25,8 @@ put = impl.put
 prefault = impl.prefault
 wait = impl.wait
 wake = impl.wake
+wait_synced = impl.wait_synced
+wake_synced = impl.wake_synced
 scan = impl.scan
 find_next = impl.find_next
 seek = impl.seek
@@ -36,5 +38,5 @@ def native_enabled() -> bool:
 
 
 __all__ = ["impl", "native_enabled", "crc32c", "handle", "release", "encode",
-           "encode_batch", "Writer", "put", "prefault", "wait", "wake", "scan", "find_next",
-           "seek"]
+           "encode_batch", "Writer", "put", "prefault", "wait", "wake", "wait_synced",
+           "wake_synced", "scan", "find_next", "seek"]

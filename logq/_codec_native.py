@@ -161,6 +161,11 @@ prefault = lib.logq_prefault
 wait = lib.logq_wait
 wake = lib.logq_wake
 
+# wait_synced(ctl, offset, timeout_ns) -> 1 once SYNCED_NEXT passed offset,
+# else 0 (a futex, without the GIL); wake_synced(ctl) after publishing it.
+wait_synced = lib.logq_wait_synced
+wake_synced = lib.logq_wake_synced
+
 
 def scan(h: Any, start: int, end: int, expected_offset: int, max_records: int,
          fields: bool = False) -> tuple[int, int, int, list[int] | None]:

@@ -175,6 +175,23 @@ def wake(ctl: Any) -> None:
     """Wake the processes waiting in ``wait`` (nothing to do when polling)."""
 
 
+def wait_synced(ctl: Any, offset: int, timeout_ns: int) -> int:
+    """Wait (once, at most ``timeout_ns``) for the control block's
+    SYNCED_NEXT to pass ``offset``: 1 if it has, 0 if not yet.  Polls: it
+    sleeps at most 0.2 ms (a fraction of an fdatasync) before looking again."""
+    words = memoryview(ctl).cast("B").cast("Q")
+    try:
+        if words[F.CTL_SYNCED_NEXT >> 3] <= offset and timeout_ns > 0:
+            time.sleep(min(timeout_ns, 200_000) / 1e9)
+        return 1 if words[F.CTL_SYNCED_NEXT >> 3] > offset else 0
+    finally:
+        words.release()
+
+
+def wake_synced(ctl: Any) -> None:
+    """Wake the processes waiting in ``wait_synced`` (nothing to do when polling)."""
+
+
 def _check(buf: Any, pos: int, end: int, expected: int | None) -> tuple[int, int, tuple]:
     """(status, size, header) of the record at ``pos``.  ``expected`` None
     accepts any offset.  Status SCAN_OK means valid."""

@@ -21,7 +21,8 @@ Queue directory
                                  its leases die with it
       control                    shared-memory coordination between live
                                  processes (never trusted after a reboot)
-      append.lock, open.lock     flock(2) files
+      append.lock, open.lock     flock(2) files; sync.lock: held by the process
+                                 whose fdatasync is in progress (group commit)
       quarantine/                damaged bytes and broken index files, kept aside,
                                  and ``manifest``: one JSON line per range of
                                  offsets given up (see ``_quarantine``)
@@ -195,6 +196,7 @@ OWNERS_DIR = "owners"
 CONTROL_FILE = "control"
 APPEND_LOCK_FILE = "append.lock"
 OPEN_LOCK_FILE = "open.lock"
+SYNC_LOCK_FILE = "sync.lock"
 QUARANTINE_DIR = "quarantine"
 QUARANTINE_MANIFEST = "manifest"
 STATUS_DIR = "status"
@@ -283,6 +285,24 @@ CTL_HOLDER = 40      # u64: pid holding the append lock; 0 once released cleanly
 CTL_GENERATION = 48  # u64: bumped each time the append lock changes hands
 CTL_WAITERS = 56     # u32: consumers blocked waiting for new records
 CTL_BOOT_ID = 64     # 16 bytes: the kernel boot id when the block was set up
+# Group commit across processes.  One process at a time fdatasyncs for all:
+# the one holding the flock of ``sync.lock`` (the kernel lets it go when the
+# process dies, so a SIGKILLed syncer never blocks the others).  Under that
+# lock it sets SYNCING_NEXT then SYNCING, reads the published TAIL_NEXT (n)
+# and TAIL_BASE, fdatasyncs every segment from SYNCED_BASE to the active
+# one, and only once every fdatasync returned stores SYNCED_BASE then
+# SYNCED_NEXT = n, clears SYNCING and wakes the waiters (a futex on
+# SYNCED_NEXT's low 32 bits).  So a process whose records lie below
+# SYNCED_NEXT returns without an fdatasync of its own; one whose records lie
+# below SYNCING_NEXT while SYNCING is set waits for SYNCED_NEXT to pass
+# them, trying the lock between waits (it gets it only if the syncer died:
+# then it syncs itself).  SYNCING is advisory, the lock is the truth: a
+# killed syncer never advances SYNCED_NEXT, so no put returns early.
+CTL_SYNCED_BASE = 80     # u64: base of the segment holding offset SYNCED_NEXT
+CTL_SYNCED_NEXT = 88     # u64: every record appended since the block was set up
+                         #      and below this offset is on stable storage
+CTL_SYNCING = 96         # u64: pid of the process whose fdatasync is in progress, or 0
+CTL_SYNCING_NEXT = 104   # u64: the offset that fdatasync will make SYNCED_NEXT
 
 # --- index ---------------------------------------------------------------
 SPARSE_STRIDE = 64   # one sparse index entry per this many records

@@ -187,6 +187,7 @@ class Log:
         self.ctl_fd = self._open_fd(ctl_path)
         self.open_fd = self._open_fd(os.path.join(qdir, F.OPEN_LOCK_FILE))
         self.append_fd = self._open_fd(os.path.join(qdir, F.APPEND_LOCK_FILE))
+        self.sync_fd = self._open_fd(os.path.join(qdir, F.SYNC_LOCK_FILE))
         # The control file's own flock serialises opening and closing.
         fcntl.flock(self.ctl_fd, fcntl.LOCK_EX)
         self.alone = _flock(self.open_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -435,6 +436,9 @@ class Log:
             self.ctl[:] = bytes(F.CONTROL_SIZE)
             self.ctl[:8] = F.CONTROL_MAGIC
             self.ctl[F.CTL_BOOT_ID:F.CTL_BOOT_ID + 16] = boot_id() or bytes(16)
+            # The group commit starts here: nothing appended since is durable yet.
+            self.ctl_set(F.CTL_SYNCED_BASE, seg.base)
+            self.ctl_set(F.CTL_SYNCED_NEXT, nxt)
             self.publish()
 
     def attach(self) -> None:
@@ -465,7 +469,7 @@ class Log:
             while True:
                 self.ctl_set(F.CTL_WANT, 1)
                 time.sleep(pause)
-                pause = min(pause * 2, 1e-3)
+                pause = min(pause * 2, 1e-4)
                 if _flock(self.append_fd, fcntl.LOCK_EX | fcntl.LOCK_NB):
                     break
         self.ctl_set(F.CTL_WANT, 0)
@@ -611,6 +615,74 @@ class Log:
         if refresh:
             self.refresh_bases()
         return [self.segment(b) for b in self.bases if from_base <= b < active.base] + [active]
+
+    # -- group commit across processes (the control block's SYNC words) ----
+    def synced(self) -> int:
+        """Every record appended since the control block was set up and
+        below this offset is on stable storage (another process's
+        fdatasync, or this one's)."""
+        return self.ctl_get(F.CTL_SYNCED_NEXT)
+
+    def sync_in_progress(self) -> int:
+        """The offset an fdatasync in progress in some process will make
+        durable (0 if none is announced: advisory, see ``_format``)."""
+        return self.ctl_get(F.CTL_SYNCING_NEXT) if self.ctl_get(F.CTL_SYNCING) else 0
+
+    def try_sync_lock(self) -> bool:
+        """Take ``sync.lock`` if no process is syncing (held by the syncer;
+        the kernel releases it if the syncer dies)."""
+        return _flock(self.sync_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+    def sync_lock(self) -> None:
+        """Take ``sync.lock``, waiting (in the kernel, without the GIL) for
+        the syncer in progress to finish or die."""
+        fcntl.flock(self.sync_fd, fcntl.LOCK_EX)
+
+    def sync_begin(self, from_base: int | None = None) -> tuple[int, list[Segment]]:
+        """Under ``sync.lock`` (and the caller's lock: this lists segments):
+        announce a sync and say what to fdatasync.  Returns (n, segments):
+        once every one of them is fdatasynced, every record below n is
+        durable.  From SYNCED_BASE on (and from ``from_base``, when given:
+        a checkpoint's).  Then ``sync_publish``; ``sync_end`` in any case."""
+        nxt = self.ctl_get(F.CTL_TAIL_NEXT)         # every record below it is complete
+        self.ctl_set(F.CTL_SYNCING_NEXT, nxt)
+        self.ctl_set(F.CTL_SYNCING, self.pid)
+        start = self.ctl_get(F.CTL_SYNCED_BASE)
+        if from_base is not None:
+            start = min(start, from_base)
+        # Read after nxt: if the active segment is still the one SYNCED_NEXT
+        # lies in, every record below nxt is in it (a roll publishes the new
+        # base before any record goes there).
+        if self.ctl_get(F.CTL_TAIL_BASE) == start and start in self.segments:
+            return nxt, [self.segments[start]]
+        # Rolls since: list what other processes created too (each segment
+        # is created durably before a record goes into it).
+        self.refresh_bases()
+        segs = []
+        for b in self.bases:
+            if b >= start:
+                try:
+                    segs.append(self.segment(b))
+                except FileNotFoundError:
+                    pass    # settled and deleted by retention meanwhile
+        return nxt, segs
+
+    def sync_publish(self, nxt: int, segs: list[Segment]) -> None:
+        """Every segment ``sync_begin`` named was fdatasynced: publish that
+        every record below ``nxt`` is durable (SYNCED_BASE first, so a
+        process that reads SYNCED_NEXT never starts from a later base)."""
+        lie_in = [s.base for s in segs if s.base <= nxt]
+        if lie_in:
+            self.ctl_set(F.CTL_SYNCED_BASE, max(lie_in))
+        if nxt > self.ctl_get(F.CTL_SYNCED_NEXT):
+            self.ctl_set(F.CTL_SYNCED_NEXT, nxt)
+
+    def sync_end(self) -> None:
+        """Let the next syncer go, and wake the processes waiting for
+        SYNCED_NEXT (published or not: a waiter looks again either way)."""
+        self.ctl_set(F.CTL_SYNCING, 0)
+        fcntl.flock(self.sync_fd, fcntl.LOCK_UN)
+        C.wake_synced(self.ctl_h)
 
     def sync_segments(self, from_base: int) -> None:
         for seg in self.segments_since(from_base):

@@ -439,6 +439,46 @@ void logq_wake(uint8_t *ctl)
     }
 }
 
+/* Group commit: a futex on the low 32 bits of SYNCED_NEXT, woken by the
+ * syncer after every fdatasync it published (one system call per
+ * fdatasync: no waiter count needed). */
+static uint32_t *synced_word(uint8_t *ctl)
+{
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    return (uint32_t *)(void *)(ctl + LOGQ_CTL_SYNCED_NEXT + 4);
+#else
+    return (uint32_t *)(void *)(ctl + LOGQ_CTL_SYNCED_NEXT);
+#endif
+}
+
+int logq_wait_synced(uint8_t *ctl, uint64_t offset, int64_t timeout_ns)
+{
+    uint64_t synced = __atomic_load_n((uint64_t *)(void *)(ctl + LOGQ_CTL_SYNCED_NEXT), __ATOMIC_SEQ_CST);
+    if (synced <= offset && timeout_ns > 0) {
+#if defined(__linux__)
+        struct timespec ts;
+        ts.tv_sec = (time_t)(timeout_ns / 1000000000);
+        ts.tv_nsec = (long)(timeout_ns % 1000000000);
+        syscall(SYS_futex, synced_word(ctl), FUTEX_WAIT, (uint32_t)synced, &ts, NULL, 0);
+#else
+        struct timespec ts = {0, timeout_ns < 200000 ? (long)timeout_ns : 200000L};
+        nanosleep(&ts, NULL);
+#endif
+        synced = __atomic_load_n((uint64_t *)(void *)(ctl + LOGQ_CTL_SYNCED_NEXT), __ATOMIC_SEQ_CST);
+    }
+    return synced > offset;
+}
+
+void logq_wake_synced(uint8_t *ctl)
+{
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+#if defined(__linux__)
+    syscall(SYS_futex, synced_word(ctl), FUTEX_WAKE, INT32_MAX, NULL, NULL, 0);
+#else
+    (void)ctl;
+#endif
+}
+
 /* ---------------------------------------------------------------------------
  * The writer: one per process and queue.  logq_put is the put hot path; the
  * Python slow paths change the fields under logq_writer_lock.

@@ -45,6 +45,10 @@
 #define LOGQ_CTL_GENERATION 48
 #define LOGQ_CTL_WAITERS 56
 #define LOGQ_CTL_BOOT_ID 64
+#define LOGQ_CTL_SYNCED_BASE 80
+#define LOGQ_CTL_SYNCED_NEXT 88
+#define LOGQ_CTL_SYNCING 96
+#define LOGQ_CTL_SYNCING_NEXT 104
 
 #define LOGQ_SPARSE_STRIDE 64
 
@@ -114,6 +118,12 @@ int logq_prefault(uint8_t *buf, uint64_t start, uint64_t len);
  * new tail; logq_put does it itself. */
 int logq_wait(uint8_t *ctl, uint64_t offset, int64_t timeout_ns);
 void logq_wake(uint8_t *ctl);
+
+/* The same for the group commit: wait (once, at most timeout_ns) for the
+ * control block's SYNCED_NEXT to pass offset (1 if it has); logq_wake_synced
+ * wakes every such waiter after a syncer published a new SYNCED_NEXT. */
+int logq_wait_synced(uint8_t *ctl, uint64_t offset, int64_t timeout_ns);
+void logq_wake_synced(uint8_t *ctl);
 
 /* Validate records in [start, end) carrying expected_offset, +1, ...; at most
  * max_records.  Returns the count; result[0] = stop position, result[1] =
