@@ -78,8 +78,10 @@ class TokenBucket:
 
     Promise: if every take goes through one bucket (its state carried from
     call to call), then over any window ``[t, t + T]`` at most
-    ``burst + rate * T`` tokens are taken (a hair more: :data:`EPSILON`
-    per take, for float error)."""
+    ``burst + rate * T`` tokens are taken (a hair more, for float error:
+    :data:`EPSILON` plus ``rate`` times four units in the last place of the
+    time, per take).  Taking again at ``now + wait`` (the wait ``take``
+    returned) succeeds if nothing was taken meanwhile."""
     rate: float
     burst: float = 1.0
     tokens: float = math.nan
@@ -127,7 +129,11 @@ class TokenBucket:
             raise ValueError(f"{n} tokens can never be taken at once from a bucket of burst {self.burst}")
         self._refill(now)
         short = n - self.tokens
-        if short <= EPSILON:
+        # Refilling at `now + wait` rounds the sum to the float grid of the
+        # clock (~2e-7 s near time.time()): tolerate that much, or a caller
+        # that waits exactly as told would be told to wait again.
+        grain = self.rate * 4 * math.ulp(max(abs(now), abs(self.updated), 1.0))
+        if short <= EPSILON + grain:
             return 0.0
         # From `updated` (which is >= now), not from now: a clock that went back waits longer.
         return (self.updated - now) + short / self.rate
