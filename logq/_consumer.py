@@ -141,20 +141,30 @@ class Consumer:
                                     f"{self.group!r} on this queue")
         return m
 
-    def ack(self, m: Message) -> None:
-        """Settle ``m``: never delivered to this group again once committed."""
+    def ack(self, m: Message, *, write: Any = None) -> None:
+        """Settle ``m``: never delivered to this group again once committed.
+
+        ``write``: a callable run as ``write(txn)`` inside the index
+        transaction that makes this ack durable (the commit's ack
+        transaction): what it writes is durable exactly when the ack is,
+        never one without the other.  It may run more than once (LMDB
+        retries a transaction when the map grows), so it must only write
+        through ``txn``."""
         g = self._g
         led = g.ledger
         with g.lock:
             if type(m) is not Message or led.out.get(m.offset) is not m or self._closed or g.closed:
                 self._own(m)            # the precise error
             led.ack(m)
+            if write is not None:
+                g.ack_writes.append(write)
             full = len(led.acks) + len(led.nacks) >= self.options.commit_every
         if full:
             g.commit()
 
-    def ack_many(self, ms: list[Message]) -> None:
-        """Ack every message in ``ms`` (all or, on an error, none)."""
+    def ack_many(self, ms: list[Message], *, write: Any = None) -> None:
+        """Ack every message in ``ms`` (all or, on an error, none);
+        ``write`` as for ``ack``, once for them all."""
         self._check_open()
         ms = list(ms)
         g = self._g
@@ -165,11 +175,14 @@ class Consumer:
                 for m in ms:
                     self._own(m)        # a clearer error for a foreign object
                 raise
+            if write is not None:
+                g.ack_writes.append(write)
             full = g.ledger.pending() >= self.options.commit_every
         if full:
             g.commit()
 
-    def nack(self, m: Message, delay: float | None = None, error: str | None = None) -> None:
+    def nack(self, m: Message, delay: float | None = None, error: str | None = None, *,
+             write: Any = None) -> None:
         """Delivery of ``m`` failed: redeliver it ``delay`` seconds from now
         (the time of this call), or after exponential backoff with full
         jitter when None; after ``max_attempts`` deliveries it goes to the
@@ -181,13 +194,17 @@ class Consumer:
         commits.  The nack becomes durable at the next commit, like an ack;
         if this process dies before then, the message is delivered again
         at once, this delivery counted as an attempt.  A dead letter is
-        written at the next commit."""
+        written at the next commit.
+
+        ``write``: a callable run as ``write(txn)`` inside the index
+        transaction that makes this nack durable (its schedule entry or
+        dead letter), under the same rules as ``ack``'s."""
         self._own(m)
         if delay is not None:
             _check_number("delay", delay)
         if error is not None and not isinstance(error, str):
             error = repr(error)
-        self._g.nack(m, delay, error)
+        self._g.nack(m, delay, error, write)
 
     def give_back(self, ms: list[Message]) -> None:
         """Return messages unprocessed (say, on shutdown): delivered again

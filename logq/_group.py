@@ -158,6 +158,10 @@ class _Group:
         self.committing = threading.Lock()    # one commit at a time per process
         self.posting = threading.Lock()       # a nack and its posted retry, against a commit
         self.ledger = Ledger()
+        # Callables run in the transaction that commits the acks (nacks)
+        # made with them (Consumer.ack/nack ``write=``), taken with them.
+        self.ack_writes: list[Any] = []
+        self.nack_writes: list[Any] = []
         self.buffer: deque[Message] = deque()
         self.delivered = 0                    # counted since the last commit
         self.redelivered = 0
@@ -319,12 +323,13 @@ class _Group:
         return None if after is None else base + int(after * 1e9)
 
     def _fail(self, items: list[tuple[int, int, int, int | None]], wall: int, default_error: str,
-              errors: dict[int, str | None] | None) -> None:
+              errors: dict[int, str | None] | None, writes: list[Any] = ()) -> None:  # type: ignore[assignment]
         """Schedule or dead-letter failed deliveries (offset, attempt, the
         due of the schedule entry it came from or 0, when it is due again
         in wall ns or None for the dead letters) in one durable
         transaction.  Offsets already settled are skipped; an offset with a
-        schedule entry made since keeps it."""
+        schedule entry made since keeps it.  ``writes`` (the nacks' write
+        hooks) run in the same transaction."""
         if not items:
             return
         idx, p = self.idx, self.prefix
@@ -355,6 +360,8 @@ class _Group:
                 txn.put(p + _be(off), _be(due), db=idx.pending)
             if dead:
                 self._bury(txn, g, dead, wall, bodies)
+            for w in writes:
+                w(txn)
             txn.put(p[:-1], GROUP.pack(*g), db=idx.groups)
         idx.write(fn)
         for off, attempt, error in dead:
@@ -631,7 +638,7 @@ class _Group:
         with self.committing:
             self._commit()
 
-    def nack(self, m: Message, delay: float | None, error: str | None) -> None:
+    def nack(self, m: Message, delay: float | None, error: str | None, write: Any = None) -> None:
         """``m`` failed: due again ``delay`` seconds from now (the backoff
         when None), or dead-lettered if it used its attempts.  The retry is
         posted in the lease table at once, where every live process of the
@@ -642,6 +649,8 @@ class _Group:
         with self.posting:
             with self.lock:
                 self.ledger.nack(m, due, error)
+                if write is not None:
+                    self.nack_writes.append(write)
                 full = self.ledger.pending() >= self.opts.commit_every
             if due is not None:
                 self._post_retry(m, due)
@@ -666,6 +675,8 @@ class _Group:
     def _commit(self) -> None:
         with self.posting, self.lock:
             s = self.ledger.take()
+            ack_writes, nack_writes = self.ack_writes, self.nack_writes
+            self.ack_writes, self.nack_writes = [], []
             delivered, redelivered = self.delivered, self.redelivered
             self.delivered = self.redelivered = 0
         if not s.acks and not s.nacks and not delivered:
@@ -690,15 +701,21 @@ class _Group:
                         txn.delete(p + pend + _be(d.offset), db=idx.sched)
                         txn.delete(p + _be(d.offset), db=idx.pending)
                 _settle(txn, idx, p, g, runs(map(_OFFSET, s.acks)))
+                # Write hooks, in the transaction of their own settlement:
+                # an ack's here, a nack's in _fail's (one each, in order).
+                for w in ack_writes:
+                    w(txn)
                 txn.put(p[:-1], GROUP.pack(*g), db=idx.groups)
-            if s.acks or delivered:
+            if s.acks or delivered or ack_writes:
                 idx.write(fn)
             if s.nacks:
                 self._fail([(d.offset, d.attempt, d.due, due) for d, due, _e in s.nacks], wall,
-                           "nacked", {d.offset: e for d, _due, e in s.nacks})
+                           "nacked", {d.offset: e for d, _due, e in s.nacks}, nack_writes)
         except BaseException:
             with self.lock:
                 self.ledger.restore(s)
+                self.ack_writes[:0] = ack_writes
+                self.nack_writes[:0] = nack_writes
                 self.delivered += delivered
                 self.redelivered += redelivered
             raise
@@ -709,8 +726,8 @@ class _Group:
         self._free_claims(done, [d.offset for d in check if d.single] +
                           [d.offset for d, due, _e in s.nacks if d.single and due is None],
                           [(d.offset, due) for d, due, _e in s.nacks if due is not None])
-        if s.nacks:
-            self.q._poke()
+        if s.nacks or ack_writes:
+            self.q._poke()      # (also wakes whoever waits for what a hook wrote)
 
     def _free_claims(self, ranges: list[int], singles: list[int],
                      retries: list[tuple[int, int]] = ()) -> None:  # type: ignore[assignment]

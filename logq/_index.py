@@ -222,6 +222,18 @@ class _Env:
                 pass
         return total
 
+    def open_db(self, name: bytes) -> Any:
+        """The named database ``name`` of this environment, created on
+        first use, for a layer above (the tasks layer keeps its records
+        this way; its names start with ``tasks.``, never one of DBS).
+        Call it outside any transaction of this thread."""
+        with _shared_lock:
+            dbs = self.__dict__.setdefault("_named", {})
+            db = dbs.get(name)
+            if db is None:
+                db = dbs[name] = self.env.open_db(name)
+            return db
+
     def read(self, fn: Callable[[Any], T]) -> T:
         while True:
             try:
@@ -291,7 +303,7 @@ class Index(_Env):
         data = os.path.join(self.path, "data.mdb")
         if os.path.exists(data):
             size = max(size, os.path.getsize(data) * 2)
-        return lmdb.open(self.path, subdir=True, map_size=size, max_dbs=16,
+        return lmdb.open(self.path, subdir=True, map_size=size, max_dbs=32,
                          sync=True, metasync=True, readahead=False, meminit=False)
 
     def _quarantine(self, why: str) -> None:
@@ -533,7 +545,7 @@ class Scratch(_Env):
         os.makedirs(self.path, exist_ok=True)
         if lmdb_file_problem(os.path.join(self.path, "data.mdb")) is not None:
             raise lmdb.CorruptedError("the data file is damaged")
-        self.env = lmdb.open(self.path, subdir=True, map_size=_INITIAL_MAP, max_dbs=8,
+        self.env = lmdb.open(self.path, subdir=True, map_size=_INITIAL_MAP, max_dbs=16,
                              sync=False, metasync=False, readahead=False, meminit=False)
         self.claims = self.env.open_db(b"claims")     # group\0 kind offset -> Claim
         self.cursors = self.env.open_db(b"cursors")   # group\0 level -> next offset to scan
