@@ -174,10 +174,12 @@ def _watch_pool(alive: Connection) -> None:
     os._exit(3)
 
 
-def _worker_main(spec: Any, conn: Connection, progress: Any, batch: bool, alive: Connection) -> None:
+def _worker_main(spec: Any, conn: Connection, progress: Any, batch: bool, alive: Connection,
+                 returns: bool = False) -> None:
     """A worker: receive (batch id, offsets, payloads, timestamps, None or
     (attempts, keys, priorities)), run the handler, send back (batch id,
-    failures as (offset, error text)).  ``progress`` holds the offset being
+    failures as (offset, error text)), and with ``returns`` the handler's
+    return values too (one per message, None for a failure).  ``progress`` holds the offset being
     handled and since when (monotonic ns; 0 when idle)."""
     # (Under forkserver the parent is the fork server, which exits with the
     # pool; a pool that died before this line shows as EOF on the pipe.)
@@ -201,6 +203,7 @@ def _worker_main(spec: Any, conn: Connection, progress: Any, batch: bool, alive:
             msgs = [Message(o, d, t, Lease(a, 0, -1, key=k, priority=p))
                     for o, d, t, a, k, p in zip(offsets, payloads, stamps, *extra)]
         failures: list[tuple[int, str]] = []
+        values: list[Any] = []
         if batch:
             progress[0], progress[1] = offsets[0], time.monotonic_ns()
             try:
@@ -212,22 +215,25 @@ def _worker_main(spec: Any, conn: Connection, progress: Any, batch: bool, alive:
             for m in msgs:
                 progress[0], progress[1] = m.offset, time.monotonic_ns()
                 try:
-                    handler(m)
+                    value = handler(m)
                 except Exception:
+                    value = None
                     failures.append((m.offset, traceback.format_exc()))
+                if returns:
+                    values.append(value)
         progress[1] = 0
         try:
-            conn.send((batch_id, failures))
+            conn.send((batch_id, failures, values) if returns else (batch_id, failures))
         except (BrokenPipeError, OSError):
             return
 
 
 class _Worker:
-    def __init__(self, ctx: Any, spec: Any, batch: bool) -> None:
+    def __init__(self, ctx: Any, spec: Any, batch: bool, returns: bool = False) -> None:
         self.conn, child = ctx.Pipe()
         watch, self.alive = ctx.Pipe(duplex=False)   # the pool holds the write end until it dies
         self.progress = ctx.RawArray("q", 2)
-        self.proc = ctx.Process(target=_worker_main, args=(spec, child, self.progress, batch, watch),
+        self.proc = ctx.Process(target=_worker_main, args=(spec, child, self.progress, batch, watch, returns),
                                 daemon=True, name="logq-worker")
         self.proc.start()
         child.close()
@@ -274,16 +280,31 @@ class WorkerPool(Service):
     Use ``run()`` (blocks; ``until_idle=True`` returns once nothing is left
     to do), or ``start()``/``stop()``, or ``with WorkerPool(...) as pool``.
     SIGTERM and SIGINT make ``run()`` drain: finish what workers hold,
-    commit, stop."""
+    commit, stop.
+
+    ``on_outcome`` (for a layer above, such as ``logq.tasks``): called in
+    the pool's process as ``on_outcome(messages, values, failures)`` for
+    every batch a worker finished (``values``: the handler's return values,
+    one per message; ``failures``: offset -> error text) and as
+    ``on_outcome([m], None, {m.offset: why})`` for a message whose worker
+    died or timed out.  It returns ``(acks, write, nacks)``: the messages
+    to ack, a ``write(txn)`` run in the transaction that commits those acks
+    (or None), and ``(message, error, write)`` to nack, each write run in
+    the transaction that commits its nack (Consumer.ack/nack ``write=``).
+    Not with ``batch=True``."""
 
     _thread_name = "logq-pool"
 
     def __init__(self, path: str | os.PathLike[str], handler: Any, group: str = "default", *,
                  queue_options: dict[str, Any] | None = None,
-                 on_stats: Callable[[PoolStats], None] | None = None, **options: Any) -> None:
+                 on_stats: Callable[[PoolStats], None] | None = None,
+                 on_outcome: Callable[..., Any] | None = None, **options: Any) -> None:
         group_keys = {f.name for f in fields(GroupOptions)} - {"commit_every", "commit_interval", "prefetch"}
         self.group_options = {k: options.pop(k) for k in list(options) if k in group_keys}
         self.options = PoolOptions(**options)
+        if on_outcome is not None and self.options.batch:
+            raise ValueError("on_outcome works per message: not with batch=True")
+        self.on_outcome = on_outcome
         self.path = os.fspath(path)
         self.group = group
         resolve_handler(handler)          # fail now, not in every worker
@@ -369,7 +390,7 @@ class WorkerPool(Service):
         breaker_seen = ("closed", 0)        # (state, times opened) last logged
         try:
             for _ in range(self._target):
-                workers.append(_Worker(self._ctx, self.handler, o.batch))
+                workers.append(_Worker(self._ctx, self.handler, o.batch, self.on_outcome is not None))
             while True:
                 now = time.monotonic()
                 stopping = self._stop.is_set()
@@ -490,9 +511,10 @@ class WorkerPool(Service):
         for conn in wait_for(list(busy), timeout):
             w = busy[conn]
             try:
-                batch_id, failures = conn.recv()
+                got = conn.recv()
             except (EOFError, OSError):
                 continue    # it died: _reap_workers
+            batch_id, failures = got[0], got[1]
             sent_id, msgs = w.out.popleft()
             assert sent_id == batch_id, (sent_id, batch_id)
             w.batches_done += 1
@@ -505,9 +527,22 @@ class WorkerPool(Service):
             w.idle_since = now
             with self._lock:
                 self._stats.busy_seconds[w.proc.pid or 0] = w.busy
-            self._settle(c, msgs, dict(failures), now)
+            self._settle(c, msgs, dict(failures), now, got[2] if len(got) > 2 else None)
 
-    def _settle(self, c: Consumer, msgs: list[Message], failures: dict[int, str], now: float) -> None:
+    def _settle(self, c: Consumer, msgs: list[Message], failures: dict[int, str], now: float,
+                values: list[Any] | None = None) -> None:
+        if self.on_outcome is not None:
+            # The layer above decides each message's ack or nack, and what
+            # is written with it.
+            ok, write, bad = self.on_outcome(msgs, values, failures)
+            c.ack_many(ok, write=write)
+            self._uncommitted += map(_TS, ok)
+            self.breaker.record_many(len(ok), len(bad), now)
+            with self._lock:
+                self._stats.processed += len(ok)
+            for m, error, w in bad:
+                self._failed(c, m, error, w)
+            return
         ok = [m for m in msgs if m.offset not in failures] if failures else msgs
         c.ack_many(ok)
         self._uncommitted += map(_TS, ok)
@@ -518,9 +553,9 @@ class WorkerPool(Service):
             if m.offset in failures:
                 self._failed(c, m, failures[m.offset])
 
-    def _failed(self, c: Consumer, m: Message, error: str) -> None:
+    def _failed(self, c: Consumer, m: Message, error: str, write: Any = None) -> None:
         dead = m.attempt >= c.options.max_attempts
-        c.nack(m, error=error[-4000:])
+        c.nack(m, error=error[-4000:], write=write)
         with self._lock:
             self._stats.failed += 1
             if dead:
@@ -568,11 +603,14 @@ class WorkerPool(Service):
                 self._start_failures = 0
             if rest:
                 c.give_back(rest)       # not started, or done and unreported: not counted
+            if started and self.on_outcome is not None:
+                self._settle(c, started, {m.offset: what for m in started}, now)
+                started = []
             for m in started:
                 self.breaker.record(False, now)
                 self._failed(c, m, what)
             if not self._stop.is_set() and len(workers) < max(self._target, o.min_workers):
-                workers.append(_Worker(self._ctx, self.handler, o.batch))
+                workers.append(_Worker(self._ctx, self.handler, o.batch, self.on_outcome is not None))
 
     def _maybe_commit(self, c: Consumer, force: bool) -> None:
         o = self.options
@@ -606,7 +644,7 @@ class WorkerPool(Service):
             waiting.extend(c.get_many(1, timeout=0))
         pressure = pressure + 1 if all_busy and waiting else 0
         if pressure >= 2 and len(workers) < o.max_workers:
-            workers.append(_Worker(self._ctx, self.handler, o.batch))
+            workers.append(_Worker(self._ctx, self.handler, o.batch, self.on_outcome is not None))
             self._target = len(workers)
             log.info("logq pool %s: backlog: %d workers now", self.path, len(workers))
             return 0
