@@ -11,9 +11,12 @@ the round, shown in the note."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shutil
 import statistics
+import subprocess
+import sys
 import threading
 
 import bench_helpers as H
@@ -232,3 +235,95 @@ def test_put_many_always(benchmark, qdir, report, floor_fdatasync_prealloc):
     report("put_many(100), 100 B, fsync=always", n / r.best, "msgs/s",
            "100 records / fdatasync (prealloc)", 100 / lat, median=n / r.median,
            target=(">=", 500_000), note=f"{calls:,} durable calls per round; " + _beside_note(beside))
+
+
+# -- fsync="always", several processes ---------------------------------------------------
+_PRODUCER = r"""
+import json, os, sys, time
+import logq
+qdir, tag, n, go = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+q = logq.open(qdir, fsync="always")
+for i in range(200):                    # warm up: the file's first pages, the code
+    q.put(b"warm-%s-%d" % (tag.encode(), i))
+print("ready", flush=True)
+while not os.path.exists(go):
+    time.sleep(0.001)
+began = time.perf_counter()
+offsets = [q.put(b"%s:%d:" % (tag.encode(), i) + bytes(90)) for i in range(n)]
+took = time.perf_counter() - began
+st = q.stats()
+q.close()
+print(json.dumps({"began": began, "took": took, "fsyncs": st["fsyncs"], "offsets": offsets}), flush=True)
+"""
+
+
+def _processes_put(qdir: str, k: int, n: int) -> tuple[float, int, list[list[int]]]:
+    """``k`` producer processes each put ``n`` records of 100 B under
+    fsync="always", started together: (seconds from the first start to the
+    last finish, fdatasyncs they made in all, each one's offsets)."""
+    logq.open(qdir).close()
+    go = qdir + ".go"
+    procs = [subprocess.Popen([sys.executable, "-c", _PRODUCER, qdir, f"p{j}", str(n), go],
+                              stdout=subprocess.PIPE, text=True, env=H.child_env()) for j in range(k)]
+    try:
+        for p in procs:
+            assert p.stdout.readline().strip() == "ready"
+        open(go, "w").close()
+        outs = [json.loads(p.stdout.readline()) for p in procs]
+    finally:
+        for p in procs:
+            p.kill() if p.poll() is None and not os.path.exists(go) else None
+            p.wait(60)
+            p.stdout.close()
+        if os.path.exists(go):
+            os.unlink(go)
+    began = min(o["began"] for o in outs)
+    ended = max(o["began"] + o["took"] for o in outs)
+    return ended - began, sum(o["fsyncs"] for o in outs), [o["offsets"] for o in outs]
+
+
+def test_put_always_four_processes(benchmark, qdir, report, floor_fdatasync_prealloc):
+    """put() from 4 processes, fsync="always": cross-process group commit.
+    Floors: one process's rate in the same run (each round runs one
+    process, then four), and 1 / fdatasync."""
+    k, n = 4, H.scaled(1500, 100)
+    one, four, syncs_per_s, one_syncs, beside = [], [], [], [], []
+    rounds = iter(range(1000))
+
+    def setup():
+        _beside(qdir, beside)
+        r = next(rounds)
+        return {"one": os.path.join(qdir, f"one{r}"), "four": os.path.join(qdir, f"four{r}")}
+
+    def work(ctx):
+        t1, f1, _ = _processes_put(ctx["one"], 1, n)
+        one.append(n / t1)
+        one_syncs.append(f1 / t1)
+        t4, f4, ctx["offsets"] = _processes_put(ctx["four"], k, n)
+        four.append(k * n / t4)
+        syncs_per_s.append(f4 / t4)
+        ctx["fsyncs"] = f4
+
+    def check(ctx):
+        # every put returned its own offset, and each holds what was put
+        with logq.open(ctx["four"]) as q:
+            assert len(q) == k * (n + 200)
+            for j, offs in enumerate(ctx["offsets"]):
+                assert len(set(offs)) == n
+                for i in (0, n // 2, n - 1):
+                    assert q.read(offs[i]) == b"p%d:%d:" % (j, i) + bytes(90)
+        assert ctx["fsyncs"] <= k * (n + 200)     # shared, never more than one per put
+
+    def teardown(ctx):
+        for d in (ctx["one"], ctx["four"]):
+            shutil.rmtree(d, ignore_errors=True)
+
+    H.Rounds(benchmark, rounds=3, setup=setup, work=work, check=check, teardown=teardown)
+    report("put() loop, 100 B, fsync=always, 4 processes", max(four), "msgs/s",
+           "1 process, same run", max(one), median=statistics.median(four), ratio_target=(">=", 3.0),
+           note=f"{k} x {n:,} puts per round; fdatasyncs/s: 4 processes "
+                f"{statistics.median(syncs_per_s):,.0f}, 1 process {statistics.median(one_syncs):,.0f}; "
+                + _beside_note(beside))
+    report("put() fsync=always, 4 processes, vs 1 / fdatasync", max(four), "msgs/s",
+           "1 / fdatasync (prealloc)", 1 / floor_fdatasync_prealloc.value,
+           median=statistics.median(four), note="the same rounds, read against the fdatasync floor")
