@@ -51,9 +51,11 @@ from typing import Any, Callable
 BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH_DIR)
 
-#: Tasks per peer at LOGQ_BENCH_SCALE=1: all four together take about a
-#: minute on a 2-core machine (RQ, which forks per job, is the slowest).
+#: Tasks per peer at LOGQ_BENCH_SCALE=1, times the peer's share below: all
+#: four together take about a minute on a 2-core machine.
 N_TASKS = 2000
+#: RQ forks a process per job (~25-100 jobs/s here): it runs a fifth of N.
+SHARE = {"huey": 1.0, "celery": 1.0, "rq": 0.2, "dramatiq": 1.0, "logq": 1.0}
 WORKERS = 2
 WARM_TASKS = 20
 POLL_SECONDS = 0.005
@@ -81,13 +83,13 @@ def noop(i: int) -> int:
     return i
 
 
-def n_tasks() -> int:
-    """N_TASKS times LOGQ_BENCH_SCALE (at least 100)."""
+def n_tasks(peer: str = "logq") -> int:
+    """N_TASKS times LOGQ_BENCH_SCALE times the peer's :data:`SHARE` (at least 100)."""
     raw = os.environ.get("LOGQ_BENCH_SCALE", "")
     scale = float(raw) if raw else 1.0
     if not scale > 0:
         raise ValueError(f"LOGQ_BENCH_SCALE must be positive, not {raw!r}")
-    return max(100, int(N_TASKS * scale))
+    return max(100, int(N_TASKS * scale * SHARE[peer]))
 
 
 # -- redis-server -------------------------------------------------------------------------
@@ -469,15 +471,16 @@ def logq_ready() -> bool:
     return hasattr(T, "App")
 
 
-def run_all(n: int, names: tuple[str, ...] = tuple(PEERS)) -> list[PeerFigure]:
+def run_all(n: int | None = None, names: tuple[str, ...] = tuple(PEERS)) -> list[PeerFigure]:
     """Every peer in ``names`` on one redis-server (started here if any
-    needs it and it is installed), in a scratch directory removed after."""
+    needs it and it is installed), in a scratch directory removed after;
+    ``n`` tasks each (None: :func:`n_tasks` of each peer)."""
     workdir = tempfile.mkdtemp(prefix="logq-peers-")
     redis = None
     try:
         if any(PEERS[p].needs_redis for p in names) and shutil.which("redis-server"):
             redis = RedisServer(workdir)
-        return [run_peer(p, n, workdir, redis) for p in names]
+        return [run_peer(p, n if n is not None else n_tasks(p), workdir, redis) for p in names]
     finally:
         if redis is not None:
             redis.close()
@@ -488,7 +491,7 @@ def main(argv: list[str]) -> int:
     if argv[:1] == ["produce"]:
         print(json.dumps(produce(argv[1], int(argv[2]), WARM_TASKS)))
         return 0
-    n = int(argv[0]) if argv else n_tasks()
+    n = int(argv[0]) if argv else None
     for f in run_all(n):
         fig = f"{f.rate:,.0f} tasks/s (submit {f.submit_rate:,.0f}/s)" if f.rate else f"not measured: {f.why}"
         print(f"{f.peer:9} n={f.n}: {fig} | {f.durability}")
