@@ -1,0 +1,287 @@
+"""App, the task decorator, and handles.
+
+    app = App("/var/lib/app/q")
+    @app.task(retries=3, timeout=30, retry_on=(IOError,), result_ttl=86400)
+    def resize(path, width): ...
+    h = resize.delay("a.jpg", 200)          # TaskHandle
+    h.status(); h.result(timeout=5); h.cancel(); app.get(h.id)
+
+Submitting is one put of the task record (``_records``): durable as the
+queue's fsync policy says, with the queue's priority, delay/eta and
+idempotency key.  Any process that opens the same directory can follow a
+task by its id, also after restarts.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from logq._errors import (TaskCancelled, TaskError, TaskFailed, UnknownTaskError)
+from logq._queue import Queue
+from logq.tasks import _state as S
+from logq.tasks._records import (JSON, PICKLE, Serializer, decode_task, dumps, encode_task,
+                                 make_id, new_nonce)
+from logq.tasks._store import GROUP_NAME, Store, TaskStatus
+
+_WAIT_SLICE = 0.5
+
+
+@dataclass(frozen=True)
+class TaskOptions:
+    retries: int = 3                   # attempts after the first, on errors in retry_on
+    timeout: float | None = None       # an attempt running longer: its worker is killed (s)
+    priority: int = 0                  # 0..9, higher first (the queue's priorities)
+    result_ttl: float | None = 86400.0 # a finished task's record and result are kept this long (s)
+    retry_on: tuple[type[BaseException], ...] = (Exception,)
+    serializer: str = "json"           # arguments and result: "json", "pickle" or one registered
+
+
+class Task:
+    """A registered function.  Call it directly to run it here; ``delay``
+    or ``apply_async`` to submit it."""
+
+    def __init__(self, app: "App", fn: Callable[..., Any], name: str, opts: TaskOptions) -> None:
+        self.app, self.fn, self.name, self.options = app, fn, name, opts
+        self.retries, self.timeout, self.retry_on = opts.retries, opts.timeout, opts.retry_on
+        self.__doc__ = fn.__doc__
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def delay(self, *args: Any, **kwargs: Any) -> "TaskHandle":
+        """Submit with these arguments and the task's defaults."""
+        return self.apply_async(args=args, kwargs=kwargs)
+
+    def apply_async(self, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None, *,
+                    delay: float | None = None, eta: float | None = None,
+                    priority: int | None = None, key: str | None = None) -> "TaskHandle":
+        """Submit; the handle.  ``delay`` seconds or ``eta`` (epoch seconds):
+        not before then.  ``key``: if a task was submitted with this key
+        within the queue's ``dedup_window``, its handle is returned and
+        nothing new is stored.  Raises SerializationError (a TypeError) for
+        arguments the serializer cannot encode, nothing stored."""
+        ser = self.app._serializer(self.options.serializer)
+        body = dumps(ser, [list(args), dict(kwargs or {})], f"the arguments of task {self.name}")
+        nonce = new_nonce()
+        q = self.app.queue
+        off = q.put(encode_task(nonce, self.name, ser.name, body), key=key,
+                    priority=self.options.priority if priority is None else priority,
+                    delay=delay, deliver_at=eta)
+        if key is not None:
+            found = self.app._store().load(off)
+            if found is not None:
+                return TaskHandle(self.app, found[0].task_id(off))
+        return TaskHandle(self.app, make_id(off, nonce))
+
+    def __repr__(self) -> str:
+        return f"<logq task {self.name}>"
+
+
+class TaskHandle:
+    """A submitted task, by id: usable from any process on the queue."""
+
+    def __init__(self, app: "App", task_id: str) -> None:
+        self.app = app
+        self.id = task_id
+
+    def status(self) -> TaskStatus:
+        """Its state now (see TaskStatus); raises TaskNotFound."""
+        return self.app._store().status(self.id)
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Its return value, once it succeeded: blocks up to ``timeout``
+        seconds (None: forever), waking when a commit writes an outcome
+        (the queue's wait: no polling on the native codec).  Raises
+        TaskFailed (remote type, message, traceback), TaskCancelled, or
+        TimeoutError."""
+        store = self.app._store()
+        q = self.app.queue
+        limit = None if timeout is None else time.monotonic() + timeout
+        while True:
+            tail = q.next_offset
+            out = store.recorded(self.id)
+            if out is not None and out.state in S.FINAL:
+                return self._final(out)
+            if out is None or out.state not in S.FINAL:
+                st = None
+                if out is None:
+                    st = store.status(self.id)      # raises TaskNotFound; a dead letter is failed
+                if st is not None and st.state == S.FAILED:
+                    e = st.error or {}
+                    raise TaskFailed(self.id, e.get("type", ""), e.get("message", ""), e.get("traceback", ""))
+            left = _WAIT_SLICE if limit is None else min(_WAIT_SLICE, limit - time.monotonic())
+            if left <= 0:
+                raise TimeoutError(f"task {self.id} did not finish within {timeout}s")
+            q.wait(tail, left)
+
+    def _final(self, out: Any) -> Any:
+        if out.state == S.SUCCEEDED:
+            return self.app._serializer(out.serializer).loads(out.payload)
+        e = out.error() or {}
+        if out.state == S.CANCELLED:
+            raise TaskCancelled(f"task {self.id} was cancelled")
+        raise TaskFailed(self.id, e.get("type", ""), e.get("message", ""), e.get("traceback", ""))
+
+    def cancel(self) -> bool:
+        """Cancel it, durably: a task not started never starts; a running
+        one sees ``current().cancelled`` and is killed after the app's
+        ``cancel_grace`` seconds.  False if it had finished already."""
+        return self.app.cancel(self.id)
+
+    def __repr__(self) -> str:
+        return f"<TaskHandle {self.id}>"
+
+
+class App:
+    """The tasks of one queue directory.  ``queue_options`` go to
+    ``logq.open``; the queue is opened on first use, in each process.
+    ``max_result_bytes``: larger encoded results fail their task with
+    ResultTooLargeError.  ``cancel_grace``: seconds a cancelled running
+    task has to return before its worker is killed."""
+
+    def __init__(self, path: str, *, max_result_bytes: int = 1 << 20, cancel_grace: float = 5.0,
+                 **queue_options: Any) -> None:
+        self.path = str(path)
+        self.queue_options = queue_options
+        self.max_result_bytes = max_result_bytes
+        self.cancel_grace = cancel_grace
+        self._tasks: dict[str, Task] = {}
+        self._serializers: dict[str, Serializer] = {"json": JSON, "pickle": PICKLE}
+        self._q: Queue | None = None
+        self._st: Store | None = None
+        self._pid = 0
+        self._lock = threading.Lock()
+        frame = sys._getframe(1)
+        self._module = frame.f_globals.get("__name__")
+
+    # -- registry ---------------------------------------------------------------------
+    def task(self, fn: Callable[..., Any] | None = None, *, name: str | None = None,
+             **options: Any) -> Any:
+        """Register a function as a task (``@app.task`` or ``@app.task(...)``);
+        options: see TaskOptions."""
+        def register(f: Callable[..., Any]) -> Task:
+            opts = TaskOptions(**options)
+            if isinstance(opts.retry_on, type):
+                object.__setattr__(opts, "retry_on", (opts.retry_on,))
+            n = name or f"{f.__module__}.{f.__qualname__}"
+            if n in self._tasks:
+                raise ValueError(f"task name {n!r} is registered twice")
+            t = self._tasks[n] = Task(self, f, n, opts)
+            return t
+        return register(fn) if fn is not None else register
+
+    def register_serializer(self, ser: Serializer) -> None:
+        self._serializers[ser.name] = ser
+
+    def _serializer(self, name: str) -> Serializer:
+        try:
+            return self._serializers[name or "json"]
+        except KeyError:
+            raise UnknownTaskError(f"no serializer {name!r} registered (known: "
+                                   f"{sorted(self._serializers)})") from None
+
+    def _ttl(self, name: str) -> float | None:
+        t = self._tasks.get(name)
+        return t.options.result_ttl if t is not None else 86400.0
+
+    # -- the queue --------------------------------------------------------------------
+    @property
+    def queue(self) -> Queue:
+        import os
+        with self._lock:
+            if self._q is None or self._pid != os.getpid():
+                self._q = Queue(self.path, **self.queue_options)
+                self._st = None
+                self._pid = os.getpid()
+            return self._q
+
+    def _store(self) -> Store:
+        q = self.queue
+        with self._lock:
+            if self._st is None:
+                self._st = Store(q)
+            return self._st
+
+    def close(self) -> None:
+        with self._lock:
+            if self._st is not None:
+                self._st.close()
+            if self._q is not None:
+                self._q.close()
+            self._q = self._st = None
+
+    # -- by id ------------------------------------------------------------------------
+    def get(self, task_id: str) -> TaskHandle:
+        """The handle of a task by id (raises TaskNotFound if unknown)."""
+        self._store().status(task_id)
+        return TaskHandle(self, task_id)
+
+    def cancel(self, task_id: str) -> bool:
+        ttl = self._ttl(self._store().status(task_id).name)
+        return self._store().cancel(task_id, int((ttl or 0) * 1e9))
+
+    def retry(self, task_id: str) -> TaskHandle:
+        """Run a failed (or cancelled) task again, with its arguments and a
+        fresh count of attempts; same id."""
+        st = self._store().status(task_id)
+        if st.state not in (S.FAILED, S.CANCELLED):
+            raise TaskError(f"task {task_id} is {st.state}: only a failed or cancelled task can be retried")
+        store = self._store()
+        from logq.tasks._records import parse_id
+        off = parse_id(task_id)[0]  # type: ignore[index]
+        raw = store.idx.get(task_id.encode(), store.moved)
+        if raw is not None:
+            off = int.from_bytes(raw, "big")
+        found = store.load(off)
+        if found is None:
+            raise TaskError(f"task {task_id}: its record is no longer in the queue; cannot retry")
+        rec = found[0]
+        new = self.queue.put(encode_task(rec.nonce, rec.name, rec.serializer, rec.args, origin=task_id))
+        store.moved_to(task_id, new)
+        return TaskHandle(self, task_id)
+
+    def statuses(self, state: str | None = None, name: str | None = None) -> list[TaskStatus]:
+        """Every known task's status (optionally of one state / name)."""
+        store = self._store()
+        marks = store.markers()
+        out = []
+        for tid in store.ids():
+            try:
+                st = store.status(tid, marks)
+            except TaskError:
+                continue
+            if (state is None or st.state == state) and (name is None or st.name == name):
+                out.append(st)
+        return out
+
+    def purge(self, state: str | None = S.SUCCEEDED, older_than: float = 0.0) -> int:
+        return self._store().purge(state, older_than)
+
+    # -- running ----------------------------------------------------------------------
+    def spec(self) -> str:
+        """``module:attribute`` by which workers import this app."""
+        mod = sys.modules.get(self._module or "")
+        if mod is not None and self._module != "__main__":
+            for k, v in vars(mod).items():
+                if v is self:
+                    return f"{self._module}:{k}"
+        raise TaskError("workers import the app by name: define it at module level in an "
+                        "importable module (not __main__), or pass spec='module:app'")
+
+    def pool(self, spec: str | None = None, **options: Any) -> Any:
+        """A WorkerPool running this app's tasks (options: the pool's)."""
+        from logq._pool import WorkerPool
+        from logq.tasks._run import Runner, Settler
+        timeouts = [t.timeout for t in self._tasks.values()]
+        options.setdefault("visibility_timeout", 86400.0)
+        options.setdefault("max_attempts", 1 << 30)     # retries are per task (the Runner's)
+        options.setdefault("commit_interval", 0.005)
+        options.setdefault("backoff_max", 300.0)
+        if timeouts and None not in timeouts:
+            options.setdefault("timeout", max(timeouts) + 5.0)   # a backstop for a stuck C call
+        return WorkerPool(self.path, Runner(spec or self.spec(), self.path), GROUP_NAME,
+                          queue_options=self.queue_options, on_outcome=Settler(self), **options)

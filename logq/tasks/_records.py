@@ -1,0 +1,185 @@
+"""The tasks layer's two record formats, and its serializers.  Pure: bytes
+in, bytes out.
+
+**The task record** is the queue message a submission puts (so submitting
+costs one put and no index write; the log's own timestamp is the
+submission time, its priority and deliver-at are the queue's)::
+
+    offset  size  field
+    0       2     magic b"T1"
+    2       4     nonce (u32, little-endian): the id's second half
+    6       1     n = length of the task name (1..255, UTF-8)
+    7       1     s = length of the serializer's name
+    8       1     o = length of the origin id (0, or a retry's original id)
+    9       n+s+o name, serializer name, origin id
+    9+n+s+o ...   the arguments, ``[args, kwargs]`` as the serializer encodes
+
+A task's id is ``"<offset>-<nonce as 8 hex digits>"`` of its first record;
+a record put by ``retry`` carries the original id as its origin, so the id
+stays the same however often it is retried.  An id whose record is not at
+its offset with its nonce (a torn tail cut by recovery, an offset reused)
+names no task.
+
+**The outcome record**, in the index database ``tasks.outcome`` under the
+task id: the state the last settlement reached (``_state``), written in the
+transaction that commits that settlement::
+
+    0   1   state (index into _state.STATES)
+    1   4   attempts made
+    5   8   submitted ns     13  8  started ns (0: unknown)
+    21  8   finished ns (0: not final)   29  8  expires ns (0: never)
+    37  1   s = serializer name length     38  1  n = task name length
+    39      the serializer's name, the task's name, then the payload: the encoded result (succeeded), or the error as
+            JSON {"type", "message", "traceback"} (failed, retrying,
+            cancelled)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import struct
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from logq._errors import SerializationError
+from logq.tasks._state import STATES
+
+MAGIC = b"T1"
+_HEAD = struct.Struct("<2sIBBB")
+_OUT = struct.Struct("<BIQQQQBB")
+
+
+# -- serializers ------------------------------------------------------------------
+@dataclass(frozen=True)
+class Serializer:
+    """How arguments and results become bytes: ``dumps(obj) -> bytes`` and
+    ``loads(bytes) -> obj``.  Registered on an App under ``name``, which
+    is stored beside what it encoded."""
+    name: str
+    dumps: Callable[[Any], bytes]
+    loads: Callable[[bytes], Any]
+
+
+def _json_dumps(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
+
+
+JSON = Serializer("json", _json_dumps, lambda b: json.loads(bytes(b)))
+PICKLE = Serializer("pickle", lambda o: pickle.dumps(o, protocol=pickle.HIGHEST_PROTOCOL),
+                    lambda b: pickle.loads(bytes(b)))
+
+
+def dumps(ser: Serializer, obj: Any, what: str) -> bytes:
+    """``ser.dumps(obj)``, its failure a SerializationError naming ``what``."""
+    try:
+        out = ser.dumps(obj)
+    except Exception as e:
+        raise SerializationError(f"{what} cannot be encoded with the {ser.name!r} serializer: "
+                                 f"{type(e).__name__}: {e}") from e
+    if not isinstance(out, (bytes, bytearray)):
+        raise SerializationError(f"serializer {ser.name!r} returned {type(out).__name__}, not bytes")
+    return bytes(out)
+
+
+# -- task records ------------------------------------------------------------------
+def new_nonce() -> int:
+    return int.from_bytes(os.urandom(4), "little")
+
+
+def encode_task(nonce: int, name: str, ser: str, args: bytes, origin: str = "") -> bytes:
+    n, s, o = name.encode(), ser.encode(), origin.encode()
+    if not 0 < len(n) < 256 or len(s) > 255 or len(o) > 255:
+        raise ValueError(f"task name must be 1 to 255 bytes of UTF-8, not {name!r}")
+    return _HEAD.pack(MAGIC, nonce, len(n), len(s), len(o)) + n + s + o + args
+
+
+@dataclass(frozen=True)
+class TaskRecord:
+    nonce: int
+    name: str
+    serializer: str
+    origin: str
+    args: bytes         # encoded [args, kwargs]
+
+    def task_id(self, offset: int) -> str:
+        return self.origin or make_id(offset, self.nonce)
+
+
+def decode_task(data: bytes) -> TaskRecord | None:
+    """The task record in ``data``, or None if it is not one."""
+    if len(data) < _HEAD.size or data[:2] != MAGIC:
+        return None
+    _m, nonce, n, s, o = _HEAD.unpack_from(data)
+    at = _HEAD.size
+    if at + n + s + o > len(data):
+        return None
+    raw = bytes(data[at:at + n + s + o])
+    try:
+        name, ser, origin = raw[:n].decode(), raw[n:n + s].decode(), raw[n + s:].decode()
+    except UnicodeDecodeError:
+        return None
+    return TaskRecord(nonce, name, ser, origin, bytes(data[at + n + s + o:]))
+
+
+def make_id(offset: int, nonce: int) -> str:
+    return f"{offset}-{nonce:08x}"
+
+
+def parse_id(task_id: Any) -> tuple[int, int] | None:
+    """(offset, nonce) of a well-formed id, else None."""
+    if not isinstance(task_id, str):
+        return None
+    off, sep, nonce = task_id.partition("-")
+    if not sep or not off.isdigit() or len(nonce) != 8:
+        return None
+    try:
+        return int(off), int(nonce, 16)
+    except ValueError:
+        return None
+
+
+# -- outcome records ---------------------------------------------------------------
+@dataclass(frozen=True)
+class Outcome:
+    state: str
+    attempts: int
+    submitted_ns: int
+    started_ns: int
+    finished_ns: int
+    expires_ns: int
+    serializer: str
+    name: str
+    payload: bytes
+
+    def pack(self) -> bytes:
+        s, n = self.serializer.encode(), self.name.encode()
+        return _OUT.pack(STATES.index(self.state), self.attempts, self.submitted_ns, self.started_ns,
+                         self.finished_ns, self.expires_ns, len(s), len(n)) + s + n + self.payload
+
+    @classmethod
+    def unpack(cls, raw: bytes) -> "Outcome":
+        st, attempts, sub, start, fin, exp, s, n = _OUT.unpack_from(raw)
+        at = _OUT.size
+        return cls(STATES[st], attempts, sub, start, fin, exp, bytes(raw[at:at + s]).decode(),
+                   bytes(raw[at + s:at + s + n]).decode(), bytes(raw[at + s + n:]))
+
+    def error(self) -> dict[str, str] | None:
+        if self.state == "succeeded" or not self.payload:
+            return None
+        try:
+            e = json.loads(self.payload)
+            return {"type": str(e.get("type", "")), "message": str(e.get("message", "")),
+                    "traceback": str(e.get("traceback", ""))}
+        except ValueError:
+            return {"type": "", "message": self.payload.decode(errors="replace"), "traceback": ""}
+
+
+def state_of(raw: bytes) -> str:
+    """The state of a packed outcome, without unpacking the rest."""
+    return STATES[raw[0]]
+
+
+def error_json(type_name: str, message: str, tb: str) -> bytes:
+    return json.dumps({"type": type_name, "message": message, "traceback": tb}).encode()

@@ -1,0 +1,308 @@
+"""Where a task's facts live, and how its state is derived from them.
+
+Durable (the index, fsynced with the queue's group commits):
+
+* the task record: the queue message itself (``_records``), in the log;
+* ``tasks.outcome``: task id -> Outcome, written only by a settlement's
+  own transaction (an ack or nack of the task's message, through the
+  consumer's ``write=`` hook) or by ``cancel``/``retry``;
+* ``tasks.expiry``: (expires ns, id) -> "" for finished outcomes; purged
+  with the settlements that follow (and by ``purge``), so the index does
+  not grow without bound;
+* ``tasks.moved``: id -> offset of the record ``retry`` put for it;
+* the queue's own group state of group ``tasks``: settled offsets, the
+  schedule (delays, retries), dead letters.
+
+Volatile (the lease table, never fsynced): ``tasks.running``, worker pid
+-> the task it has been running for a while; trusted only while that
+process lives.
+
+``status`` reads them in this order, first match wins: a final outcome;
+a dead letter (failed); settled without an outcome (expired: not found);
+a live worker's marker (running); a posted or durable schedule entry due
+later (retrying after a failure, else scheduled); queued.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from logq import _format as F
+from logq._errors import OffsetError, TaskNotFound
+from logq._index import GROUP, G_WATERMARK, _prefixed, open_scratch
+from logq._leases import Retry
+from logq._settled import _DEAD, _be, _is_settled
+from logq.tasks import _state as S
+from logq.tasks._records import Outcome, TaskRecord, decode_task, error_json, parse_id, state_of
+
+GROUP_NAME = "tasks"
+PREFIX = GROUP_NAME.encode() + b"\0"
+
+
+@dataclass(frozen=True)
+class TaskStatus:
+    """What is known of a task now.  Times are epoch seconds (None: not
+    yet, or not known); ``pid`` is the worker process while ``running``;
+    ``error`` is ``{"type", "message", "traceback"}`` of the last failure
+    (or the reason of a cancel), else None."""
+    id: str
+    name: str
+    state: str
+    attempts: int
+    submitted: float | None
+    started: float | None = None
+    finished: float | None = None
+    pid: int | None = None
+    error: dict[str, str] | None = None
+    due: float | None = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def _s(ns: int) -> float | None:
+    return ns / 1e9 if ns else None
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class Store:
+    """The task records of one open queue, for this process."""
+
+    def __init__(self, q: Any) -> None:
+        self.q = q
+        self.idx = q._index
+        self.outcome = self.idx.open_db(b"tasks.outcome")
+        self.expiry = self.idx.open_db(b"tasks.expiry")
+        self.moved = self.idx.open_db(b"tasks.moved")
+        self.scratch = open_scratch(q.path, may_reset=False)
+        self.running = self.scratch.open_db(b"tasks.running")
+
+    def close(self) -> None:
+        if self.scratch is not None:
+            self.scratch.close()
+            self.scratch = None  # type: ignore[assignment]
+
+    # -- writes inside a settlement's transaction -------------------------------------
+    def record(self, txn: Any, task_id: str, event: str, out: Outcome) -> bool:
+        """Apply ``event`` to the task in ``txn`` (a settlement's own
+        transaction), storing ``out`` when it changes the state: a final
+        outcome is never overwritten (late news about a cancelled task is
+        ignored).  Whether it was stored."""
+        key = task_id.encode()
+        raw = txn.get(key, db=self.outcome)
+        current = state_of(raw) if raw is not None else S.RUNNING
+        if current not in S.FINAL:
+            current = S.RUNNING     # a recorded failure was an earlier attempt
+        new = S.next_state(current, event)
+        if new == current and current in S.FINAL:
+            return False
+        txn.put(key, out.pack(), db=self.outcome)
+        if out.expires_ns:
+            txn.put(_be(out.expires_ns) + key, b"", db=self.expiry)
+        return True
+
+    def purge_expired(self, txn: Any, now_ns: int, limit: int = 1000) -> int:
+        """Delete up to ``limit`` outcomes whose time ran out; how many."""
+        n = 0
+        cur = txn.cursor(db=self.expiry)
+        doomed = []
+        for k, _ in cur.iternext():
+            if int.from_bytes(k[:8], "big") > now_ns or n >= limit:
+                break
+            doomed.append(bytes(k))
+            n += 1
+        for k in doomed:
+            tid = k[8:]
+            raw = txn.get(tid, db=self.outcome)
+            if raw is not None and Outcome.unpack(raw).expires_ns == int.from_bytes(k[:8], "big"):
+                txn.delete(tid, db=self.outcome)
+                txn.delete(tid, db=self.moved)
+            txn.delete(k, db=self.expiry)
+        return n
+
+    # -- reads ---------------------------------------------------------------------------
+    def recorded(self, task_id: str) -> Outcome | None:
+        raw = self.idx.read(lambda t: t.get(task_id.encode(), db=self.outcome))
+        return None if raw is None else Outcome.unpack(raw)
+
+    def load(self, offset: int) -> tuple[TaskRecord, int, int | None] | None:
+        """The task record at ``offset``, its timestamp and its deliver-at
+        (wall ns, or None), or None."""
+        try:
+            at, payloads, ts, attrs, metas = self.q._fetch(offset, 1)
+        except OffsetError:
+            return None
+        if at != offset or not payloads:
+            return None
+        rec = decode_task(bytes(payloads[0]))
+        if rec is None:
+            return None
+        due = None
+        if metas and 0 in metas:
+            due, _key = F.decode_meta(attrs[0] >> 24, metas[0])
+        return rec, ts[0], due
+
+    def markers(self) -> dict[str, tuple[int, dict[str, Any]]]:
+        """task id -> (pid, marker) for the workers alive now."""
+        def fn(vt: Any) -> list[tuple[int, bytes]]:
+            return [(int.from_bytes(k, "big"), bytes(v)) for k, v in vt.cursor(db=self.running).iternext()]
+        out = {}
+        for pid, v in self.scratch.read(fn):
+            try:
+                m = json.loads(v)
+            except ValueError:
+                continue
+            if m.get("id") and pid_alive(pid):
+                out[m["id"]] = (pid, m)
+        return out
+
+    def status(self, task_id: str, markers: dict[str, Any] | None = None) -> TaskStatus:
+        """The task's state now; raises TaskNotFound."""
+        parsed = parse_id(task_id)
+        if parsed is None:
+            raise TaskNotFound(f"{task_id!r} is not a task id (they look like '1234-9f3a0c21')")
+        key = task_id.encode()
+        idx, p = self.idx, PREFIX
+
+        def fn(txn: Any) -> tuple[Any, ...]:
+            raw = txn.get(key, db=self.outcome)
+            mv = txn.get(key, db=self.moved)
+            off = int.from_bytes(mv, "big") if mv is not None else parsed[0]
+            graw = txn.get(p[:-1], db=idx.groups)
+            mark = GROUP.unpack(graw)[G_WATERMARK] if graw is not None else 0
+            settled = graw is not None and _is_settled(txn, idx, p, mark, off)
+            dead = txn.get(p + _be(off), db=idx.dead)
+            pend = txn.get(p + _be(off), db=idx.pending)
+            return (None if raw is None else Outcome.unpack(raw), off, settled,
+                    None if dead is None else bytes(dead), None if pend is None else bytes(pend))
+        out, off, settled, dead, pend = idx.read(fn)
+        if out is not None and out.state in S.FINAL:
+            return self._from_outcome(task_id, out)
+        found = self.load(off)
+        if found is None or found[0].task_id(off) != task_id:
+            raise TaskNotFound(f"no task {task_id} in {self.q.path}")
+        rec, ts, deliver_at = found
+        attempts = out.attempts if out is not None else 0
+        error = out.error() if out is not None else None
+        base = dict(id=task_id, name=rec.name, submitted=_s(ts) if out is None else _s(out.submitted_ns))
+        if base["submitted"] is None:
+            base["submitted"] = _s(ts)
+        if dead is not None:
+            n, dead_at, _ts, elen = _DEAD.unpack_from(dead)
+            text = dead[_DEAD.size:_DEAD.size + elen].decode(errors="replace")
+            return TaskStatus(state=S.FAILED, attempts=n, finished=_s(dead_at),
+                              error=error or {"type": "", "message": text, "traceback": ""}, **base)
+        if settled:
+            raise TaskNotFound(f"task {task_id} finished and its record expired")
+        mk = (markers if markers is not None else self.markers()).get(task_id)
+        if mk is not None:
+            pid, m = mk
+            return TaskStatus(state=S.RUNNING, attempts=max(attempts, int(m.get("attempt", 1))),
+                              started=m.get("started"), pid=pid, error=error, **base)
+        due = None
+        raw = self.scratch.read(lambda vt: vt.get(p + b"N" + _be(off), db=self.scratch.claims))
+        if raw is not None:
+            due = Retry.unpack(off, raw).due
+        elif pend is not None:
+            due = int.from_bytes(pend, "big")
+        elif deliver_at is not None and out is None:
+            due = deliver_at        # not yet seen by a consumer: the record's own time
+        now = time.time_ns()
+        later = due is not None and due > now
+        state = S.pending_state(due_later=later, failed_before=out is not None)
+        return TaskStatus(state=state, attempts=attempts, error=error,
+                          due=_s(due) if later else None, **base)
+
+    def _from_outcome(self, task_id: str, out: Outcome) -> TaskStatus:
+        return TaskStatus(id=task_id, name=out.name, state=out.state, attempts=out.attempts,
+                          submitted=_s(out.submitted_ns), started=_s(out.started_ns),
+                          finished=_s(out.finished_ns), error=out.error())
+
+    def ids(self) -> Iterator[str]:
+        """Every task id this queue knows: finished or failed once
+        (outcomes), then those whose records wait in the log."""
+        seen: set[str] = set()
+
+        def fn(txn: Any) -> list[str]:
+            return [bytes(k).decode() for k, _ in txn.cursor(db=self.outcome).iternext()]
+        for tid in self.idx.read(fn):
+            seen.add(tid)
+            yield tid
+        graw = self.idx.get(PREFIX[:-1], self.idx.groups)
+        start = GROUP.unpack(graw)[G_WATERMARK] if graw is not None else self.q.first_offset
+        for off, data in self.q.scan(max(start, self.q.first_offset)):
+            rec = decode_task(data)
+            if rec is None:
+                continue
+            tid = rec.task_id(off)
+            if tid not in seen:
+                seen.add(tid)
+                yield tid
+
+    # -- operations -----------------------------------------------------------------
+    def cancel(self, task_id: str, ttl_ns: int) -> bool:
+        """Record the task cancelled, durably, unless it finished: True if
+        it was (not) finished and is cancelled now."""
+        st = self.status(task_id)        # raises TaskNotFound
+        if st.state in S.FINAL:
+            return False
+        key = task_id.encode()
+        now = time.time_ns()
+
+        def fn(txn: Any) -> bool:
+            raw = txn.get(key, db=self.outcome)
+            if raw is not None and state_of(raw) in S.FINAL:
+                return False
+            out = Outcome(S.CANCELLED, st.attempts, int((st.submitted or 0) * 1e9),
+                          int((st.started or 0) * 1e9), now, now + ttl_ns if ttl_ns else 0, "",
+                          st.name, error_json("TaskCancelled", "cancelled", ""))
+            txn.put(key, out.pack(), db=self.outcome)
+            if out.expires_ns:
+                txn.put(_be(out.expires_ns) + key, b"", db=self.expiry)
+            return True
+        done = self.idx.write(fn)
+        self.q._poke()
+        return done
+
+    def moved_to(self, task_id: str, offset: int) -> None:
+        """After ``retry`` put the task again at ``offset``: forget its
+        outcome, point its id there (one transaction)."""
+        key = task_id.encode()
+
+        def fn(txn: Any) -> None:
+            txn.delete(key, db=self.outcome)
+            txn.put(key, _be(offset), db=self.moved)
+        self.idx.write(fn)
+
+    def purge(self, state: str | None, older_than: float, now: float | None = None) -> int:
+        """Delete finished outcomes (of ``state``, or any final one) that
+        finished more than ``older_than`` seconds ago; how many."""
+        limit = int(((now or time.time()) - older_than) * 1e9)
+
+        def fn(txn: Any) -> int:
+            doomed = []
+            for k, v in txn.cursor(db=self.outcome).iternext():
+                o = Outcome.unpack(v)
+                if o.state in S.FINAL and (state is None or o.state == state) and \
+                        o.finished_ns and o.finished_ns <= limit:
+                    doomed.append((bytes(k), o.expires_ns))
+            for k, exp in doomed:
+                txn.delete(k, db=self.outcome)
+                txn.delete(k, db=self.moved)
+                if exp:
+                    txn.delete(_be(exp) + k, db=self.expiry)
+            return len(doomed)
+        return self.idx.write(fn)
