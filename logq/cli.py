@@ -599,6 +599,8 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--json", action="store_true", help="print the final stats as JSON")
     w.set_defaults(func=_work)
 
+    from logq.tasks._cli import add_parsers as _add_tasks
+    _add_tasks(sub)            # logq worker, logq tasks
     _add_operator(sub)
     _add_metrics(sub)
     _add_forward(sub)
