@@ -193,12 +193,11 @@ def test_sigkill_of_worker_and_of_pool_loses_nothing(app, tmp_path) -> None:
         kid = helpers.Child(code, str(tmp_path / "poolz.log"), app.path)
         kids.append(kid)
         assert d.result(timeout=60) == "survived"
-        assert d.status().attempts == 2
+        assert d.status().attempts >= 2     # its own death, plus any pool kill that caught it
         for h in hs:
             assert h.result(timeout=60) == 20
         states = {h.status().state for h in hs}
         assert states == {"succeeded"}
-        assert any(h.status().attempts > 1 for h in hs) or True
 
 
 def test_states_listing(app) -> None:
