@@ -27,7 +27,7 @@ from logq.tasks._records import (JSON, PICKLE, Serializer, decode_task, dumps, e
                                  make_id, new_nonce)
 from logq.tasks._store import GROUP_NAME, Store, TaskStatus
 
-_WAIT_SLICE = 0.5
+_WAIT_SLICE = 0.05
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,7 @@ class TaskHandle:
         store = self.app._store()
         q = self.app.queue
         limit = None if timeout is None else time.monotonic() + timeout
+        nap = 0.001
         while True:
             tail = q.next_offset
             out = store.recorded(self.id)
@@ -113,10 +114,13 @@ class TaskHandle:
                 if st is not None and st.state == S.FAILED:
                     e = st.error or {}
                     raise TaskFailed(self.id, e.get("type", ""), e.get("message", ""), e.get("traceback", ""))
-            left = _WAIT_SLICE if limit is None else min(_WAIT_SLICE, limit - time.monotonic())
+            # (A commit's poke does not end a wait on the tail: look again
+            # after a nap that doubles up to _WAIT_SLICE; a put wakes it.)
+            left = nap if limit is None else min(nap, limit - time.monotonic())
             if left <= 0:
                 raise TimeoutError(f"task {self.id} did not finish within {timeout}s")
             q.wait(tail, left)
+            nap = min(nap * 2, _WAIT_SLICE)
 
     def _final(self, out: Any) -> Any:
         if out.state == S.SUCCEEDED:
