@@ -14,7 +14,7 @@ from logq._errors import (CorruptionError, DiskFullError, Empty, ForwardConfigEr
                           MessageTooLargeError, NotAQueueError, NotDeliveredError, OffsetError,
                           QueueClosedError, QueueFullError, QueueInUseError, RecordLostError)
 from logq._queue import FSYNC_POLICIES, MAX_PRIORITY, ON_FULL, Options, Queue, open
-from logq._consumer import Consumer, DeadLetter, GroupOptions, Message, reset_group
+from logq._consumer import Batch, Consumer, DeadLetter, GroupOptions, Message, reset_group
 from logq._check import Report, repair, verify
 from logq._pool import PoolOptions, PoolStats, WorkerPool
 from logq._metrics import Collector as MetricsCollector, register as register_metrics
@@ -23,7 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "open", "Queue", "Options", "FSYNC_POLICIES", "ON_FULL", "MAX_PRIORITY", "native_enabled",
-    "Consumer", "GroupOptions", "reset_group", "verify", "repair", "Report", "Message", "DeadLetter", "WorkerPool", "PoolOptions", "PoolStats",
+    "Consumer", "Batch", "GroupOptions", "reset_group", "verify", "repair", "Report", "Message", "DeadLetter", "WorkerPool", "PoolOptions", "PoolStats",
     "MetricsCollector", "register_metrics",
     "LogqError", "Empty", "NotDeliveredError", "CorruptionError", "RecordLostError", "FormatVersionError", "NotAQueueError",
     "OffsetError", "QueueClosedError", "QueueInUseError", "QueueFullError", "DiskFullError", "MessageTooLargeError",

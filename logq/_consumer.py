@@ -15,13 +15,14 @@ import logging
 import time
 from typing import Any, Iterator
 
+from logq._batch import Batch
 from logq._errors import Empty, NotDeliveredError, OffsetError, QueueClosedError
 from logq._group import DeadLetter, GroupOptions, Message, _check_name, _Group
 from logq._index import _prefixed, open_scratch
 from logq._queue import Queue, _check_number
 from logq._settled import _DEAD, _be
 
-__all__ = ["Consumer", "DeadLetter", "GroupOptions", "Message", "reset_group"]
+__all__ = ["Batch", "Consumer", "DeadLetter", "GroupOptions", "Message", "reset_group"]
 
 log = logging.getLogger("logq")
 
@@ -84,6 +85,48 @@ class Consumer:
             raise ValueError(f"max_messages must be a positive int, not {max_messages!r}")
         return self._get(max_messages, timeout, False)
 
+    def take(self, max_messages: int, timeout: float | None = 0.0) -> Batch:
+        """Up to ``max_messages`` messages as one Batch: parallel arrays
+        (offsets, payloads, attempts, timestamps, keys, priorities), no
+        object per message.  At least one unless ``timeout`` seconds pass
+        first (then an empty batch); ``timeout=None`` waits for one.  The
+        same delivery, leases and order as ``get_many``: settle it with
+        ``ack(batch)``, ``ack(batch, [i, ...])``, ``nack(batch, [i, ...])``,
+        ``give_back(batch, [i, ...])`` or ``batch.ack(i)``.  (Messages
+        ``get`` prefetched stay with ``get``.)"""
+        self._check_open()      # (the rule comes before argument checks)
+        if isinstance(max_messages, bool) or not isinstance(max_messages, int) or max_messages < 1:
+            raise ValueError(f"max_messages must be a positive int, not {max_messages!r}")
+        return self._take(max_messages, timeout, True)
+
+    def _take(self, n: int, timeout: float | None, payloads: bool) -> Batch:
+        g = self._g
+        self._check_open()
+        limit = None if timeout is None else time.monotonic() + timeout
+        while True:
+            tail = self.queue.next_offset
+            b = g.take(n, payloads)
+            if b is not None:
+                b._consumer = self
+                return b
+            if not self._wait(tail, limit):
+                return Batch([])
+
+    def _wait(self, tail: int, limit: float | None) -> bool:
+        """Nothing was deliverable: sleep until a put past ``tail``, a due
+        time, or a look around; False once ``limit`` passed."""
+        now = time.monotonic()
+        if limit is not None and now >= limit:
+            return False
+        sleep = _IDLE_LOOK
+        due = self._g.next_due()
+        if due is not None:
+            sleep = min(sleep, max(0.0, (due - time.time_ns()) / 1e9))
+        if limit is not None:
+            sleep = min(sleep, limit - now)
+        self.queue.wait(tail, sleep)
+        return True
+
     def __iter__(self) -> Iterator[Message]:
         """Messages as ``get()`` returns them, forever (until the consumer
         closes: QueueClosedError, at once if it is closed already)."""
@@ -118,16 +161,8 @@ class Consumer:
                     g.handed(got[:n])
                 return got[:n]
             # Nothing: sleep until a put, a due time, or a look around.
-            now = time.monotonic()
-            if limit is not None and now >= limit:
+            if not self._wait(tail, limit):
                 return []
-            sleep = _IDLE_LOOK
-            due = g.next_due()
-            if due is not None:
-                sleep = min(sleep, max(0.0, (due - time.time_ns()) / 1e9))
-            if limit is not None:
-                sleep = min(sleep, limit - now)
-            self.queue.wait(tail, sleep)
 
     # -- settling -------------------------------------------------------------------
     def _own(self, m: Any) -> Message:
@@ -141,8 +176,12 @@ class Consumer:
                                     f"{self.group!r} on this queue")
         return m
 
-    def ack(self, m: Message, *, write: Any = None) -> None:
+    def ack(self, m: Message | Batch, indices: list[int] | None = None, *,
+            write: Any = None) -> None:
         """Settle ``m``: never delivered to this group again once committed.
+        ``m`` is a Message, or a Batch: then the deliveries at ``indices``
+        (None: every one of it still out), all or (NotDeliveredError if
+        one is not out) none.
 
         ``write``: a callable run as ``write(txn)`` inside the index
         transaction that makes this ack durable (the commit's ack
@@ -152,13 +191,26 @@ class Consumer:
         through ``txn``."""
         g = self._g
         led = g.ledger
+        if type(m) is Batch:
+            self._check_open()
+            with g.lock:
+                led.ack_batch(m, indices)
+                if write is not None:
+                    g.ack_writes.append(write)
+                full = led.pending() >= self.options.commit_every
+            if full:
+                g.commit()
+            return
         with g.lock:
-            if type(m) is not Message or led.out.get(m.offset) is not m or self._closed or g.closed:
+            if type(m) is not Message or led.out.get(m.offset) is not m or self._closed or g.closed \
+                    or indices is not None:
                 self._own(m)            # the precise error
+                if indices is not None:
+                    raise TypeError("indices go with a Batch, not a Message")
             led.ack(m)
             if write is not None:
                 g.ack_writes.append(write)
-            full = len(led.acks) + len(led.nacks) >= self.options.commit_every
+            full = len(led.acks) + len(led.nacks) + led.in_runs >= self.options.commit_every
         if full:
             g.commit()
 
@@ -181,8 +233,8 @@ class Consumer:
         if full:
             g.commit()
 
-    def nack(self, m: Message, delay: float | None = None, error: str | None = None, *,
-             write: Any = None) -> None:
+    def nack(self, m: Message | Batch, delay: float | None = None, error: str | None = None, *,
+             indices: list[int] | None = None, write: Any = None) -> None:
         """Delivery of ``m`` failed: redeliver it ``delay`` seconds from now
         (the time of this call), or after exponential backoff with full
         jitter when None; after ``max_attempts`` deliveries it goes to the
@@ -196,31 +248,53 @@ class Consumer:
         at once, this delivery counted as an attempt.  A dead letter is
         written at the next commit.
 
+        ``m`` may be a Batch: then the deliveries at ``indices`` (None:
+        every one of it still out), each as above.
+
         ``write``: a callable run as ``write(txn)`` inside the index
         transaction that makes this nack durable (its schedule entry or
         dead letter), under the same rules as ``ack``'s."""
-        self._own(m)
+        if type(m) is Batch:
+            self._check_open()
+            ms = self._g.detach(m, indices)
+        else:
+            ms = [self._own(m)]
+            if indices is not None:
+                raise TypeError("indices go with a Batch, not a Message")
         if delay is not None:
             _check_number("delay", delay)
         if error is not None and not isinstance(error, str):
             error = repr(error)
-        self._g.nack(m, delay, error, write)
+        for i, one in enumerate(ms):
+            self._g.nack(one, delay, error, write if i == 0 else None)
 
-    def give_back(self, ms: list[Message]) -> None:
+    def give_back(self, ms: list[Message] | Batch, indices: list[int] | None = None) -> None:
         """Return messages unprocessed (say, on shutdown): delivered again
-        at once, to any consumer of the group, without counting an attempt."""
+        at once, to any consumer of the group, without counting an attempt.
+        ``ms`` may be a Batch: then its deliveries at ``indices`` (None:
+        every one still out)."""
         self._check_open()
+        if type(ms) is Batch:
+            ms = self._g.detach(ms, indices)
+            self._g.give_back(ms)
+            return
         ms = list(ms)
         for m in ms:
             self._own(m)
         self._g.give_back(ms)
 
-    def extend(self, m: Message, seconds: float) -> None:
+    def extend(self, m: Message | Batch, seconds: float) -> None:
         """Keep ``m`` leased for at least ``seconds`` from now (never
         shorter than it is), at once for every process.  Raises
         NotDeliveredError if its lease already ran out and was given back
         to the group (it may be out with another consumer; an ack is still
-        accepted)."""
+        accepted).  ``m`` may be a Batch: every delivery of it still out
+        (each then holds a lease of its own)."""
+        if type(m) is Batch:
+            self._check_open()
+            for one in self._g.detach(m, None):
+                self._g.extend(one, seconds)
+            return
         self._own(m)
         self._g.extend(m, seconds)
 

@@ -39,6 +39,7 @@ from typing import Any, NamedTuple
 
 from logq import _format as F
 from logq import _owners
+from logq._batch import Batch
 from logq._errors import NotDeliveredError, OffsetError, QueueClosedError
 from logq._index import (G_ACKED, G_DEAD, G_DELIVERED, G_REDELIVERED, G_WATERMARK, GROUP,
                          K_PRIORITIES, _prefixed, open_scratch)
@@ -122,6 +123,17 @@ class DeadLetter:
     dead_at: float
 
 
+def _merge_runs(rs: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, merged half-open runs."""
+    out: list[list[int]] = []
+    for a, b in sorted(rs):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
 def _check_name(name: Any) -> bytes:
     if not isinstance(name, str):
         raise TypeError(f"a group name must be a str, not {type(name).__name__}")
@@ -194,16 +206,39 @@ class _Group:
         retries and delayed messages first, then new ones (by priority).
         Reaps expired claims and those of dead processes on the way."""
         with self.claiming:
-            if self.closed:
-                raise QueueClosedError(f"the consumer of group {self.name!r} is closed")
-            # One write transaction of the lease table: it serialises the
-            # claimers of every process.
-            out = self.scratch.write(lambda vt: self._claim_in(vt, n))
+            chunks = self._claim_chunks(n, True)
+            out: list[Message] = []
+            for start, payloads, ts, lease in chunks:
+                if len(ts) == 1:
+                    out.append(Message(start, payloads[0], ts[0], lease))
+                else:
+                    out += map(Message, range(start, start + len(ts)), payloads, ts, repeat(lease))
             with self.lock:
                 self.ledger.deliver(out)
             return out
 
-    def _claim_in(self, vt: Any, n: int) -> list[Message]:
+    def take(self, n: int, payloads: bool) -> Batch | None:
+        """Like ``claim``, as one Batch (None: nothing deliverable), counted
+        as handed out; without the payloads unless ``payloads``."""
+        with self.claiming:
+            chunks = self._claim_chunks(n, payloads)
+            if not chunks:
+                return None
+            b = Batch(chunks)
+            with self.lock:
+                self.ledger.deliver_batch(b)
+                self.delivered += b.left
+                self.redelivered += sum(len(c[2]) for c in chunks if c[3].attempt > 1)
+            return b
+
+    def _claim_chunks(self, n: int, payloads: bool) -> list[_Chunk]:
+        if self.closed:
+            raise QueueClosedError(f"the consumer of group {self.name!r} is closed")
+        # One write transaction of the lease table: it serialises the
+        # claimers of every process.
+        return self.scratch.write(lambda vt: self._claim_in(vt, n, payloads))
+
+    def _claim_in(self, vt: Any, n: int, with_payloads: bool) -> list[_Chunk]:
         sc, idx, p = self.scratch, self.idx, self.prefix
         now, wall = time.monotonic_ns(), time.time_ns()
         deadline = now + self._vt_ns
@@ -227,19 +262,19 @@ class _Group:
                 retries[:] = [r for r in retries if not _is_settled(txn, idx, p, mark, r[1])]
             return mark, prio, due, _Skips(txn, idx, p, min(cursors.values()), tail)
         mark, self._priorities, due, skip = idx.read(snapshot)
-        out: list[Message] = []
+        out: list[_Chunk] = []
         # 1. the schedule: retries (posted or durable) and delayed messages that are due
         for due_ns, off, attempts in sorted(due + retries)[:n]:
             vt.delete(p + b"N" + _be(off), db=sc.claims)
             m = self._load_one(off, attempts + 1, deadline, due_ns)
             if m is None:
                 continue
-            vt.put(p + b"S" + _be(off), Claim(off, off + 1, self.owner, deadline, m.attempt, due_ns).pack(),
-                   db=sc.claims)
+            vt.put(p + b"S" + _be(off), Claim(off, off + 1, self.owner, deadline, m.lease.attempt,
+                                              due_ns).pack(), db=sc.claims)
             out.append(m)
         # 2. new messages, from the cursors
         if len(out) < n:
-            out += self._fresh(vt, n - len(out), cursors, skip, tail, wall, deadline)
+            out += self._fresh(vt, n - len(out), cursors, skip, tail, wall, deadline, with_payloads)
         if out:
             self._note_claims(vt, deadline)
         return out
@@ -436,7 +471,7 @@ class _Group:
         retry = self.scratch.read(posted)
         return min((d for d in (durable, retry) if d is not None), default=None)
 
-    def _load_one(self, off: int, attempt: int, deadline: int, due: int) -> Message | None:
+    def _load_one(self, off: int, attempt: int, deadline: int, due: int) -> _Chunk | None:
         try:
             at, payloads, ts, attrs, metas = self.q._fetch(off, 1)
         except OffsetError:
@@ -446,8 +481,8 @@ class _Group:
             self._forget_scheduled(off, due)
             return None
         _deliver_at, key = F.decode_meta(attrs[0] >> 24, metas[0]) if metas and 0 in metas else (None, None)
-        return Message(off, payloads[0], ts[0], Lease(attempt, deadline, -1, due, True, self, key,
-                                                      (attrs[0] >> 16) & 0xFF))
+        return _Chunk(off, payloads[:1], ts[:1], Lease(attempt, deadline, -1, due, True, self, key,
+                                                       (attrs[0] >> 16) & 0xFF))
 
     def _forget_scheduled(self, off: int, due: int) -> None:
         idx, p = self.idx, self.prefix
@@ -464,7 +499,7 @@ class _Group:
 
     # -- new messages -------------------------------------------------------------
     def _fresh(self, vt: Any, n: int, cursors: dict[int, int], skip: "_Skips", tail: int,
-               wall: int, deadline: int) -> list[Message]:
+               wall: int, deadline: int, with_payloads: bool) -> list[_Chunk]:
         """Up to ``n`` messages never delivered to this group, from its
         cursor; once a record with a priority has been put, from one cursor
         per level, higher levels first (aged ones before them)."""
@@ -478,7 +513,7 @@ class _Group:
             cursors = {lvl: cursors[_ALL] for lvl in range(MAX_PRIORITY + 1)}
         if _ALL in cursors:
             picks[_ALL], resume[_ALL], prio_at = self._scan(_ALL, cursors[_ALL], tail, n, wall,
-                                                            skip, delayed)
+                                                            skip, delayed, with_payloads)
             if prio_at is not None:
                 # The first priority: from here on, one cursor per level,
                 # all starting where this scan did.
@@ -489,20 +524,20 @@ class _Group:
         if _ALL not in cursors:
             for lvl in range(MAX_PRIORITY + 1):
                 picks[lvl], resume[lvl], _ = self._scan(lvl, cursors[lvl], tail, n, wall,
-                                                        skip, delayed)
+                                                        skip, delayed, with_payloads)
             heads = {lvl: ps[0][2] for lvl, ps in picks.items() if lvl != _ALL and ps}
             order += level_order(heads, wall, int(self.opts.priority_aging * 1e9))
             order += [lvl for lvl in range(MAX_PRIORITY + 1) if lvl not in order]
         if delayed:
             self._schedule_delayed(delayed)
-        out: list[Message] = []
+        out: list[_Chunk] = []
         if _ALL in cursors:
             # One cursor: the scan stopped at n records; all of them go.
             cursors[_ALL] = resume[_ALL]
             out = self._lease_run(vt, picks[_ALL], deadline)
         for lvl in order:
             ps = picks[lvl]         # (tuples: level scans make no runs)
-            take = min(n - len(out), len(ps))
+            take = min(n - sum(len(c.ts) for c in out), len(ps))
             if lvl in cursors:
                 # Past what was taken; past the whole scan if all of it was.
                 cursors[lvl] = ps[take][0] if take < len(ps) else resume[lvl]
@@ -512,7 +547,8 @@ class _Group:
         return out
 
     def _scan(self, lvl: int, start: int, stop: int, n: int, wall: int, skip: "_Skips",
-              delayed: list[tuple[int, int]]) -> tuple[list["_Pick"], int, int | None]:
+              delayed: list[tuple[int, int]], with_payloads: bool = True
+              ) -> tuple[list["_Pick"], int, int | None]:
         """Scan [start, stop) for up to ``n`` deliverable records of
         priority ``lvl`` (of any, for _ALL).  Returns the picks, the offset
         to resume the scan at once all of them are taken, and (for _ALL)
@@ -524,9 +560,11 @@ class _Group:
         while off < stop and count < n:
             # (one cursor takes every record it scans: read no more than it needs)
             want = n - count if lvl == _ALL else _SCAN_CHUNK
-            at, payloads, ts, attrs, metas = self.q._fetch(off, min(want, stop - off))
+            at, payloads, ts, attrs, metas = self.q._fetch(off, min(want, stop - off), with_payloads)
             if not attrs:
                 break
+            if payloads is None:
+                payloads = [None] * len(attrs)     # (read by whoever runs them: the pool's workers)
             if lvl == _ALL and not skip and metas is None:
                 # The common case: no meta, no priority, nothing to skip: a
                 # run (start, payloads, timestamps), no tuple per record.
@@ -604,24 +642,25 @@ class _Group:
             vt.put(p + b"D", _I64.pack(deadline), db=sc.summary)
         vt.put(p + b"O" + _be(self.owner), b"", db=sc.summary)
 
-    def _lease_run(self, vt: Any, picks: list[Any], deadline: int) -> list[Message]:
-        """Range claims over runs of consecutive picks; their messages."""
-        out: list[Message] = []
+    def _lease_run(self, vt: Any, picks: list[Any], deadline: int) -> list[_Chunk]:
+        """Range claims over runs of consecutive picks; their chunks (a
+        plain run shares one lease; a pick with a key or a priority has its
+        own)."""
+        out: list[_Chunk] = []
         sc, p, put = self.scratch, self.prefix, vt.put
         i = 0
         while i < len(picks):
             if type(picks[i]) is _Run:
                 start, payloads, ts = picks[i]
                 i += 1
-                end = start + len(payloads)
-                ms = list(map(Message, range(start, end), payloads, ts,
-                              repeat(Lease(1, deadline, start, group=self))))
+                end = start + len(ts)
+                ms = [_Chunk(start, payloads, ts, Lease(1, deadline, start, group=self))]
             else:
                 j = i + 1
                 while j < len(picks) and type(picks[j]) is not _Run and picks[j][0] == picks[j - 1][0] + 1:
                     j += 1
                 start, end = picks[i][0], picks[j - 1][0] + 1
-                ms = [Message(o, d, t, Lease(1, deadline, start, group=self, key=k, priority=pr))
+                ms = [_Chunk(o, [d], [t], Lease(1, deadline, start, group=self, key=k, priority=pr))
                       for o, d, t, pr, k in picks[i:j]]
                 i = j
             put(p + b"R" + _be(start), Claim(start, end, self.owner, deadline, 1).pack(), db=sc.claims)
@@ -679,34 +718,42 @@ class _Group:
             self.ack_writes, self.nack_writes = [], []
             delivered, redelivered = self.delivered, self.redelivered
             self.delivered = self.redelivered = 0
-        if not s.acks and not s.nacks and not delivered:
+        if not s.acks and not s.nacks and not s.runs and not delivered:
             return
         idx, p = self.idx, self.prefix
         now, wall = time.monotonic_ns(), time.time_ns()
         special = {id(lease) for lease in set(map(_LEASE, s.acks)) if lease.single or now > lease.deadline - _LATE_NS}
-        check = [d for d in s.acks if id(d._l) in special] if special else []
+        # (offset, single) of the acks that may have a schedule entry
+        check = [(d.offset, d.single) for d in s.acks if id(d._l) in special] if special else []
+        settled = runs(map(_OFFSET, s.acks)) if s.acks else []
+        if s.runs:
+            for a, b, lease in s.runs:
+                if lease.single or now > lease.deadline - _LATE_NS:
+                    check += [(o, lease.single) for o in range(a, b)]
+            settled = _merge_runs(settled + [(a, b) for a, b, _lease in s.runs])
+        acked = s.count()
         try:
             def fn(txn: Any) -> None:
                 g = list(GROUP.unpack(txn.get(p[:-1], db=idx.groups)))
                 g[G_DELIVERED] += delivered
                 g[G_REDELIVERED] += redelivered
-                g[G_ACKED] += len(s.acks)
+                g[G_ACKED] += acked
                 # Only a message delivered from the schedule (``single``) or
                 # acked late may have a schedule entry: it came from one, or
                 # was reaped (and scheduled again) after its lease ran out.
                 # (Checked per lease: a batch shares one.)
-                for d in check:
-                    pend = txn.get(p + _be(d.offset), db=idx.pending)
+                for off, _single in check:
+                    pend = txn.get(p + _be(off), db=idx.pending)
                     if pend is not None:
-                        txn.delete(p + pend + _be(d.offset), db=idx.sched)
-                        txn.delete(p + _be(d.offset), db=idx.pending)
-                _settle(txn, idx, p, g, runs(map(_OFFSET, s.acks)))
+                        txn.delete(p + pend + _be(off), db=idx.sched)
+                        txn.delete(p + _be(off), db=idx.pending)
+                _settle(txn, idx, p, g, settled)
                 # Write hooks, in the transaction of their own settlement:
                 # an ack's here, a nack's in _fail's (one each, in order).
                 for w in ack_writes:
                     w(txn)
                 txn.put(p[:-1], GROUP.pack(*g), db=idx.groups)
-            if s.acks or delivered or ack_writes:
+            if s.acks or s.runs or delivered or ack_writes:
                 idx.write(fn)
             if s.nacks:
                 self._fail([(d.offset, d.attempt, d.due, due) for d, due, _e in s.nacks], wall,
@@ -723,7 +770,7 @@ class _Group:
             done = self.ledger.settled(s)
         # (A retried single gave up its claim when the retry was posted; the
         # posted retry goes now that the durable schedule has it.)
-        self._free_claims(done, [d.offset for d in check if d.single] +
+        self._free_claims(done, [off for off, single in check if single] +
                           [d.offset for d, due, _e in s.nacks if d.single and due is None],
                           [(d.offset, due) for d, due, _e in s.nacks if due is not None])
         if s.nacks or ack_writes:
@@ -824,11 +871,21 @@ class _Group:
         self._free_claims(done, [m.offset for m in ms if m.single])
         self.q._poke()
 
+    def detach(self, b: Batch, idxs: list[int] | None) -> list[Message]:
+        """Deliveries of a batch as Messages of their own (to nack, give
+        back or extend them one by one); raises NotDeliveredError
+        (changing nothing) if one is not out."""
+        with self.lock:
+            return self.ledger.detach(b, idxs, lambda i, off, lease: Message(  # type: ignore[return-value]
+                off, b.payload(i), b.timestamp_ns(i), lease))
+
     def release(self) -> None:
         """Give back what this process holds: buffered messages not handed
         out yet (as ``give_back``) and messages out and not settled (a
         failed attempt: delivered again at once, or dead-lettered)."""
         with self.lock:
+            self.ledger.detach_all(lambda b, i, off, lease: Message(
+                off, b.payload(i), b.timestamp_ns(i), lease))
             buffered = list(self.buffer)
             self.buffer.clear()
             out = list(self.ledger.out.values())
@@ -881,3 +938,11 @@ class _Run(NamedTuple):
     start: int
     payloads: list[bytes]
     ts: list[int]
+
+
+class _Chunk(NamedTuple):
+    """Consecutive messages claimed together under one lease."""
+    start: int
+    payloads: list[bytes] | list[None]
+    ts: list[int]
+    lease: Lease

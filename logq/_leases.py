@@ -18,6 +18,7 @@ Vocabulary (per group):
 
 from __future__ import annotations
 
+import bisect
 import struct
 from collections import Counter, deque
 from dataclasses import dataclass
@@ -205,13 +206,50 @@ class Delivery:
         return f"<{type(self).__name__} offset={self.offset} attempt={self.attempt}>"
 
 
+class BatchOut:
+    """Deliveries handed out together (``take``) with no object per
+    message: ``chunks`` of consecutive offsets ``(start, count, lease)``,
+    each sharing one lease, indexed 0..n-1 in order.  ``open[i]`` is 1
+    while delivery ``i`` is out and neither settled nor *detached*: turned
+    into a Delivery of its own (``detached[i]``, then tracked like any
+    other) to be nacked, given back or extended on its own."""
+
+    __slots__ = ("chunks", "firsts", "open", "left", "detached")
+
+    def __init__(self, chunks: list[tuple[int, int, Lease]]) -> None:
+        self.chunks = chunks
+        self.firsts: list[int] = []         # the index of each chunk's first delivery
+        n = 0
+        for _start, count, _lease in chunks:
+            self.firsts.append(n)
+            n += count
+        self.open = bytearray(b"\x01") * n
+        self.left = n
+        self.detached: dict[int, Delivery] = {}
+
+    def __len__(self) -> int:
+        return len(self.open)
+
+    def locate(self, i: int) -> tuple[int, Lease]:
+        """The offset and the lease of delivery ``i``."""
+        k = bisect.bisect_right(self.firsts, i) - 1
+        start, _count, lease = self.chunks[k]
+        return start + i - self.firsts[k], lease
+
+
 @dataclass(slots=True)
 class Settlement:
-    """What one commit writes: acked deliveries, and failed ones with when
-    they are due again (wall ns, fixed when the nack was made; None: they
-    used their attempts and go to the dead letters) and the error text."""
+    """What one commit writes: acked deliveries, acked runs of batches
+    ``(start, end, lease)``, and failed deliveries with when they are due
+    again (wall ns, fixed when the nack was made; None: they used their
+    attempts and go to the dead letters) and the error text."""
     acks: list[Delivery]
     nacks: list[tuple[Delivery, int | None, str | None]]
+    runs: list[tuple[int, int, Lease]]
+
+    def count(self) -> int:
+        """How many deliveries were acked."""
+        return len(self.acks) + sum(b - a for a, b, _lease in self.runs)
 
 
 class Ledger:
@@ -227,6 +265,9 @@ class Ledger:
         self.ranges: dict[int, list[int]] = {}   # range claim start -> [end, offsets still out]
         self.acks: list[Delivery] = []
         self.nacks: list[tuple[Delivery, int | None, str | None]] = []
+        self.batches: dict[int, BatchOut] = {}     # id -> batch with deliveries open
+        self.runs: list[tuple[int, int, Lease]] = []    # acked runs of batches
+        self.in_runs = 0                                # deliveries in them
 
     def add_range(self, start: int, end: int, count: int) -> None:
         """A range claim over [start, end) holding ``count`` deliveries."""
@@ -269,6 +310,102 @@ class Ledger:
         deque(map(out.pop, offsets), 0)
         self.acks += ds
 
+    # -- batches (take) ---------------------------------------------------------------
+    def deliver_batch(self, b: BatchOut) -> None:
+        if b.left:
+            self.batches[id(b)] = b
+
+    def _check_batch(self, b: Any, idxs: list[int]) -> None:
+        """Raise NotDeliveredError unless every index is out (open, or
+        detached and out), once."""
+        if not isinstance(b, BatchOut):
+            raise NotDeliveredError(f"{type(b).__name__} is not a batch that take() returned")
+        known = self.batches.get(id(b)) is b
+        n = len(b.open)
+        for i in idxs:
+            if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n:
+                raise NotDeliveredError(f"no delivery {i!r} in a batch of {n}; nothing was settled")
+            if b.open[i] and known:
+                continue
+            d = b.detached.get(i)
+            if d is None or self.out.get(d.offset) is not d:
+                raise NotDeliveredError(f"delivery {i} (offset {b.locate(i)[0]}) of the batch is not "
+                                        "out (settled already, its lease was lost, or given back); "
+                                        "nothing was settled")
+        if len(set(idxs)) != len(idxs):
+            raise NotDeliveredError("the same delivery twice in one settlement; nothing was settled")
+
+    def ack_batch(self, b: BatchOut, idxs: list[int] | None) -> int:
+        """Ack deliveries ``idxs`` of ``b`` (None: every one still out),
+        all or (if one is not out) none; how many."""
+        if idxs is None:
+            if self.batches.get(id(b)) is not b and not b.detached:
+                self._check_batch(b, [0] if len(b) else [])     # raises
+                return 0                                        # (an empty batch)
+            if b.left == len(b.open):
+                # The usual case: the whole batch at once, one run per chunk.
+                self.runs += [(start, start + count, lease) for start, count, lease in b.chunks]
+                b.open = bytearray(len(b.open))
+                b.left = 0
+                del self.batches[id(b)]
+                self.in_runs += len(b.open)
+                return len(b.open)
+            idxs = [i for i, o in enumerate(b.open) if o] + \
+                [i for i, d in b.detached.items() if self.out.get(d.offset) is d]
+        else:
+            idxs = list(idxs)
+            self._check_batch(b, idxs)
+        runs: list[list[Any]] = []
+        for i in sorted(idxs):
+            if not b.open[i]:
+                self.ack(b.detached[i])
+                continue
+            b.open[i] = 0
+            b.left -= 1
+            off, lease = b.locate(i)
+            if runs and runs[-1][1] == off and runs[-1][2] is lease:
+                runs[-1][1] = off + 1
+            else:
+                runs.append([off, off + 1, lease])
+        self.runs += [(a, e, lease) for a, e, lease in runs]
+        self.in_runs += sum(e - a for a, e, _lease in runs)
+        if not b.left:
+            self.batches.pop(id(b), None)
+        return len(idxs)
+
+    def detach(self, b: BatchOut, idxs: list[int] | None,
+               make: Callable[[int, int, Lease], Delivery]) -> list[Delivery]:
+        """The deliveries ``idxs`` of ``b`` (None: every one still out) as
+        objects of their own (``make(index, offset, lease)``), out like any
+        other from now on; all or (if one is not out) none."""
+        if idxs is None:
+            if self.batches.get(id(b)) is not b and not b.detached:
+                self._check_batch(b, [0] if len(b) else [])     # raises
+                return []                                       # (an empty batch)
+            idxs = [i for i, o in enumerate(b.open) if o] + \
+                [i for i, d in b.detached.items() if self.out.get(d.offset) is d]
+        else:
+            idxs = list(idxs)
+            self._check_batch(b, idxs)
+        out = []
+        for i in idxs:
+            if b.open[i]:
+                b.open[i] = 0
+                b.left -= 1
+                off, lease = b.locate(i)
+                d = b.detached[i] = make(i, off, lease)
+                self.out[off] = d
+            out.append(b.detached[i])
+        if not b.left:
+            self.batches.pop(id(b), None)
+        return out
+
+    def detach_all(self, make: Callable[[BatchOut, int, int, Lease], Delivery]) -> None:
+        """Detach every delivery still open in every batch (before a
+        release: from then on each is a Delivery in ``out``)."""
+        for b in list(self.batches.values()):
+            self.detach(b, None, lambda i, off, lease, b=b: make(b, i, off, lease))
+
     def nack(self, d: Delivery, due: int | None, error: str | None) -> None:
         """``d`` failed: due again at ``due`` (what the caller decided when
         the nack was made), or dead-lettered (None)."""
@@ -309,18 +446,23 @@ class Ledger:
         self.ranges.pop(d.range_start, None)
 
     def pending(self) -> int:
-        return len(self.acks) + len(self.nacks)
+        """Acks and nacks not committed yet (an acked run of a batch counts
+        its length)."""
+        return len(self.acks) + len(self.nacks) + self.in_runs
 
     def take(self) -> Settlement:
         """Hand the uncommitted acks and nacks to a commit: ``settled``
         once it is durable, ``restore`` if it failed."""
-        s = Settlement(self.acks, self.nacks)
-        self.acks, self.nacks = [], []
+        s = Settlement(self.acks, self.nacks, self.runs)
+        self.acks, self.nacks, self.runs = [], [], []
+        self.in_runs = 0
         return s
 
     def restore(self, s: Settlement) -> None:
         self.acks[:0] = s.acks
         self.nacks[:0] = s.nacks
+        self.runs[:0] = s.runs
+        self.in_runs += sum(b - a for a, b, _lease in s.runs)
 
     def settled(self, s: Settlement) -> list[int]:
         """Record that ``s`` is durable; the range claims with nothing left
@@ -328,6 +470,8 @@ class Ledger:
         done = []
         counts = Counter(map(_LEASE, s.acks))       # a batch shares one lease: count per lease
         counts.update(n[0]._l for n in s.nacks)
+        for a, b, lease in s.runs:
+            counts[lease] += b - a
         for lease, k in counts.items():
             start = lease.range_start
             r = self.ranges.get(start)

@@ -32,6 +32,7 @@ def _args(name: str, m):
         "close": ((), {}),
         # Consumer
         "get": ((), {"timeout": 0}), "get_many": ((1,), {"timeout": 0}), "__iter__": ((), {}),
+        "take": ((1,), {"timeout": 0}),
         "ack": ((m,), {}), "ack_many": (([m],), {}), "nack": ((m,), {"delay": 0}),
         "give_back": (([m],), {}), "extend": ((m, 1.0), {}), "commit": ((), {}),
         "dead_letters": ((), {}), "replay": ((), {}), "purge": ((), {}),
@@ -108,3 +109,21 @@ def test_the_last_consumer_closed_then_its_queue(tmp_path):
 
 def test_the_rule_is_documented_on_each_class():
     assert "QueueClosedError" in Consumer.__doc__ and "QueueClosedError" in Queue.close.__doc__
+
+
+def test_a_batch_on_a_closed_consumer(tmp_path):
+    """take() and settling a Batch follow the same rule: QueueClosedError
+    once the consumer (or its queue) is closed, whatever the arguments."""
+    q = logq.open(str(tmp_path / "q"))
+    q.put_many([b"a", b"b", b"c"])
+    c = q.consumer("g")
+    b = c.take(3, timeout=5)
+    assert len(b) == 3
+    c.close()
+    for call in (lambda: c.ack(b), lambda: c.ack(b, [0]), lambda: c.nack(b, indices=[1]),
+                 lambda: c.give_back(b, [2]), lambda: c.extend(b, 1.0), lambda: b.ack(0),
+                 lambda: c.take(0), lambda: c.take(1, timeout=0)):
+        with pytest.raises(logq.QueueClosedError):
+            call()
+    assert b.payloads == [b"a", b"b", b"c"]       # copies: still readable
+    q.close()
