@@ -552,7 +552,7 @@ def model_child_main(config_json: str) -> None:
             i += k
     else:
         c = q.consumer(cfg["group"], **cfg["options"])
-        empty, batch = 0, 0
+        empty, batch, unsaved = 0, 0, []
         while empty < 2:
             if rng.random() < 0.2:
                 try:
@@ -568,12 +568,14 @@ def model_child_main(config_json: str) -> None:
             os.write(fd, "".join(f"D {m.offset} {zlib.crc32(m.data) & 0xFFFFFFFF}\n" for m in ms).encode())
             acks = [m for m in ms if rng.random() < 0.7]
             c.ack_many(acks)
+            unsaved += acks                   # commit() makes every ack since the last one durable
             batch += 1
-            if batch % 2 == 0 and acks:
-                offs = " ".join(str(m.offset) for m in acks)
+            if batch % 2 == 0 and unsaved:
+                offs = " ".join(str(m.offset) for m in unsaved)
                 os.write(fd, f"P {offs}\n".encode())
                 c.commit()
                 os.write(fd, f"C {offs}\n".encode())
+                unsaved = []
     os.write(fd, b"ready\n")
     while True:
         time.sleep(1)
