@@ -2,11 +2,15 @@
 worker processes, never losing one.
 
 The parent process owns everything durable: it claims messages through a
-consumer of the group, sends them in batches to idle workers over pipes
-(payloads travel with the work, pickled in one go per batch), collects each
-batch's failures, acks and nacks, and commits: one index commit every
-``commit_every`` acks or ``commit_interval`` seconds.  A worker only runs
-the handler.  So:
+consumer of the group (``take``: a batch of offsets; the payloads are not
+read), sends each batch to an idle worker over its pipe as runs of offsets
+(``(first, count)``, plus attempts, keys and priorities only when some
+message is not plain), collects each batch's failures (offsets and error
+texts), acks the rest as runs and nacks the failures, and commits: one
+index commit every ``commit_every`` acks or ``commit_interval`` seconds.
+A worker opens the queue itself and reads the payloads from the log's
+shared mapping (zero-copy dispatch: no payload crosses a pipe); it writes
+nothing to the queue, and runs the handler.  So:
 
 * a worker that dies (SIGKILL, a crash in C) or overruns ``timeout`` is
   killed and replaced; the message it was running counts as a failed
@@ -41,8 +45,9 @@ from operator import attrgetter
 from typing import Any, Callable
 
 from logq import _status
+from logq._batch import Batch
 from logq._consumer import Consumer, GroupOptions, Message
-from logq._errors import LogqError
+from logq._errors import LogqError, OffsetError
 from logq._leases import Lease
 from logq._queue import Queue, _check_int, _check_seconds
 from logq._retry import CircuitBreaker
@@ -50,7 +55,7 @@ from logq._service import Service
 
 log = logging.getLogger("logq")
 
-_TS, _OFFSET, _DATA, _LEASE = attrgetter("ts_ns"), attrgetter("offset"), attrgetter("data"), attrgetter("_l")
+_TS = attrgetter("ts_ns")
 _LATENCY_SAMPLES = 20_000      # put -> commit latencies kept for the percentiles
 _IDLE_GRACE = 1.0
 _BATCH_SECONDS = 0.02          # adaptive batch size: about this much work per batch...
@@ -174,10 +179,42 @@ def _watch_pool(alive: Connection) -> None:
     os._exit(3)
 
 
+def _read_runs(q: Queue, runs: list[tuple[int, int]]) -> tuple[list[int], list[Any], list[int], list[int]]:
+    """The records of ``runs`` (first offset, count) from the log: their
+    offsets, payloads and timestamps, and the offsets no longer there
+    (dropped by max_bytes, or lost to damage, since they were claimed)."""
+    offsets: list[int] = []
+    datas: list[Any] = []
+    stamps: list[int] = []
+    gone: list[int] = []
+    for start, count in runs:
+        off, end = start, start + count
+        while off < end:
+            try:
+                at, payloads, ts, _attrs, _metas = q._fetch(off, end - off)
+            except OffsetError:
+                at, payloads, ts = end, [], []
+            if not ts:
+                gone += range(off, end)
+                break
+            if at > off:
+                gone += range(off, min(at, end))
+                if at >= end:
+                    break
+            take = min(len(ts), end - at)
+            offsets += range(at, at + take)
+            datas += payloads[:take]
+            stamps += ts[:take]
+            off = at + take
+    return offsets, datas, stamps, gone
+
+
 def _worker_main(spec: Any, conn: Connection, progress: Any, batch: bool, alive: Connection,
-                 returns: bool = False) -> None:
-    """A worker: receive (batch id, offsets, payloads, timestamps, None or
-    (attempts, keys, priorities)), run the handler, send back (batch id,
+                 returns: bool, path: str, queue_options: dict[str, Any]) -> None:
+    """A worker: open the queue at ``path`` (to read only); receive (batch
+    id, runs of offsets as (first, count), None or (attempts, keys,
+    priorities) per message), read the payloads from the log, run the
+    handler, send back (batch id,
     failures as (offset, error text)), and with ``returns`` the handler's
     return values too (one per message, None for a failure).  ``progress`` holds the offset being
     handled and since when (monotonic ns; 0 when idle)."""
@@ -188,21 +225,36 @@ def _worker_main(spec: Any, conn: Connection, progress: Any, batch: bool, alive:
     signal.signal(signal.SIGINT, signal.SIG_IGN)     # the parent drains on ^C
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
     handler = resolve_handler(spec)
+    q = Queue(path, **queue_options)
     while True:
         try:
             work = conn.recv()
         except (EOFError, OSError):
             return
         if work is None:
+            q.close()
             return
-        batch_id, offsets, payloads, stamps, extra = work
+        batch_id, runs, extra = work
+        offsets, payloads, stamps, gone = _read_runs(q, runs)
         if extra is None:
             lease = Lease(1, 0, -1)
             msgs = list(map(Message, offsets, payloads, stamps, repeat(lease)))
         else:
+            attempts, keys, prios = extra
+            if gone:
+                keep = set(offsets)
+                every = [o for start, count in runs for o in range(start, start + count)]
+                attempts, keys, prios = ([x for o, x in zip(every, xs) if o in keep]
+                                         for xs in (attempts, keys, prios))
             msgs = [Message(o, d, t, Lease(a, 0, -1, key=k, priority=p))
-                    for o, d, t, a, k, p in zip(offsets, payloads, stamps, *extra)]
-        failures: list[tuple[int, str]] = []
+                    for o, d, t, a, k, p in zip(offsets, payloads, stamps, attempts, keys, prios)]
+        failures: list[tuple[int, str]] = [(o, "the record is no longer in the log") for o in gone]
+        if not msgs:
+            try:
+                conn.send((batch_id, failures, [None] * len(gone)) if returns else (batch_id, failures))
+            except (BrokenPipeError, OSError):
+                return
+            continue
         values: list[Any] = []
         if batch:
             progress[0], progress[1] = offsets[0], time.monotonic_ns()
@@ -229,11 +281,13 @@ def _worker_main(spec: Any, conn: Connection, progress: Any, batch: bool, alive:
 
 
 class _Worker:
-    def __init__(self, ctx: Any, spec: Any, batch: bool, returns: bool = False) -> None:
+    def __init__(self, ctx: Any, spec: Any, batch: bool, returns: bool, path: str,
+                 queue_options: dict[str, Any]) -> None:
         self.conn, child = ctx.Pipe()
         watch, self.alive = ctx.Pipe(duplex=False)   # the pool holds the write end until it dies
         self.progress = ctx.RawArray("q", 2)
-        self.proc = ctx.Process(target=_worker_main, args=(spec, child, self.progress, batch, watch, returns),
+        self.proc = ctx.Process(target=_worker_main, args=(spec, child, self.progress, batch, watch, returns,
+                                                           path, queue_options),
                                 daemon=True, name="logq-worker")
         self.proc.start()
         child.close()
@@ -241,7 +295,7 @@ class _Worker:
         # Batches sent and not yet reported, oldest first: a second one
         # waits in the pipe while the first runs, so a worker never idles
         # for a round trip.
-        self.out: deque[tuple[int, list[Message]]] = deque()
+        self.out: deque[tuple[int, Batch]] = deque()
         self.busy = 0.0
         self.batches_done = 0
         self.since = 0.0              # when its current batch was sent (monotonic)
@@ -374,13 +428,26 @@ class WorkerPool(Service):
         return s
 
     # -- the loop ---------------------------------------------------------------
+    def _new_worker(self) -> _Worker:
+        # (A worker only reads: it opens the queue without ``exclusive``,
+        # which is the pool's.)
+        opts = {k: v for k, v in self.queue_options.items() if k != "exclusive"}
+        return _Worker(self._ctx, self.handler, self.options.batch, self.on_outcome is not None,
+                       self.path, opts)
+
+    def _take(self, c: Consumer, n: int, timeout: float) -> Batch | None:
+        """A batch of up to ``n`` messages, or None.  Without the payloads
+        (the workers read them) unless ``on_outcome`` needs them here."""
+        b = c._take(n, timeout, self.on_outcome is not None)
+        return b if len(b) else None
+
     def _loop(self, until_idle: bool) -> None:
         o = self.options
         q = Queue(self.path, **self.queue_options)
         c = Consumer(q, self.group, commit_every=1 << 30, commit_interval=1e6, prefetch=1,
                      **self.group_options)
         workers: list[_Worker] = []
-        waiting: deque[Message] = deque()
+        waiting: deque[Batch] = deque()
         self._batch_ids = 0
         self._uncommitted: list[int] = []       # put timestamps (ns) of acks not yet committed
         self._last_commit = time.monotonic()
@@ -390,7 +457,7 @@ class WorkerPool(Service):
         breaker_seen = ("closed", 0)        # (state, times opened) last logged
         try:
             for _ in range(self._target):
-                workers.append(_Worker(self._ctx, self.handler, o.batch, self.on_outcome is not None))
+                workers.append(self._new_worker())
             while True:
                 now = time.monotonic()
                 stopping = self._stop.is_set()
@@ -406,26 +473,26 @@ class WorkerPool(Service):
                     self._log_breaker(breaker_seen[0], state)
                     breaker_seen = (state, self.breaker.opened)
                 if state == "open":
-                    if waiting:
-                        c.give_back(list(waiting))      # they wait in the queue, not here
-                        waiting.clear()
+                    while waiting:
+                        c.give_back(waiting.popleft())      # they wait in the queue, not here
                 elif idle:
                     size = self._batch_size()
-                    if not waiting:
-                        want = size * len(idle) if state == "closed" else len(idle)
-                        waiting.extend(c.get_many(want, timeout=0))
                     for w in idle:
-                        if not waiting:
+                        if state != "closed" and not self.breaker.allow(now):
                             break
-                        if state == "closed":
-                            self._send(w, [waiting.popleft() for _ in range(min(size, len(waiting)))])
-                        elif self.breaker.allow(now):
-                            self._send(w, [waiting.popleft()])     # half-open: one probe
+                        if waiting and (state == "closed" or len(waiting[0]) == 1):
+                            b: Batch | None = waiting.popleft()
+                        else:
+                            # (half-open: one probe)
+                            b = self._take(c, size if state == "closed" else 1, 0)
+                        if b is None:
+                            break
+                        self._send(w, b)
                 self._maybe_commit(c, force=False)
                 busy = [w for w in workers if w.out]
                 with self._lock:
                     self._stats.in_flight = sum(len(b[1]) for w in busy for b in w.out)
-                    self._stats.waiting = len(waiting)
+                    self._stats.waiting = sum(map(len, waiting))
                     self._stats.workers = len(workers)
                 # autoscaling
                 if now - last_scale >= o.scale_interval:
@@ -448,8 +515,9 @@ class WorkerPool(Service):
                     if until_idle and self._idle(c):
                         break
                     # nothing out: sleep in get_many (a put wakes it)
-                    want = self._batch_size() * max(1, len(idle)) if state == "closed" else 1
-                    waiting.extend(c.get_many(want, timeout=0.2))
+                    got = self._take(c, self._batch_size() if state == "closed" else 1, 0.2)
+                    if got is not None:
+                        waiting.append(got)
                 elif busy:
                     starved = any(not w.out for w in workers) and not waiting
                     self._collect(c, workers, 0.05 if starved else 0.2)
@@ -485,21 +553,18 @@ class WorkerPool(Service):
             return 100
         return max(1, min(_BATCH_MAX, int(_BATCH_SECONDS / self._per_message)))
 
-    def _send(self, w: _Worker, msgs: list[Message]) -> None:
+    def _send(self, w: _Worker, b: Batch) -> None:
         self._batch_ids += 1
         if not w.out:
             w.since = time.monotonic()
-        w.out.append((self._batch_ids, msgs))
+        w.out.append((self._batch_ids, b))
         # Attempts, keys and priorities only when some message has them
-        # (a fresh batch shares one lease: attempt 1, no key, priority 0).
-        plain = all(le.attempt == 1 and le.key is None and not le.priority
-                    for le in set(map(_LEASE, msgs)))
-        extra = None if plain else ([m.attempt for m in msgs], [m.key for m in msgs],
-                                    [m.priority for m in msgs])
-        datas = list(map(_DATA, msgs))
-        self._batch_bytes = sum(map(len, datas)) + 48 * len(msgs)
+        # (a fresh run shares one lease: attempt 1, no key, priority 0).
+        extra = None if b.plain() else (b.attempts.tolist(), b.keys, b.priorities.tolist())
+        runs = b.runs
+        self._batch_bytes = 24 * len(runs) + (0 if extra is None else 48 * len(b))
         try:
-            w.conn.send((self._batch_ids, list(map(_OFFSET, msgs)), datas, list(map(_TS, msgs)), extra))
+            w.conn.send((self._batch_ids, runs, extra))
         except (BrokenPipeError, OSError):
             pass        # it died: _reap_workers settles the batch
 
@@ -515,19 +580,43 @@ class WorkerPool(Service):
             except (EOFError, OSError):
                 continue    # it died: _reap_workers
             batch_id, failures = got[0], got[1]
-            sent_id, msgs = w.out.popleft()
+            sent_id, b = w.out.popleft()
             assert sent_id == batch_id, (sent_id, batch_id)
             w.batches_done += 1
             now = time.monotonic()
             took = now - w.since
             w.busy += took
-            each = took / len(msgs)
+            each = took / len(b)
             self._per_message = each if not self._per_message else 0.8 * self._per_message + 0.2 * each
             w.since = now
             w.idle_since = now
             with self._lock:
                 self._stats.busy_seconds[w.proc.pid or 0] = w.busy
-            self._settle(c, msgs, dict(failures), now, got[2] if len(got) > 2 else None)
+            self._settle_batch(c, b, dict(failures), now, got[2] if len(got) > 2 else None)
+
+    def _settle_batch(self, c: Consumer, b: Batch, failures: dict[int, str], now: float,
+                      values: list[Any] | None) -> None:
+        """Ack a batch a worker finished as runs, but for its failures:
+        nacked one by one."""
+        if self.on_outcome is not None:
+            self._settle(c, c._g.detach(b, None), failures, now, values)
+            return
+        if not failures:
+            c.ack(b)
+            self._uncommitted += b._ts
+            ok = len(b)
+        else:
+            offsets = b.offsets
+            good = [i for i, o in enumerate(offsets) if o not in failures]
+            bad = [i for i, o in enumerate(offsets) if o in failures]
+            c.ack(b, good)
+            self._uncommitted += [b.timestamp_ns(i) for i in good]
+            ok = len(good)
+            for m in c._g.detach(b, bad):
+                self._failed(c, m, failures[m.offset])
+        self.breaker.record_many(ok, len(b) - ok, now)
+        with self._lock:
+            self._stats.processed += ok
 
     def _settle(self, c: Consumer, msgs: list[Message], failures: dict[int, str], now: float,
                 values: list[Any] | None = None) -> None:
@@ -577,7 +666,8 @@ class WorkerPool(Service):
             w.proc.join()
             code, pid = w.proc.exitcode, w.proc.pid
             running = w.progress[0] if w.progress[1] else None
-            batch = [m for _id, ms in w.out for m in ms]
+            # (A death is rare: its batches become Messages of their own.)
+            batch = [m for _id, b in w.out for m in c._g.detach(b, None)]
             started = [m for m in batch if m.offset == running]
             rest = [m for m in batch if m.offset != running]
             w.close()
@@ -610,7 +700,7 @@ class WorkerPool(Service):
                 self.breaker.record(False, now)
                 self._failed(c, m, what)
             if not self._stop.is_set() and len(workers) < max(self._target, o.min_workers):
-                workers.append(_Worker(self._ctx, self.handler, o.batch, self.on_outcome is not None))
+                workers.append(self._new_worker())
 
     def _maybe_commit(self, c: Consumer, force: bool) -> None:
         o = self.options
@@ -631,7 +721,7 @@ class WorkerPool(Service):
         due = c._g.next_due()
         return due is None or due > time.time_ns() + _IDLE_GRACE * 1e9
 
-    def _scale(self, c: Consumer, workers: list[_Worker], waiting: deque[Message], pressure: int,
+    def _scale(self, c: Consumer, workers: list[_Worker], waiting: deque[Batch], pressure: int,
                now: float) -> int:
         """Grow by one when every worker was busy and work was waiting for
         two looks in a row; shrink by one when a worker has been idle for
@@ -641,10 +731,12 @@ class WorkerPool(Service):
         if all_busy and not waiting and len(workers) < o.max_workers:
             # Is there more to do than the workers hold?  (Dispatch claims
             # only what fits, so nothing waits here while all are busy.)
-            waiting.extend(c.get_many(1, timeout=0))
+            got = self._take(c, 1, 0)
+            if got is not None:
+                waiting.append(got)
         pressure = pressure + 1 if all_busy and waiting else 0
         if pressure >= 2 and len(workers) < o.max_workers:
-            workers.append(_Worker(self._ctx, self.handler, o.batch, self.on_outcome is not None))
+            workers.append(self._new_worker())
             self._target = len(workers)
             log.info("logq pool %s: backlog: %d workers now", self.path, len(workers))
             return 0
@@ -658,12 +750,11 @@ class WorkerPool(Service):
                     break
         return pressure
 
-    def _shutdown(self, c: Consumer, workers: list[_Worker], waiting: deque[Message]) -> None:
+    def _shutdown(self, c: Consumer, workers: list[_Worker], waiting: deque[Batch]) -> None:
         """Stop: give back what was never sent, drain (or kill) the workers,
         commit."""
-        if waiting:
-            c.give_back(list(waiting))
-            waiting.clear()
+        while waiting:
+            c.give_back(waiting.popleft())
         deadline = None if self._drain_timeout is None else time.monotonic() + self._drain_timeout
         while self._drain and any(w.out for w in workers):
             if deadline is not None and time.monotonic() >= deadline:
@@ -673,7 +764,8 @@ class WorkerPool(Service):
         for w in list(workers):
             if w.out:
                 w.kill()
-                c.give_back([m for _id, ms in w.out for m in ms])
+                for _id, b in w.out:
+                    c.give_back(b)
             else:
                 w.stop(2.0)
             workers.remove(w)
