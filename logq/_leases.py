@@ -352,6 +352,9 @@ class Ledger:
                 return len(b.open)
             idxs = [i for i, o in enumerate(b.open) if o] + \
                 [i for i, d in b.detached.items() if self.out.get(d.offset) is d]
+            if not idxs:
+                raise NotDeliveredError("nothing of this batch is out any more (settled or given "
+                                        "back already, or its leases were lost)")
         else:
             idxs = list(idxs)
             self._check_batch(b, idxs)
@@ -384,6 +387,9 @@ class Ledger:
                 return []                                       # (an empty batch)
             idxs = [i for i, o in enumerate(b.open) if o] + \
                 [i for i, d in b.detached.items() if self.out.get(d.offset) is d]
+            if not idxs:
+                raise NotDeliveredError("nothing of this batch is out any more (settled or given "
+                                        "back already, or its leases were lost)")
         else:
             idxs = list(idxs)
             self._check_batch(b, idxs)
