@@ -279,6 +279,53 @@ def test_get_many_ack_many(benchmark, log_1m, report, floor_read_all, floor_mmap
            floor_mmap.value, median=n / r.median)
 
 
+# -- 1b. take(1000) + ack(batch) ---------------------------------------------------------------
+def _drain_take(c: Any, n: int) -> tuple[int, list]:
+    """take(1000) + ack(batch) until n messages are consumed; commit.  Per
+    batch, for the check: (first offset, last offset, count, (offset,
+    payload, attempt) of one message of it)."""
+    take, ack = c.take, c.ack
+    runs = []
+    got = 0
+    while got < n:
+        b = take(min(BATCH, n - got))
+        k = len(b)
+        if not k:
+            break
+        ack(b)
+        i = len(runs) % k
+        (first, _count), = b.runs
+        runs.append((first, first + k - 1, k, _Seen(first + i, b.payloads[i], b.attempts[i])))
+        got += k
+    c.commit()
+    return got, runs
+
+
+class _Seen:
+    def __init__(self, offset: int, data: bytes, attempt: int) -> None:
+        self.offset, self.data, self.attempt = offset, data, attempt
+
+
+def test_take_ack(benchmark, log_1m, report, floor_read_all, floor_mmap):
+    """take(1000) + ack(batch) over the whole log (a batch as parallel
+    arrays, its acks as runs), commits every commit_every acks (the
+    default), fsync="batch"."""
+    n, seq, path = log_1m["n"], log_1m["seq"], log_1m["path"]
+
+    def work(ctx):
+        ctx["out"] = _drain_take(ctx["c"], n)
+
+    def check(ctx):
+        _check_runs(*ctx["out"], n, seq)
+        _check_group(ctx["q"], ctx["name"], n)
+
+    r = H.Rounds(benchmark, rounds=5, setup=lambda: _open_consumer(path, floor_read_all.again),
+                 work=work, check=check, teardown=_close)
+    report("take(1000)+ack(batch) vs mmap slice loop", n / r.best, "msgs/s", floor_mmap.name,
+           floor_mmap.value, median=n / r.median, ratio_target=(">=", 0.5),
+           note=f"{n:,} messages per round, commit_every={logq.GroupOptions().commit_every}")
+
+
 # -- 2. get() + ack() -------------------------------------------------------------------------
 def test_get_ack(benchmark, log_1m, report, floor_read_all):
     """get() + ack() per message over the first n messages, default options."""
