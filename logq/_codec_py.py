@@ -248,8 +248,8 @@ def seek(buf: Any, start: int, end: int, at_offset: int, target: int) -> int:
     lands); the record returned is validated whole and carries ``target``.
     Otherwise ``-status`` (a SCAN_* code), and the caller scans properly.
     For random reads through the sparse index."""
-    if not 0 <= at_offset <= target:
-        return -F.SCAN_BAD_OFFSET
+    if not 0 <= at_offset <= target < 1 << 64:
+        return -F.SCAN_BAD_OFFSET     # no record carries such an offset
     pos, off = start, at_offset
     while off < target:
         if pos >= end or end - pos < _HDR:
