@@ -49,7 +49,7 @@ import lmdb
 from logq import _codec as C
 from logq import _format as F
 from logq._errors import NotAQueueError
-from logq._fsutil import given_up, keep_aside, losses
+from logq._fsutil import fsync_dir, given_up, keep_aside, losses, record_loss
 from logq._index import K_CHECKPOINT, lmdb_file_problem, open_index, quarantine_index
 from logq._log import Log, _data_end, _read_meta, quarantine_bytes, scan_tail
 from logq._segment import Segment, encode_header
@@ -321,9 +321,14 @@ def repair(path: str, *, dry_run: bool = False, rebuild_index: bool = False,
                     quarantine_bytes(path, lg.segment(lg.bases[-1]), 0, 0,
                                      (d.first_offset, d.end_offset), f"{d.reason}; given up by repair")
             elif d.kind == "short segment" and d.segment != F.segment_name(lg.bases[-1]):
-                rep.unrepairable.append(f"{d.segment} is {d.end} bytes, too short to be a segment, and "
-                                        "not the newest: left as it is (its offsets cannot be given "
-                                        "up without a gap in the log)")
+                # A sealed segment with no header left: its records are
+                # gone.  Offsets are carried by the records, so a gap is how
+                # the log says "lost": keep what is left of the file, give
+                # the offsets up, and put a header-only segment in its place.
+                act(f"keep {d.segment} ({d.end} bytes, too short to be a segment) in quarantine, give "
+                    f"up offsets {d.first_offset}..{d.end_offset - 1} and write an empty segment")
+                if not dry_run:
+                    _replace_short(path, d)
         if rep.torn_tail is not None:
             t = rep.torn_tail
             act(f"quarantine the torn tail of {t.segment} (bytes {t.start}..{t.end}) and cut it")
@@ -360,3 +365,24 @@ def repair(path: str, *, dry_run: bool = False, rebuild_index: bool = False,
     Queue(path, exclusive=True).close()
     return rep
 
+
+def _replace_short(qdir: str, d: "Damage") -> None:
+    """Repair of a sealed segment shorter than its header, in the order that
+    loses nothing on a crash: its bytes kept, the loss recorded, then a
+    header-only segment renamed over it (and the directory synced)."""
+    path = os.path.join(qdir, d.segment)
+    with open(path, "rb") as f:
+        dest = keep_aside(qdir, f"{d.segment}.short", f.read())
+    record_loss(qdir, {"segment": d.segment, "start": 0, "end": d.end,
+                       "first_offset": d.first_offset, "end_offset": d.end_offset,
+                       "file": os.path.basename(dest),
+                       "reason": "segment too short to hold its header; given up by repair"})
+    tmp = path + ".tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    try:
+        os.write(fd, encode_header(F.parse_segment_name(d.segment)))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    fsync_dir(qdir)

@@ -322,18 +322,21 @@ class Log:
         pos, nxt = F.SEGMENT_HEADER_SIZE, base
         # Records below the checkpoint were durable, so written whole.
         durable = checkpoint[2] if checkpoint else 0
-        trusted = True
-        if checkpoint and checkpoint[0] == base and F.SEGMENT_HEADER_SIZE <= checkpoint[1] <= seg.size \
-                and checkpoint[2] >= base:
-            if ends_at(seg, checkpoint[1], checkpoint[2]):
+        # The quick open after a clean shutdown needs the checkpoint's
+        # position confirmed: from anywhere else, a zeroed range (given up
+        # by repair) would read as the end of the log.
+        trusted = False
+        if checkpoint and checkpoint[0] == base and checkpoint[2] >= base:
+            if F.SEGMENT_HEADER_SIZE <= checkpoint[1] <= seg.size and \
+                    ends_at(seg, checkpoint[1], checkpoint[2]):
                 pos, nxt = checkpoint[1], checkpoint[2]
+                trusted = True
             else:
                 # The records it vouches for are gone (zeroed, cut): starting
                 # there would put new records behind a hole.
                 log.error("segment %s: the durable checkpoint (offset %d at position %d) does not "
                           "follow an intact record; scanning the segment from its start",
                           seg.path, checkpoint[2], checkpoint[1])
-                trusted = False
         if clean and trusted and C.scan(seg.h, pos, seg.size, nxt, 1)[2] == F.SCAN_END:
             self._set_active(seg, pos, nxt)
             return rep

@@ -180,7 +180,11 @@ class Segment:
         written).  Damage found on the way is skipped and recorded in
         ``lost``: every record below ``limit`` is supposed to exist."""
         if self.h is None and not self.refresh_size():
+            # Nothing mapped, nothing to scan: every offset up to the limit
+            # is lost, and the frontier moves past them (a reader must never
+            # scan this segment at its frontier).
             self.lose(self.known_next, limit, self.known_pos, "segment file is empty")
+            self.known_next = max(self.known_next, limit)
             return
         while self.known_next <= want and self.known_next < limit:
             rel = self.known_next - self.base
@@ -298,7 +302,7 @@ class Segment:
         ``max_records`` consecutive intact records from the first intact one
         at or after ``offset`` and below ``limit``; None if there is none."""
         while True:
-            if offset == self.known_next and offset < limit:
+            if offset == self.known_next and offset < limit and self.h is not None:
                 found: tuple[int, int] | None = (self.known_pos, offset)  # reading at the frontier
             else:
                 found = self.seek(offset, limit)

@@ -255,6 +255,48 @@ def test_random_reads_after_damage_under_an_open_queue(pristine, tmp_path, seed)
             assert got == c.items[off], f"offset {off}: wrong bytes"
 
 
+@pytest.mark.parametrize("cut", ["none", "inside-last", "before-last", "file-short"])
+@pytest.mark.parametrize("victim", [0, 3, 6])     # not the last: that one is the tail
+def test_a_range_repair_zeroed_is_never_taken_for_the_end_of_the_log(tmp_path, victim, cut):
+    """repair zeroes what it gives up, and a zero header reads as "no record
+    here".  Whatever happens to the newest segment later (a clean reopen, a
+    torn or cut tail), recovery steps over that range: every intact record
+    after it keeps its offset, and new puts never reuse one of them."""
+    qdir = str(tmp_path / "q")
+    items = [payload("z", i) for i in range(12)]
+    with logq.open(qdir, segment_bytes=1 << 16) as q:
+        for p in items[:8]:
+            q.put(p)
+    (_, seg), = segments(qdir)
+
+    def start(o):       # single puts: no meta, payloads unique
+        with open(seg, "rb") as f:
+            return f.read().find(items[o]) - F.RECORD_HEADER_SIZE
+
+    write_at(seg, start(victim) + F.RECORD_HEADER_SIZE + 1, b"\xff")
+    logq.repair(qdir)
+    assert logq.verify(qdir).clean
+    with logq.open(qdir, segment_bytes=1 << 16) as q:
+        for p in items[8:]:
+            q.put(p)
+    lost = {victim}
+    if cut == "inside-last":
+        os.truncate(seg, start(11) + 10)
+        lost.add(11)
+    elif cut == "before-last":
+        os.truncate(seg, start(11))
+        lost.add(11)
+    elif cut == "file-short":
+        os.truncate(seg, start(10))       # 10 and 11 gone
+        lost |= {10, 11}
+    with logq.open(qdir, segment_bytes=1 << 16) as q:
+        got = dict(q.scan())
+        assert sorted(got) == [o for o in range(12) if o not in lost]
+        assert all(got[o] == items[o] for o in got)
+        assert q.next_offset == max(got) + 1
+        assert q.put(b"next") == max(got) + 1
+
+
 def test_append_garbage_to_newest_segment(plain):
     rng = random.Random(f"{SEED}-append")
     with open(plain.newest, "ab") as f:
