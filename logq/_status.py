@@ -56,7 +56,8 @@ def withdraw(qdir: str, kind: str, name: str) -> None:
         pass
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with ``pid`` exists (one we may not signal counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -82,7 +83,7 @@ def read_all(qdir: str, kind: str | None = None) -> list[dict[str, Any]]:
         if kind is not None and parts[0] != kind:
             continue
         path = os.path.join(where, fname)
-        if not _alive(int(parts[2])):
+        if not pid_alive(int(parts[2])):
             try:
                 os.unlink(path)
             except OSError:

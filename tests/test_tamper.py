@@ -489,6 +489,22 @@ damage = st.lists(st.tuples(st.integers(0, 10**9), st.integers(1, 300),
                             st.sampled_from(["zeros", "garbage", "flip"])), min_size=1, max_size=3)
 
 
+def inflict(c: "Clone", damage, rng: random.Random) -> None:
+    """Apply hypothesis-drawn damage (where, length, kind) to the data of
+    c's segments: zeros, garbage or flipped bits, in place."""
+    data_end = {path: max(e for o, (p, _, e) in c.records.items() if p == path) for _, path in c.segs}
+    for where, length, kind in damage:
+        _, path = c.segs[where % len(c.segs)]
+        pos = HDR + where // len(c.segs) % (data_end[path] - HDR)
+        with open(path, "r+b") as f:
+            f.seek(pos)
+            old = f.read(length)
+            new = (bytes(len(old)) if kind == "zeros" else rng.randbytes(len(old)) if kind == "garbage"
+                   else bytes(b ^ (1 << rng.randrange(8)) for b in old))
+            f.seek(pos)
+            f.write(new)
+
+
 @settings(max_examples=int(30 * float(os.environ.get("LOGQ_TEST_SCALE", "1"))), deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(damage=damage, seed=st.integers(0, 2**32))
@@ -500,17 +516,7 @@ def test_verify_and_repair_damage_inside_batches(mixed, tmp_path_factory, damage
     c = Clone(mixed, tmp_path_factory.mktemp("dmg") / "q", MIXED_N, "m")
     rng = random.Random(seed)
     before = c.snapshot()
-    data_end = {path: max(e for o, (p, _, e) in c.records.items() if p == path) for _, path in c.segs}
-    for at, length, kind in damage:
-        _, path = c.segs[at % len(c.segs)]
-        pos = HDR + at // len(c.segs) % (data_end[path] - HDR)
-        with open(path, "r+b") as f:
-            f.seek(pos)
-            old = f.read(length)
-            new = (bytes(len(old)) if kind == "zeros" else rng.randbytes(len(old)) if kind == "garbage"
-                   else bytes(b ^ (1 << rng.randrange(8)) for b in old))
-            f.seek(pos)
-            f.write(new)
+    inflict(c, damage, rng)
     hit = changed_records(c, before)
     if not hit:
         return
@@ -600,17 +606,7 @@ def test_damage_above_the_checkpoint_takes_whole_batches(killed, tmp_path_factor
     c = Clone(killed, tmp_path_factory.mktemp("dmg") / "q", total, "k")
     rng = random.Random(seed)
     before = c.snapshot()
-    data_end = {path: max(e for o, (p, _, e) in c.records.items() if p == path) for _, path in c.segs}
-    for where, length, kind in damage:
-        _, path = c.segs[where % len(c.segs)]
-        pos = HDR + where // len(c.segs) % (data_end[path] - HDR)
-        with open(path, "r+b") as f:
-            f.seek(pos)
-            old = f.read(length)
-            new = (bytes(len(old)) if kind == "zeros" else rng.randbytes(len(old)) if kind == "garbage"
-                   else bytes(b ^ (1 << rng.randrange(8)) for b in old))
-            f.seek(pos)
-            f.write(new)
+    inflict(c, damage, rng)
     hit = changed_records(c, before)
     lost = {o for o in hit if o < durable} | {b for o in hit if o >= durable for b in batch_of[o]}
     kept = set(range(total)) - lost

@@ -277,7 +277,7 @@ class Settler:
                     continue
                 pid = int.from_bytes(k, "big")
                 if mk.get("id") == tid:
-                    from logq.tasks._store import pid_alive
+                    from logq._status import pid_alive
                     if not pid_alive(pid):
                         found[tid] = (pid, mk)
                         vt.delete(k, db=st.running)

@@ -35,6 +35,7 @@ from logq import _format as F
 from logq._errors import OffsetError, TaskNotFound
 from logq._index import GROUP, G_WATERMARK, _prefixed, open_scratch
 from logq._leases import Retry
+from logq._status import pid_alive
 from logq._settled import _DEAD, _be, _is_settled
 from logq.tasks import _state as S
 from logq.tasks._records import Outcome, TaskRecord, decode_task, error_json, parse_id, state_of
@@ -68,14 +69,6 @@ def _s(ns: int) -> float | None:
     return ns / 1e9 if ns else None
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class Store:
