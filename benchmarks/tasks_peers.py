@@ -459,13 +459,68 @@ def _commands(peer: Peer, env: dict[str, str]) -> list[list[str]]:
             os.environ["LOGQ_PEER_REDIS"] = saved
 
 
+_LOGQ_APP = """\
+import os
+from logq.tasks import App
+
+app = App(os.environ["LOGQ_BENCH_TASKS_Q"])
+
+
+@app.task
+def noop(i):
+    return i
+"""
+
+_LOGQ_PRODUCER = """\
+import json, sys, time
+from logq.tasks import TaskHandle
+from logq_bench_tasks import app, noop
+
+n, warm = int(sys.argv[1]), int(sys.argv[2])
+for i in range(warm):
+    assert noop.delay(-1 - i).result(timeout=60) == -1 - i
+t0 = time.perf_counter()
+hs = [noop.delay(i) for i in range(n)]
+t_submitted = time.perf_counter()
+values = [h.result(timeout=120) for h in hs]   # in order: the last one returns when all are stored
+t_done = time.perf_counter()
+wrong = [(i, v) for i, v in enumerate(values) if v != i]
+assert not wrong, f"{len(wrong)} results wrong, e.g. {wrong[:3]}"
+again = [TaskHandle(app, h.id).result(timeout=1) for h in hs[:: max(1, n // 100)]]
+assert again == list(range(0, n, max(1, n // 100))), "results read back by id differ"
+print(json.dumps({"submit_s": t_submitted - t0, "total_s": t_done - t0, "rate": n / (t_done - t0)}))
+"""
+
+
 def run_logq(n: int, workers: int = WORKERS) -> float:
     """logq's row: the same no-op task end to end with its result stored,
-    through ``logq.tasks.App`` (producer in another process, ``workers``
-    workers), in tasks/s.  Not written yet: the tasks layer (issue 12) is
-    being built; plug it in here when ``logq.tasks`` has ``App``."""
-    raise NotImplementedError("benchmarks/tasks_peers.py: run_logq is not written yet -- plug "
-                              "logq.tasks.App in here (issue 12); the peers' figures above stand alone")
+    through ``logq.tasks.App``: ``logq worker`` with ``workers`` worker
+    processes, a producer in another process that warms the workers, then
+    times ``n`` submissions until every result is stored and checks them
+    all.  In tasks/s; a wrong or missing result raises."""
+    d = tempfile.mkdtemp(prefix="logq-tasks-")
+    env = dict(os.environ, LOGQ_BENCH_TASKS_Q=os.path.join(d, "q"), PYTHONPATH=d)
+    with open(os.path.join(d, "logq_bench_tasks.py"), "w") as f:
+        f.write(_LOGQ_APP)
+    log = open(os.path.join(d, "worker.log"), "wb")
+    worker = subprocess.Popen([sys.executable, "-m", "logq", "worker", "logq_bench_tasks:app",
+                               "--workers", str(workers)], env=env, cwd=d, stdout=log,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        out = subprocess.run([sys.executable, "-c", _LOGQ_PRODUCER, str(n), str(WARM_TASKS)],
+                             env=env, cwd=d, capture_output=True, text=True, timeout=600)
+        if out.returncode != 0 or worker.poll() is not None:
+            log.flush()
+            with open(log.name, "rb") as fh:
+                tail = fh.read()[-2000:].decode(errors="replace")
+            raise RuntimeError(f"logq: producer exit {out.returncode}, worker "
+                               f"{'exited' if worker.poll() is not None else 'running'}\n"
+                               f"{out.stderr[-3000:]}\nworker log:\n{tail}")
+        return json.loads(out.stdout.strip().splitlines()[-1])["rate"]
+    finally:
+        _stop([worker])
+        log.close()
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def logq_ready() -> bool:
