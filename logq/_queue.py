@@ -738,10 +738,10 @@ class Queue:
 
     def _grow_ahead(self, lg: Log, seg: Any, pos: int) -> tuple[Any, int]:
         """Grow the active segment's file ahead of the writer, off the put
-        path: half a growth step ahead when the writer is slow, twice what
-        it appended since the last look when it is fast (at most
-        _PREFAULT_AHEAD), so puts seldom stop to allocate and the pages
-        can be faulted in before they are written.  A full disk or budget
+        path: half a growth step ahead when the writer is slow,
+        _PREFAULT_AHEAD when it appended half a step or more since the last
+        look, so puts seldom stop to allocate and the pages can be faulted
+        in before they are written.  A full disk or budget
         is left for the put that needs the room to report."""
         with self._lock, lg.w:
             if self._log is None or not lg.holding:
@@ -749,7 +749,7 @@ class Queue:
             active, now = lg.active, lg.pos
             appended = now - pos if active is seg and now > pos else 0
             step = self.options.preallocate_bytes
-            ahead = step // 2 if appended < step // 2 else min(_PREFAULT_AHEAD, 2 * appended)
+            ahead = step // 2 if appended < step // 2 else max(step, _PREFAULT_AHEAD)
             try:
                 lg.grow_ahead(ahead)
             except (LogqError, _NoRoom):
@@ -762,16 +762,16 @@ class Queue:
         in steps), on this (housekeeping) thread, so that appends run at
         memory speed instead of stopping for each fresh page.  A segment
         mapped anew after growing is faulted in again from the writer on.
-        Each chunk under the queue's lock, which growing takes: the mapping
-        is never unmapped under it."""
+        Each chunk under the segment's remap lock (not the queue's: puts
+        go on meanwhile), so its mapping is never replaced under it."""
         while True:
-            with self._lock:
-                if self._log is None:
-                    return seg, h, at
-                active = lg.active
+            active = lg.active
+            if active is None or self._log is None:
+                return seg, h, at
+            with active.remap_lock:
                 if active is not seg or active.h is not h:
                     seg, h, at = active, active.h, lg.pos
-                if not (at < seg.size and at < lg.pos + _PREFAULT_AHEAD):
+                if h is None or not (at < seg.size and at < lg.pos + _PREFAULT_AHEAD):
                     return seg, h, at
                 n = min(_PREFAULT_CHUNK, seg.size - at)
                 if C.prefault(h, at, n) < 0:

@@ -17,6 +17,7 @@ import logging
 import mmap
 import os
 import struct
+import threading
 from array import array
 from typing import Any
 
@@ -85,6 +86,10 @@ class Segment:
             os.close(self.fd)
             raise
         self.h = C.handle(self.mm) if self.mm is not None else None
+        # Held while the mapping is replaced, and by whoever touches it
+        # without the Log's lock (the housekeeper faulting pages in ahead
+        # of the writer), so nothing uses a mapping being unmapped.
+        self.remap_lock = threading.Lock()
         # Sparse index: sparse[i] is the position of the first intact record
         # whose offset is >= base + i * SPARSE_STRIDE, for the records known
         # so far: [base, known_next), which end at known_pos.
@@ -130,30 +135,33 @@ class Segment:
         if self.mm is None or size <= self.size:
             self.refresh_size()
             return
-        if self.h is not None:
-            C.release(self.h)
-            self.h = None
-        try:
-            self.mm.resize(size)
-        except (OSError, ValueError, BufferError, SystemError, TypeError):
-            self.h = C.handle(self.mm)
-            self.refresh_size()
-            return
-        self.h = C.handle(self.mm)
-        self.size = size
+        with self.remap_lock:
+            if self.h is not None:
+                C.release(self.h)
+                self.h = None
+            try:
+                self.mm.resize(size)
+            except (OSError, ValueError, BufferError, SystemError, TypeError):
+                self.h = C.handle(self.mm)
+            else:
+                self.h = C.handle(self.mm)
+                self.size = size
+                return
+        self.refresh_size()
 
     def refresh_size(self) -> bool:
         """Remap if another process grew the file; whether it had grown."""
         size = os.fstat(self.fd).st_size
         if size <= self.size:
             return False
-        if self.h is not None:
-            C.release(self.h)
-        if self.mm is not None:
-            self.mm.close()
-        self.mm = mmap.mmap(self.fd, size)
-        self.h = C.handle(self.mm)
-        self.size = size
+        with self.remap_lock:
+            if self.h is not None:
+                C.release(self.h)
+            if self.mm is not None:
+                self.mm.close()
+            self.mm = mmap.mmap(self.fd, size)
+            self.h = C.handle(self.mm)
+            self.size = size
         return True
 
     # -- reading ------------------------------------------------------------
@@ -326,12 +334,13 @@ class Segment:
             return at, fields
 
     def close(self) -> None:
-        if self.h is not None:
-            C.release(self.h)
-            self.h = None
-        if self.mm is not None:
-            self.mm.close()
-            self.mm = None
+        with self.remap_lock:
+            if self.h is not None:
+                C.release(self.h)
+                self.h = None
+            if self.mm is not None:
+                self.mm.close()
+                self.mm = None
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
