@@ -107,7 +107,7 @@ _QUEUE_GAUGES = (
     ("messages", "logq_messages", "Messages retained in the log (next offset - first offset)."),
     ("first_offset", "logq_first_offset", "Offset of the oldest message retained."),
     ("segments", "logq_segments", "Segment files."),
-    ("segment_bytes_on_disk", "logq_segment_bytes", "Size of the segment files (preallocated)."),
+    ("segment_bytes_on_disk", "logq_segment_bytes", "Size of the segment files (allocated so far: they grow in preallocate_bytes steps)."),
     ("disk_bytes", "logq_disk_bytes", "Bytes allocated for the log, the index and the lease table."),
 )
 _GROUP_GAUGES = (
