@@ -152,14 +152,16 @@ def test_bad_input(app, pool) -> None:
 
 def test_result_ttl_expiry(app, tmp_path) -> None:
     t = app._tasks["add"]
-    object.__setattr__(t.options, "result_ttl", 0.2)
+    # Long enough for result() to read it first on a loaded machine (a TTL
+    # of a fraction of a second raced the reader), short enough to wait out.
+    object.__setattr__(t.options, "result_ttl", 3.0)
     try:
         p = app.pool("task_app:app", workers=1)
         p.start()
         try:
             h = task_app.add.delay(1, 2)
             assert h.result(timeout=30) == 3
-            time.sleep(1.5)
+            time.sleep(3.5)
             task_app.noop.delay().result(timeout=30)        # a later commit purges
             helpers.wait_for(lambda: _gone(h), 30, "the expired result to go")
         finally:
