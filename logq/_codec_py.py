@@ -158,17 +158,23 @@ def prefault(buf: Any, start: int, length: int) -> int:
     return -1
 
 
+def _wait_word(ctl: Any, at: int, offset: int, timeout_ns: int, nap_ns: int) -> int:
+    """1 if the control block's word at ``at`` has passed ``offset``, else
+    after a nap of at most ``nap_ns`` (and ``timeout_ns``) 1 or 0 again."""
+    words = memoryview(ctl).cast("B").cast("Q")
+    try:
+        if words[at >> 3] <= offset and timeout_ns > 0:
+            time.sleep(min(timeout_ns, nap_ns) / 1e9)
+        return 1 if words[at >> 3] > offset else 0
+    finally:
+        words.release()
+
+
 def wait(ctl: Any, offset: int, timeout_ns: int) -> int:
     """Wait (once, at most ``timeout_ns``) for the control block's next
     offset to pass ``offset``: 1 if it has, 0 if not yet.  Without futexes
     this polls: it sleeps at most 5 ms before looking again."""
-    words = memoryview(ctl).cast("B").cast("Q")
-    try:
-        if words[F.CTL_TAIL_NEXT >> 3] <= offset and timeout_ns > 0:
-            time.sleep(min(timeout_ns, 5_000_000) / 1e9)
-        return 1 if words[F.CTL_TAIL_NEXT >> 3] > offset else 0
-    finally:
-        words.release()
+    return _wait_word(ctl, F.CTL_TAIL_NEXT, offset, timeout_ns, 5_000_000)
 
 
 def wake(ctl: Any) -> None:
@@ -179,13 +185,7 @@ def wait_synced(ctl: Any, offset: int, timeout_ns: int) -> int:
     """Wait (once, at most ``timeout_ns``) for the control block's
     SYNCED_NEXT to pass ``offset``: 1 if it has, 0 if not yet.  Polls: it
     sleeps at most 0.2 ms (a fraction of an fdatasync) before looking again."""
-    words = memoryview(ctl).cast("B").cast("Q")
-    try:
-        if words[F.CTL_SYNCED_NEXT >> 3] <= offset and timeout_ns > 0:
-            time.sleep(min(timeout_ns, 200_000) / 1e9)
-        return 1 if words[F.CTL_SYNCED_NEXT >> 3] > offset else 0
-    finally:
-        words.release()
+    return _wait_word(ctl, F.CTL_SYNCED_NEXT, offset, timeout_ns, 200_000)
 
 
 def wake_synced(ctl: Any) -> None:

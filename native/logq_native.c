@@ -395,14 +395,35 @@ int logq_prefault(uint8_t *buf, uint64_t start, uint64_t len)
  * by writers only while the WAITERS count says someone sleeps.
  */
 
-static uint32_t *tail_word(uint8_t *ctl)
+static uint32_t *low_word(uint8_t *ctl, size_t at)
 {
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-    return (uint32_t *)(void *)(ctl + LOGQ_CTL_TAIL_NEXT + 4);
+    return (uint32_t *)(void *)(ctl + at + 4);
 #else
-    return (uint32_t *)(void *)(ctl + LOGQ_CTL_TAIL_NEXT);
+    return (uint32_t *)(void *)(ctl + at);
 #endif
 }
+
+/* Sleep on the 32-bit futex word while it still holds expect, at most
+ * timeout_ns (where there are no futexes: a nap of at most nap_ns). */
+static void wait_word(uint32_t *word, uint32_t expect, int64_t timeout_ns, long nap_ns)
+{
+#if defined(__linux__)
+    struct timespec ts;
+    (void)nap_ns;
+    ts.tv_sec = (time_t)(timeout_ns / 1000000000);
+    ts.tv_nsec = (long)(timeout_ns % 1000000000);
+    syscall(SYS_futex, word, FUTEX_WAIT, expect, &ts, NULL, 0);
+#else
+    struct timespec ts = {0, timeout_ns < nap_ns ? (long)timeout_ns : nap_ns};
+    (void)word;
+    (void)expect;
+    nanosleep(&ts, NULL);
+#endif
+}
+
+#define tail_word(ctl) low_word((ctl), LOGQ_CTL_TAIL_NEXT)
+#define synced_word(ctl) low_word((ctl), LOGQ_CTL_SYNCED_NEXT)
 
 int logq_wait(uint8_t *ctl, uint64_t offset, int64_t timeout_ns)
 {
@@ -412,15 +433,7 @@ int logq_wait(uint8_t *ctl, uint64_t offset, int64_t timeout_ns)
     __atomic_fetch_add(waiters, 1, __ATOMIC_SEQ_CST);
     next = __atomic_load_n((uint64_t *)(void *)(ctl + LOGQ_CTL_TAIL_NEXT), __ATOMIC_SEQ_CST);
     if (next <= offset && timeout_ns > 0) {
-#if defined(__linux__)
-        struct timespec ts;
-        ts.tv_sec = (time_t)(timeout_ns / 1000000000);
-        ts.tv_nsec = (long)(timeout_ns % 1000000000);
-        syscall(SYS_futex, tail_word(ctl), FUTEX_WAIT, (uint32_t)next, &ts, NULL, 0);
-#else
-        struct timespec ts = {0, timeout_ns < 5000000 ? (long)timeout_ns : 5000000L};
-        nanosleep(&ts, NULL);
-#endif
+        wait_word(tail_word(ctl), (uint32_t)next, timeout_ns, 5000000L);
         next = __atomic_load_n((uint64_t *)(void *)(ctl + LOGQ_CTL_TAIL_NEXT), __ATOMIC_SEQ_CST);
     }
     r = next > offset;
@@ -439,31 +452,14 @@ void logq_wake(uint8_t *ctl)
     }
 }
 
-/* Group commit: a futex on the low 32 bits of SYNCED_NEXT, woken by the
- * syncer after every fdatasync it published (one system call per
- * fdatasync: no waiter count needed). */
-static uint32_t *synced_word(uint8_t *ctl)
-{
-#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
-    return (uint32_t *)(void *)(ctl + LOGQ_CTL_SYNCED_NEXT + 4);
-#else
-    return (uint32_t *)(void *)(ctl + LOGQ_CTL_SYNCED_NEXT);
-#endif
-}
-
+/* Group commit: a futex on the low 32 bits of SYNCED_NEXT (synced_word),
+ * woken by the syncer after every fdatasync it published (one system call
+ * per fdatasync: no waiter count needed). */
 int logq_wait_synced(uint8_t *ctl, uint64_t offset, int64_t timeout_ns)
 {
     uint64_t synced = __atomic_load_n((uint64_t *)(void *)(ctl + LOGQ_CTL_SYNCED_NEXT), __ATOMIC_SEQ_CST);
     if (synced <= offset && timeout_ns > 0) {
-#if defined(__linux__)
-        struct timespec ts;
-        ts.tv_sec = (time_t)(timeout_ns / 1000000000);
-        ts.tv_nsec = (long)(timeout_ns % 1000000000);
-        syscall(SYS_futex, synced_word(ctl), FUTEX_WAIT, (uint32_t)synced, &ts, NULL, 0);
-#else
-        struct timespec ts = {0, timeout_ns < 200000 ? (long)timeout_ns : 200000L};
-        nanosleep(&ts, NULL);
-#endif
+        wait_word(synced_word(ctl), (uint32_t)synced, timeout_ns, 200000L);
         synced = __atomic_load_n((uint64_t *)(void *)(ctl + LOGQ_CTL_SYNCED_NEXT), __ATOMIC_SEQ_CST);
     }
     return synced > offset;
