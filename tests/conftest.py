@@ -31,3 +31,14 @@ def _watchdog(request: pytest.FixtureRequest):
 def pytest_report_header(config: pytest.Config) -> str:
     import logq
     return f"logq codec: {'native' if logq.native_enabled() else 'pure'} (LOGQ_PURE={os.environ.get('LOGQ_PURE', '')!r}), test seed {helpers.SEED}"
+
+
+@pytest.fixture
+def app(tmp_path):
+    """The tasks suites' App (tests/task_app.py) on a fresh queue."""
+    import task_app
+    a = task_app.app
+    a.close()
+    a.path = str(tmp_path / "q")
+    yield a
+    a.close()

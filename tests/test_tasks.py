@@ -26,15 +26,6 @@ print(" ".join(h.id for h in hs), flush=True)
 
 
 @pytest.fixture
-def app(tmp_path):
-    a = task_app.app
-    a.close()
-    a.path = str(tmp_path / "q")
-    yield a
-    a.close()
-
-
-@pytest.fixture
 def pool(app):
     p = app.pool("task_app:app", workers=2, backoff_base=0.05, backoff_max=0.1)
     p.start()

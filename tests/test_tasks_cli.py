@@ -20,15 +20,6 @@ def logq_cmd(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
                           env=helpers.child_env(), cwd=helpers.TESTS, timeout=timeout)
 
 
-@pytest.fixture
-def app(tmp_path):
-    a = task_app.app
-    a.close()
-    a.path = str(tmp_path / "q")
-    yield a
-    a.close()
-
-
 def test_list_show_cancel_retry_purge(app, tmp_path) -> None:
     ok = task_app.add.delay(1, 2)
     bad = task_app.bad.delay()
