@@ -110,6 +110,7 @@ class QueueModel(RuleBasedStateMachine):
         self.held: dict[str, dict[int, logq.Message]] = {}
         self.counter = 0
         self.children = 0
+        self.dead_producers: set[str] = set()   # tags of child producers SIGKILLed so far
         self.damaged = False          # closed with damaged files, not opened since
         self.unrepaired = False       # damage since the last repair (verify will not be clean)
         self.drop_oldest = False
@@ -279,6 +280,17 @@ class QueueModel(RuleBasedStateMachine):
     # -- producing -----------------------------------------------------------------------
     def accept(self, got: range | int, items: list[bytes], what: str) -> None:
         offs = list(got) if isinstance(got, range) else [got]
+        if offs and offs[0] > self.next and self.dead_producers:
+            # A producer killed holding the append lock may have written
+            # whole records it never published: the next appender keeps them
+            # (README, "Recovery and damage").  They must be intact puts of
+            # a dead child, exactly the gap before this put's offsets.
+            for o in range(self.next, offs[0]):
+                p = self.q.read(o)
+                if identity(p)[0] not in self.dead_producers:
+                    self.fail(f"{what}: offset {o} before its own holds {p[:30]!r}, not a dead child's put")
+                self.records[o] = p
+            self.next = offs[0]
         if offs != list(range(self.next, self.next + len(items))):
             self.fail(f"{what} returned offsets {offs[:5]}..., expected from {self.next}")
         for o, p in zip(offs, items):
@@ -491,6 +503,7 @@ class QueueModel(RuleBasedStateMachine):
                                   kill_after)
         reported = [(int(o), int(i)) for w, o, i in (ln for ln in lines if ln[0] == "O")]
         self.note(f"child producer {tag} killed after {len(reported)} reported puts")
+        self.dead_producers.add(tag)
         was_open = self.q is not None
         if not was_open:
             self.open()
