@@ -17,7 +17,7 @@ from array import array
 from itertools import repeat
 from typing import Any, Iterator
 
-from logq._leases import BatchOut, Lease
+from logq._leases import BatchOut
 
 
 class Batch(BatchOut):

@@ -50,7 +50,6 @@ import tempfile
 import time
 import zlib
 
-import pytest
 from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -586,7 +585,7 @@ class QueueModel(RuleBasedStateMachine):
         # write), so damage to one member may cost the batch.  The model
         # does not know where the checkpoint is: it allows that everywhere.
         batch_of: dict[int, int] = {}
-        head = None
+        head = prev = None
         for o in sorted(sp):
             flags = before[sp[o][0] + 27]
             head = o if not flags & F.FLAG_CONT or head is None or o != prev + 1 else head

@@ -13,7 +13,6 @@ below the commit interval: a loaded machine may be slow, not early.
 
 from __future__ import annotations
 
-import os
 import time
 
 import pytest

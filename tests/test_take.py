@@ -17,7 +17,7 @@ import time
 import pytest
 
 import logq
-from helpers import child_env, wait_for
+from helpers import child_env
 
 TAKER = r"""
 import logq, os, sys, time

@@ -4,16 +4,13 @@ real SIGKILLs, real LMDB.  The app is tests/task_app.py."""
 from __future__ import annotations
 
 import os
-import signal
-import sys
 import time
 
 import pytest
 
 import helpers
-import logq
 import task_app
-from logq.tasks import (ResultTooLargeError, SerializationError, TaskCancelled, TaskFailed,
+from logq.tasks import (SerializationError, TaskCancelled, TaskFailed,
                         TaskNotFound)
 from logq.tasks._records import encode_task
 

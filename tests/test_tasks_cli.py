@@ -4,7 +4,6 @@ user runs them (real processes)."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 
@@ -32,7 +31,6 @@ def test_list_show_cancel_retry_purge(app, tmp_path) -> None:
     r = logq_cmd("tasks", app.path, "cancel", later.id)
     assert r.returncode == 0 and "cancelled" in r.stdout
     # run what is there with `logq worker`, until idle
-    env_app = f"task_app:app"
     w = subprocess.run([sys.executable, "-c",
                         "import sys, task_app; task_app.app.path = sys.argv[1]; "
                         "from logq.cli import main; sys.exit(main(['worker', 'task_app:app', "

@@ -6,13 +6,12 @@ its nacks another), so a SIGKILL anywhere can never separate them."""
 
 from __future__ import annotations
 
-import os
 import random
 import time
 
 import logq
 from logq._index import GROUP, G_WATERMARK
-from logq._settled import _be, _is_settled
+from logq._settled import _is_settled
 
 import helpers
 
