@@ -52,6 +52,15 @@ class Task:
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.fn(*args, **kwargs)
 
+    def s(self, *args: Any, **kwargs: Any) -> "Signature":
+        """This task with these arguments, not submitted (``logq.workflows``
+        composes them; in a chain it gets the previous result first)."""
+        return Signature(self, args, kwargs)
+
+    def si(self, *args: Any, **kwargs: Any) -> "Signature":
+        """Like ``s``, immutable: a chain does not pass it the previous result."""
+        return Signature(self, args, kwargs, immutable=True)
+
     def delay(self, *args: Any, **kwargs: Any) -> "TaskHandle":
         """Submit with these arguments and the task's defaults."""
         return self.apply_async(args=args, kwargs=kwargs)
@@ -79,6 +88,18 @@ class Task:
 
     def __repr__(self) -> str:
         return f"<logq task {self.name}>"
+
+
+@dataclass(frozen=True)
+class Signature:
+    """A task and its arguments, not yet submitted; ``delay()`` submits it."""
+    task: Task
+    args: tuple[Any, ...] = ()
+    kwargs: dict[str, Any] | None = None
+    immutable: bool = False
+
+    def delay(self) -> "TaskHandle":
+        return self.task.apply_async(self.args, self.kwargs)
 
 
 class TaskHandle:
@@ -145,7 +166,20 @@ class App:
     ``logq.open``; the queue is opened on first use, in each process.
     ``max_result_bytes``: larger encoded results fail their task with
     ResultTooLargeError.  ``cancel_grace``: seconds a cancelled running
-    task has to return before its worker is killed."""
+    task has to return before its worker is killed.
+
+    Extension points, for a layer above (``logq.workflows``), which this
+    layer never imports: ``App.extensions`` (class-wide) holds callables
+    ``ext(app)`` applied once to every App before it settles or runs
+    tasks; a pool's workers import the modules that defined them first.
+    They fill ``settle_hooks``, each ``fn(txn, task_id, event, outcome)``
+    called inside the index transaction that records an outcome (a
+    settlement's, or cancel's) when it changed the task's state: what it
+    writes through ``txn`` is durable exactly with that outcome; and
+    ``run_hooks``, each ``fn(task_id, name, args, kwargs) -> (args,
+    kwargs)`` called in the worker before a task runs."""
+
+    extensions: list[Callable[["App"], None]] = []
 
     def __init__(self, path: str, *, max_result_bytes: int = 1 << 20, cancel_grace: float = 5.0,
                  **queue_options: Any) -> None:
@@ -161,6 +195,15 @@ class App:
         self._lock = threading.Lock()
         frame = sys._getframe(1)
         self._module = frame.f_globals.get("__name__")
+        self.settle_hooks: list[Callable[..., None]] = []
+        self.run_hooks: list[Callable[..., Any]] = []
+        self._extended = 0
+
+    def _extend(self) -> None:
+        """Apply the extensions registered since the last call (once each)."""
+        while self._extended < len(App.extensions):
+            self._extended += 1
+            App.extensions[self._extended - 1](self)
 
     # -- registry ---------------------------------------------------------------------
     def task(self, fn: Callable[..., Any] | None = None, *, name: str | None = None,
@@ -225,8 +268,9 @@ class App:
         return TaskHandle(self, task_id)
 
     def cancel(self, task_id: str) -> bool:
+        self._extend()
         ttl = self._ttl(self._store().status(task_id).name)
-        return self._store().cancel(task_id, int((ttl or 0) * 1e9))
+        return self._store().cancel(task_id, int((ttl or 0) * 1e9), self.settle_hooks)
 
     def retry(self, task_id: str) -> TaskHandle:
         """Run a failed (or cancelled) task again, with its arguments and a
@@ -287,5 +331,7 @@ class App:
         options.setdefault("backoff_max", 300.0)
         if timeouts and None not in timeouts:
             options.setdefault("timeout", max(timeouts) + 5.0)   # a backstop for a stuck C call
-        return WorkerPool(self.path, Runner(spec or self.spec(), self.path), GROUP_NAME,
+        self._extend()
+        exts = tuple(sorted({e.__module__ for e in App.extensions}))
+        return WorkerPool(self.path, Runner(spec or self.spec(), self.path, exts), GROUP_NAME,
                           queue_options=self.queue_options, on_outcome=Settler(self), **options)

@@ -63,25 +63,30 @@ class Runner:
     outcome ``(event, task id, payload, started ns, finished ns, serializer,
     name, attempt)``.  Picklable: it carries only the app's import path."""
 
-    def __init__(self, app_spec: str, path: str) -> None:
+    def __init__(self, app_spec: str, path: str, extensions: tuple[str, ...] = ()) -> None:
         self.app_spec = app_spec
         self.path = path
+        self.extensions = extensions    # modules that registered App.extensions in the pool's process
         self._app: Any = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"app_spec": self.app_spec, "path": self.path}
+        return {"app_spec": self.app_spec, "path": self.path, "extensions": self.extensions}
 
     def __setstate__(self, st: dict[str, Any]) -> None:
         self.app_spec, self.path = st["app_spec"], st["path"]
+        self.extensions = st.get("extensions", ())
         self._app = None
 
     def _load(self) -> Any:
         import importlib
+        for m in self.extensions:
+            importlib.import_module(m)
         mod, _, attr = self.app_spec.partition(":")
         app: Any = importlib.import_module(mod)
         for part in attr.split("."):
             app = getattr(app, part)
         app.path = self.path        # the pool's queue, wherever the app's module points
+        app._extend()
         self._app = app
         self._store = app._store()
         self._running: tuple[Any, ...] | None = None
@@ -117,6 +122,11 @@ class Runner:
         except Exception as e:
             return give_up(SerializationError(f"the arguments of task {tid} cannot be decoded: "
                                               f"{type(e).__name__}: {e}"))
+        try:
+            for h in app.run_hooks:
+                args, kwargs = h(tid, rec.name, args, kwargs)
+        except Exception as e:
+            return give_up(e)
         ctx = TaskContext(tid, rec.name, m.attempt)
         started = time.time_ns()
         self._running = (ctx, time.monotonic(), task.timeout, started)
@@ -203,6 +213,7 @@ class Settler:
         self.app = app
         self.store = app._store()
         self._last_purge = 0.0
+        app._extend()
 
     def __call__(self, msgs: list[Any], values: list[Any] | None,
                  failures: dict[int, str]) -> tuple[list[Any], Any, list[Any]]:
@@ -240,7 +251,9 @@ class Settler:
                 out = Outcome(S.next_state(S.RUNNING, event), attempt, sub, started,
                               finished if final else 0,
                               finished + int(ttl * 1e9) if final and ttl else 0, ser, name, payload)
-                store.record(txn, tid, event, out)
+                if store.record(txn, tid, event, out):
+                    for h in app.settle_hooks:
+                        h(txn, tid, event, out)
             if purge:
                 store.purge_expired(txn, time.time_ns())
         return write

@@ -246,9 +246,10 @@ class Store:
                 yield tid
 
     # -- operations -----------------------------------------------------------------
-    def cancel(self, task_id: str, ttl_ns: int) -> bool:
+    def cancel(self, task_id: str, ttl_ns: int, hooks: Any = ()) -> bool:
         """Record the task cancelled, durably, unless it finished: True if
-        it was (not) finished and is cancelled now."""
+        it was (not) finished and is cancelled now.  ``hooks``: the App's
+        settle hooks, run in the same transaction."""
         st = self.status(task_id)        # raises TaskNotFound
         if st.state in S.FINAL:
             return False
@@ -265,6 +266,8 @@ class Store:
             txn.put(key, out.pack(), db=self.outcome)
             if out.expires_ns:
                 txn.put(_be(out.expires_ns) + key, b"", db=self.expiry)
+            for h in hooks:
+                h(txn, task_id, S.CANCEL, out)
             return True
         done = self.idx.write(fn)
         self.q._poke()
