@@ -23,8 +23,8 @@ from typing import Any, Callable
 from logq._errors import (TaskCancelled, TaskError, TaskFailed, UnknownTaskError)
 from logq._queue import Queue
 from logq.tasks import _state as S
-from logq.tasks._records import (JSON, PICKLE, Serializer, decode_task, dumps, encode_task,
-                                 make_id, new_nonce)
+from logq.tasks._records import (JSON, PICKLE, Serializer, dumps, encode_task, make_id,
+                                 new_nonce)
 from logq.tasks._store import GROUP_NAME, Store, TaskStatus
 
 _WAIT_SLICE = 0.05

@@ -26,14 +26,13 @@ later (retrying after a failure, else scheduled); queued.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 from logq import _format as F
 from logq._errors import OffsetError, TaskNotFound
-from logq._index import GROUP, G_WATERMARK, _prefixed, open_scratch
+from logq._index import GROUP, G_WATERMARK, open_scratch
 from logq._leases import Retry
 from logq._status import pid_alive
 from logq._settled import _DEAD, _be, _is_settled
