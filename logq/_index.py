@@ -253,6 +253,17 @@ class Index(_Env):
 
     users = 0
     key = ""
+    # The databases, one attribute per name in DBS (set by _open_and_probe);
+    # lmdb has no type information, so each is an Any handle.
+    main: Any
+    segments: Any
+    groups: Any
+    acks: Any
+    sched: Any
+    pending: Any
+    dead: Any
+    dedup: Any
+    dedup_time: Any
 
     def __init__(self, qdir: str, *, may_rebuild: bool = True) -> None:
         """Open (or create) the environment.  With ``may_rebuild`` (no other
