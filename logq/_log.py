@@ -167,7 +167,9 @@ class Log:
         self.pid = os.getpid()
         self.segments: dict[int, Segment] = {}
         self.bases: list[int] = []
-        self.active: Segment | None = None
+        # The segment appends go to: None only until open() or the first roll,
+        # before anything reads it (typed as set, so callers need no checks).
+        self.active: Segment = None  # type: ignore[assignment]
         self.w = C.Writer()
         self.holding = False
         # Where sealed segments' stored sparse indexes come from (the Queue

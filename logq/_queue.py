@@ -212,7 +212,8 @@ class Queue:
         lg = Log(self.path, segment_bytes=opts.segment_bytes, exclusive=opts.exclusive,
                  preallocate_bytes=opts.preallocate_bytes)
         lg.before_alloc = self._before_alloc
-        self._index = None
+        # None only until open_index returns (the cleanup below checks).
+        self._index: Index = None  # type: ignore[assignment]
         try:
             self._index = open_index(self.path, may_rebuild=lg.alone)
             lg.sparse_source = self._index.sparse

@@ -81,7 +81,9 @@ class Segment:
                 log.warning("segment %s: %s; reading its records by their own CRCs",
                             path, self.header_problem)
             access = mmap.ACCESS_READ if readonly else mmap.ACCESS_WRITE
-            self.mm = mmap.mmap(self.fd, self.size, access=access) if self.size else None
+            # None for an empty file (and after close()): nothing reads below size 0.
+            self.mm: mmap.mmap = (mmap.mmap(self.fd, self.size, access=access)  # type: ignore[assignment]
+                                  if self.size else None)
         except BaseException:
             os.close(self.fd)
             raise
@@ -340,7 +342,7 @@ class Segment:
                 self.h = None
             if self.mm is not None:
                 self.mm.close()
-                self.mm = None
+                self.mm = None  # type: ignore[assignment]
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
