@@ -34,7 +34,7 @@ from logq import _status
 from logq._errors import (LogqError, MessageTooLargeError, OffsetError, QueueClosedError,
                           QueueFullError, RecordLostError)
 from logq._index import (G_ACKED, G_DEAD, G_DELIVERED, G_DROPPED, G_REDELIVERED, G_WATERMARK,
-                         K_PRIORITIES, RESERVE_BYTES, clamp_scratch, in_flight, open_index,
+                         K_PRIORITIES, RESERVE_BYTES, Index, clamp_scratch, in_flight, open_index,
                          reset_scratch)
 from logq._fsutil import fsync_dir
 from logq._log import Log, Recovery
