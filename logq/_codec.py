@@ -27,6 +27,9 @@ wait = impl.wait
 wake = impl.wake
 wait_synced = impl.wait_synced
 wake_synced = impl.wake_synced
+written = impl.written
+wait_written = impl.wait_written
+bump_written = impl.bump_written
 scan = impl.scan
 find_next = impl.find_next
 seek = impl.seek
@@ -39,4 +42,4 @@ def native_enabled() -> bool:
 
 __all__ = ["impl", "native_enabled", "crc32c", "handle", "release", "encode",
            "encode_batch", "Writer", "put", "prefault", "wait", "wake", "wait_synced",
-           "wake_synced", "scan", "find_next", "seek"]
+           "wake_synced", "written", "wait_written", "bump_written", "scan", "find_next", "seek"]

@@ -166,6 +166,13 @@ wake = lib.logq_wake
 wait_synced = lib.logq_wait_synced
 wake_synced = lib.logq_wake_synced
 
+# written(ctl) -> the WRITTEN counter; wait_written(ctl, seen, timeout_ns) ->
+# 1 once it differs from seen, else 0 (a futex, without the GIL);
+# bump_written(ctl) after a commit that ran write hooks.
+written = lib.logq_written
+wait_written = lib.logq_wait_written
+bump_written = lib.logq_bump_written
+
 
 def scan(h: Any, start: int, end: int, expected_offset: int, max_records: int,
          fields: bool = False) -> tuple[int, int, int, list[int] | None]:

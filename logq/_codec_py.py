@@ -192,6 +192,39 @@ def wake_synced(ctl: Any) -> None:
     """Wake the processes waiting in ``wait_synced`` (nothing to do when polling)."""
 
 
+def written(ctl: Any) -> int:
+    """The control block's WRITTEN counter (commits that ran write hooks)."""
+    words = memoryview(ctl).cast("B").cast("Q")
+    try:
+        return words[F.CTL_WRITTEN >> 3]
+    finally:
+        words.release()
+
+
+def wait_written(ctl: Any, seen: int, timeout_ns: int) -> int:
+    """Wait (once, at most ``timeout_ns``) for WRITTEN to differ from
+    ``seen``: 1 if it does, 0 if not yet.  Polls: it sleeps at most 1 ms
+    before looking again (a blocked ``result()`` is that late at most)."""
+    words = memoryview(ctl).cast("B").cast("Q")
+    try:
+        if words[F.CTL_WRITTEN >> 3] == seen and timeout_ns > 0:
+            time.sleep(min(timeout_ns, 1_000_000) / 1e9)
+        return 1 if words[F.CTL_WRITTEN >> 3] != seen else 0
+    finally:
+        words.release()
+
+
+def bump_written(ctl: Any) -> None:
+    """Count a commit that ran write hooks.  (Not atomic across processes:
+    two bumps at once may count as one, but either moves the word past what
+    a waiter saw, which is all a waiter looks for.)"""
+    words = memoryview(ctl).cast("B").cast("Q")
+    try:
+        words[F.CTL_WRITTEN >> 3] = (words[F.CTL_WRITTEN >> 3] + 1) & 0xFFFFFFFFFFFFFFFF
+    finally:
+        words.release()
+
+
 def _check(buf: Any, pos: int, end: int, expected: int | None) -> tuple[int, int, tuple]:
     """(status, size, header) of the record at ``pos``.  ``expected`` None
     accepts any offset.  Status SCAN_OK means valid."""

@@ -303,6 +303,12 @@ CTL_SYNCED_NEXT = 88     # u64: every record appended since the block was set up
                          #      and below this offset is on stable storage
 CTL_SYNCING = 96         # u64: pid of the process whose fdatasync is in progress, or 0
 CTL_SYNCING_NEXT = 104   # u64: the offset that fdatasync will make SYNCED_NEXT
+# What settlements wrote (the write hooks of acks and nacks: the tasks
+# layer's outcomes): WRITTEN is bumped after every commit that ran hooks, so
+# a process waiting for an outcome sleeps on it (a futex on its low 32 bits,
+# woken only while WRITTEN_WAITERS is nonzero) and looks again when it moves.
+CTL_WRITTEN = 112        # u64: a counter of commits that ran write hooks
+CTL_WRITTEN_WAITERS = 120  # u32: processes blocked waiting for WRITTEN to move
 
 # --- index ---------------------------------------------------------------
 SPARSE_STRIDE = 64   # one sparse index entry per this many records

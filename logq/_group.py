@@ -774,7 +774,9 @@ class _Group:
                           [d.offset for d, due, _e in s.nacks if d.single and due is None],
                           [(d.offset, due) for d, due, _e in s.nacks if due is not None])
         if s.nacks or ack_writes:
-            self.q._poke()      # (also wakes whoever waits for what a hook wrote)
+            self.q._poke()      # (consumers look again: something was scheduled)
+        if ack_writes or nack_writes:
+            self.q._bump_written()  # whoever waits for what a hook wrote looks again
 
     def _free_claims(self, ranges: list[int], singles: list[int],
                      retries: list[tuple[int, int]] = ()) -> None:  # type: ignore[assignment]

@@ -796,6 +796,27 @@ class Queue:
         if lg is not None:
             C.wake(lg.ctl_h)
 
+    # -- what settlements wrote (the tasks layer's outcomes) --------------------
+    def _written(self) -> int:
+        """The control block's count of commits that ran write hooks: read
+        it, then look for what you wait for, then ``_wait_written`` on it."""
+        return C.written(self._open_log().ctl_h)
+
+    def _wait_written(self, seen: int, timeout: float) -> bool:
+        """Sleep until a commit that ran write hooks (in any process) moved
+        the count past ``seen``, at most ``timeout`` seconds: whether it
+        moved.  A futex natively (no polling); the pure codec looks every
+        1 ms."""
+        return bool(C.wait_written(self._open_log().ctl_h, seen, int(max(timeout, 0.0) * 1e9)))
+
+    def _bump_written(self) -> None:
+        """After a commit that ran write hooks: wake the ``_wait_written``
+        sleepers of every process (one atomic add; a futex wake only while
+        someone sleeps)."""
+        lg = self._log
+        if lg is not None:
+            C.bump_written(lg.ctl_h)
+
     # -- reading --------------------------------------------------------------
     def wait(self, offset: int, timeout: float | None = None) -> bool:
         """Block until the record at ``offset`` (or a later one) has been

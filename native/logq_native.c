@@ -475,6 +475,42 @@ void logq_wake_synced(uint8_t *ctl)
 #endif
 }
 
+/* What settlements wrote: a futex on the low 32 bits of WRITTEN.  The
+ * waiter counts itself in WRITTEN_WAITERS before it loads WRITTEN; the
+ * bumper increments WRITTEN before it loads WRITTEN_WAITERS (both seq_cst):
+ * either the bumper sees the waiter and wakes it, or the waiter sees the new
+ * count (and FUTEX_WAIT returns at once if the word moved in between). */
+#define written_ptr(ctl) ((uint64_t *)(void *)((ctl) + LOGQ_CTL_WRITTEN))
+
+uint64_t logq_written(uint8_t *ctl)
+{
+    return __atomic_load_n(written_ptr(ctl), __ATOMIC_SEQ_CST);
+}
+
+int logq_wait_written(uint8_t *ctl, uint64_t seen, int64_t timeout_ns)
+{
+    uint32_t *waiters = (uint32_t *)(void *)(ctl + LOGQ_CTL_WRITTEN_WAITERS);
+    uint64_t now;
+    __atomic_fetch_add(waiters, 1, __ATOMIC_SEQ_CST);
+    now = __atomic_load_n(written_ptr(ctl), __ATOMIC_SEQ_CST);
+    if (now == seen && timeout_ns > 0) {
+        wait_word(low_word(ctl, LOGQ_CTL_WRITTEN), (uint32_t)seen, timeout_ns, 1000000L);
+        now = __atomic_load_n(written_ptr(ctl), __ATOMIC_SEQ_CST);
+    }
+    __atomic_fetch_sub(waiters, 1, __ATOMIC_SEQ_CST);
+    return now != seen;
+}
+
+void logq_bump_written(uint8_t *ctl)
+{
+    __atomic_fetch_add(written_ptr(ctl), 1, __ATOMIC_SEQ_CST);
+    if (__atomic_load_n((uint32_t *)(void *)(ctl + LOGQ_CTL_WRITTEN_WAITERS), __ATOMIC_SEQ_CST)) {
+#if defined(__linux__)
+        syscall(SYS_futex, low_word(ctl, LOGQ_CTL_WRITTEN), FUTEX_WAKE, INT32_MAX, NULL, NULL, 0);
+#endif
+    }
+}
+
 /* ---------------------------------------------------------------------------
  * The writer: one per process and queue.  logq_put is the put hot path; the
  * Python slow paths change the fields under logq_writer_lock.

@@ -49,6 +49,8 @@
 #define LOGQ_CTL_SYNCED_NEXT 88
 #define LOGQ_CTL_SYNCING 96
 #define LOGQ_CTL_SYNCING_NEXT 104
+#define LOGQ_CTL_WRITTEN 112
+#define LOGQ_CTL_WRITTEN_WAITERS 120
 
 #define LOGQ_SPARSE_STRIDE 64
 
@@ -124,6 +126,16 @@ void logq_wake(uint8_t *ctl);
  * wakes every such waiter after a syncer published a new SYNCED_NEXT. */
 int logq_wait_synced(uint8_t *ctl, uint64_t offset, int64_t timeout_ns);
 void logq_wake_synced(uint8_t *ctl);
+
+/* What settlements wrote, across processes: WRITTEN is a counter bumped
+ * (logq_bump_written) after every commit whose transaction ran write hooks
+ * (the tasks layer's outcomes).  logq_written reads it; logq_wait_written
+ * waits (once, at most timeout_ns) for it to differ from seen: 1 if it does,
+ * 0 if not yet.  Without the GIL; a futex on Linux, woken only while
+ * WRITTEN_WAITERS says someone sleeps. */
+uint64_t logq_written(uint8_t *ctl);
+int logq_wait_written(uint8_t *ctl, uint64_t seen, int64_t timeout_ns);
+void logq_bump_written(uint8_t *ctl);
 
 /* Validate records in [start, end) carrying expected_offset, +1, ...; at most
  * max_records.  Returns the count; result[0] = stop position, result[1] =

@@ -27,7 +27,9 @@ from logq.tasks._records import (JSON, PICKLE, Serializer, dumps, encode_task, m
                                  new_nonce)
 from logq.tasks._store import GROUP_NAME, Store, TaskStatus
 
-_WAIT_SLICE = 0.05
+# result() sleeps at most this long before it looks at a task's whole status
+# (a backstop: commits wake it, in any process).
+_WAIT_SLICE = 0.25
 
 
 @dataclass(frozen=True)
@@ -115,33 +117,32 @@ class TaskHandle:
 
     def result(self, timeout: float | None = None) -> Any:
         """Its return value, once it succeeded: blocks up to ``timeout``
-        seconds (None: forever), waking when a commit writes an outcome
-        (the queue's wait: no polling on the native codec).  Raises
-        TaskFailed (remote type, message, traceback), TaskCancelled, or
-        TimeoutError."""
+        seconds (None: forever).  It sleeps until a commit in any process
+        writes an outcome (the control block's WRITTEN count: a futex on
+        the native codec, no polling; the pure codec looks every 1 ms),
+        then looks for its own.  Raises TaskFailed (remote type, message,
+        traceback), TaskCancelled, TaskNotFound, or TimeoutError."""
         store = self.app._store()
         q = self.app.queue
         limit = None if timeout is None else time.monotonic() + timeout
-        nap = 0.001
+        woke = False
         while True:
-            tail = q.next_offset
+            seen = q._written()     # before looking: a commit after this look wakes the wait
             out = store.recorded(self.id)
             if out is not None and out.state in S.FINAL:
                 return self._final(out)
-            if out is None or out.state not in S.FINAL:
-                st = None
-                if out is None:
-                    st = store.status(self.id)      # raises TaskNotFound; a dead letter is failed
-                if st is not None and st.state == S.FAILED:
+            if not woke:
+                # The first look, and each slice that passed without a
+                # wake: the whole status (an unknown or expired id raises
+                # TaskNotFound; a dead letter without an outcome is failed).
+                st = store.status(self.id)
+                if st.state == S.FAILED:
                     e = st.error or {}
                     raise TaskFailed(self.id, e.get("type", ""), e.get("message", ""), e.get("traceback", ""))
-            # (A commit's poke does not end a wait on the tail: look again
-            # after a nap that doubles up to _WAIT_SLICE; a put wakes it.)
-            left = nap if limit is None else min(nap, limit - time.monotonic())
+            left = _WAIT_SLICE if limit is None else min(_WAIT_SLICE, limit - time.monotonic())
             if left <= 0:
                 raise TimeoutError(f"task {self.id} did not finish within {timeout}s")
-            q.wait(tail, left)
-            nap = min(nap * 2, _WAIT_SLICE)
+            woke = q._wait_written(seen, left)
 
     def _final(self, out: Any) -> Any:
         if out.state == S.SUCCEEDED:

@@ -270,6 +270,7 @@ class Store:
             return True
         done = self.idx.write(fn)
         self.q._poke()
+        self.q._bump_written()      # a blocked result() raises TaskCancelled now
         return done
 
     def moved_to(self, task_id: str, offset: int) -> None:
