@@ -311,6 +311,21 @@ class Queue:
             self._after_write(off + 1, n + _HDR)
         return off
 
+    def _put_nowait(self, data: bytes) -> int:
+        """``put(data)`` only if it needs no waiting (logq.aio calls it on
+        the event loop): this process holds the append lock, the record
+        fits the active segment and the policy is not "always"; its offset.
+        -1, nothing stored, when it would wait: then call ``put``."""
+        n = len(data)
+        if self._always or n > self._max or self._log is None:
+            return -1
+        off = _put(self._writer, data, n)
+        if off < 0:
+            return -1
+        if self._syncs:
+            self._after_write(off + 1, n + _HDR)
+        return off
+
     def _put_with(self, data: bytes, key: Any, priority: Any, delay: Any, deliver_at: Any) -> int:
         """put() with attributes: checked, then stored in the record's meta."""
         _check_int("priority", priority, 0, MAX_PRIORITY)
@@ -816,6 +831,27 @@ class Queue:
         lg = self._log
         if lg is not None:
             C.bump_written(lg.ctl_h)
+
+    def _asleep(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)``, a sleep on the control block, counted as a waiter
+        that ``close()`` wakes and waits for before it unmaps the block."""
+        with self._waiters:
+            self._open_log()
+            if self._closing:
+                raise self._closed_error()
+            self._waiting += 1
+        try:
+            return fn(*args)
+        finally:
+            with self._waiters:
+                self._waiting -= 1
+                self._waiters.notify_all()
+
+    def _wait_once(self, offset: int, timeout: float) -> bool:
+        """One sleep of ``wait``: until the tail passes ``offset`` (True), or
+        a poke (``_poke``, any process), a spurious wake or ``timeout``
+        seconds (False; logq.aio tells a poke by the clock)."""
+        return self._asleep(lambda: bool(C.wait(self._open_log().ctl_h, offset, int(timeout * 1e9))))
 
     # -- reading --------------------------------------------------------------
     def wait(self, offset: int, timeout: float | None = None) -> bool:

@@ -18,7 +18,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Generator
 
 from logq._errors import (TaskCancelled, TaskError, TaskFailed, UnknownTaskError)
 from logq._queue import Queue
@@ -66,6 +66,22 @@ class Task:
     def delay(self, *args: Any, **kwargs: Any) -> "TaskHandle":
         """Submit with these arguments and the task's defaults."""
         return self.apply_async(args=args, kwargs=kwargs)
+
+    async def adelay(self, *args: Any, **kwargs: Any) -> "TaskHandle":
+        """``delay`` for asyncio (see ``aapply_async``)."""
+        return await self.aapply_async(args=args, kwargs=kwargs)
+
+    async def aapply_async(self, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None,
+                           **options: Any) -> "TaskHandle":
+        """``apply_async`` for asyncio: the same submission (one put, durable
+        as the queue's fsync policy says), run on the event loop's default
+        executor (it may wait for an fsync, or open the queue); the same
+        options and errors.  Submitted even if the awaiting task is
+        cancelled once it started."""
+        import asyncio
+        import functools
+        job = functools.partial(self.apply_async, args, kwargs, **options)
+        return await asyncio.get_running_loop().run_in_executor(None, job)
 
     def apply_async(self, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None, *,
                     delay: float | None = None, eta: float | None = None,
@@ -122,6 +138,40 @@ class TaskHandle:
         the native codec, no polling; the pure codec looks every 1 ms),
         then looks for its own.  Raises TaskFailed (remote type, message,
         traceback), TaskCancelled, TaskNotFound, or TimeoutError."""
+        q = self.app.queue
+        looks = self._looks(timeout)
+        woke = None     # (a generator's first send)
+        try:
+            while True:
+                seen, left = looks.send(woke)
+                woke = q._wait_written(seen, left)
+        except StopIteration as done:
+            return done.value
+
+    async def aresult(self, timeout: float | None = None) -> Any:
+        """``result`` for asyncio: the same looks (LMDB reads, on the event
+        loop), the sleeps between them on a watcher of the WRITTEN count
+        (``logq.aio.written_changed``: one thread per queue and event loop,
+        not one per waiter).  The same return value and exceptions."""
+        import asyncio
+
+        from logq import aio      # (here: the tasks layer does not depend on the adapter)
+        if self.app._st is None:
+            await asyncio.get_running_loop().run_in_executor(None, self.app._store)  # opens the queue
+        q = self.app.queue
+        looks = self._looks(timeout)
+        woke = None     # (a generator's first send)
+        try:
+            while True:
+                seen, left = looks.send(woke)
+                woke = await aio.written_changed(q, seen, left)
+        except StopIteration as done:
+            return done.value
+
+    def _looks(self, timeout: float | None) -> Generator[tuple[int, float], bool, Any]:
+        """What ``result`` does between its sleeps: each look yields (the
+        WRITTEN count it read before looking, seconds to sleep on it) and is
+        sent whether the count moved; it returns the value or raises."""
         store = self.app._store()
         q = self.app.queue
         limit = None if timeout is None else time.monotonic() + timeout
@@ -142,7 +192,7 @@ class TaskHandle:
             left = _WAIT_SLICE if limit is None else min(_WAIT_SLICE, limit - time.monotonic())
             if left <= 0:
                 raise TimeoutError(f"task {self.id} did not finish within {timeout}s")
-            woke = q._wait_written(seen, left)
+            woke = yield seen, left
 
     def _final(self, out: Any) -> Any:
         if out.state == S.SUCCEEDED:
