@@ -64,25 +64,25 @@ class Batch(BatchOut):
         return self._payloads
 
     @property
-    def offsets(self) -> array:
+    def offsets(self) -> array[int]:
         out = array("q")
         for start, count, _lease in self.chunks:
             out.extend(range(start, start + count))
         return out
 
     @property
-    def timestamps(self) -> array:
+    def timestamps(self) -> array[int]:
         return array("q", self._ts)
 
     @property
-    def attempts(self) -> array:
+    def attempts(self) -> array[int]:
         out = array("I")
         for _start, count, lease in self.chunks:
             out.extend(repeat(lease.attempt, count))
         return out
 
     @property
-    def priorities(self) -> array:
+    def priorities(self) -> array[int]:
         out = array("B")
         for _start, count, lease in self.chunks:
             out.extend(repeat(lease.priority, count))

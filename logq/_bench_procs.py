@@ -39,7 +39,7 @@ def _context() -> Any:
     return multiprocessing.get_context("spawn")
 
 
-def _child_call(fn: Callable[..., Any], args: tuple, conn: Any) -> None:
+def _child_call(fn: Callable[..., Any], args: tuple[Any, ...], conn: Any) -> None:
     try:
         conn.send(("ok", fn(*args)))
     except BaseException:   # noqa: BLE001 - the parent reports it

@@ -225,7 +225,7 @@ def bump_written(ctl: Any) -> None:
         words.release()
 
 
-def _check(buf: Any, pos: int, end: int, expected: int | None) -> tuple[int, int, tuple]:
+def _check(buf: Any, pos: int, end: int, expected: int | None) -> tuple[int, int, tuple[Any, ...]]:
     """(status, size, header) of the record at ``pos``.  ``expected`` None
     accepts any offset.  Status SCAN_OK means valid."""
     left = end - pos

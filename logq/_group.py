@@ -432,7 +432,7 @@ class _Group:
         process holds and no posted retry overrides: (due, offset,
         deliveries so far)."""
         p, sc = self.prefix, self.scratch
-        out = []
+        out: list[tuple[int, int, int]] = []
         for k, v in _prefixed(txn.cursor(db=self.idx.sched), p):
             due = int.from_bytes(k[-16:-8], "big")
             if due > wall or len(out) >= n:
@@ -932,7 +932,7 @@ class _Group:
             _owners.release(self._owner)
 
 
-_Pick = tuple  # (offset, payload, ts ns, priority, key)
+_Pick = tuple[Any, ...]  # (offset, payload, ts ns, priority, key)
 
 
 class _Run(NamedTuple):

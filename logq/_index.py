@@ -472,7 +472,7 @@ class Index(_Env):
         """Remember ``key`` -> ``offset``; forget keys older than ``since_ns``."""
         def fn(txn: Any) -> None:
             cur = txn.cursor(db=self.dedup_time)
-            expired = []
+            expired: list[bytes] = []
             for k in cur.iternext(values=False):
                 if int.from_bytes(k[:8], "big") >= since_ns or len(expired) >= 64:
                     break
@@ -487,7 +487,7 @@ class Index(_Env):
         self.write(fn)
 
     # -- segment table ----------------------------------------------------
-    def sparse(self, base: int) -> tuple[int, int, array] | None:
+    def sparse(self, base: int) -> tuple[int, int, array[int]] | None:
         """(end position, record count, sparse positions) stored for a sealed
         segment, or None."""
         raw = self.get(struct.pack(">Q", base), self.segments)
@@ -499,7 +499,7 @@ class Index(_Env):
             positions.byteswap()
         return end, count, positions
 
-    def set_sparse(self, base: int, end: int, count: int, positions: array) -> None:
+    def set_sparse(self, base: int, end: int, count: int, positions: array[int]) -> None:
         if sys.byteorder == "big":
             positions = array("Q", positions)
             positions.byteswap()

@@ -174,7 +174,7 @@ class Log:
         self.holding = False
         # Where sealed segments' stored sparse indexes come from (the Queue
         # plugs in its Index): base -> (end, count, positions) or None.
-        self.sparse_source: Callable[[int], tuple[int, int, array] | None] | None = None
+        self.sparse_source: Callable[[int], tuple[int, int, array[int]] | None] | None = None
         # Called with the bytes about to be allocated (a new segment, or a
         # growth step of the active one) before they are (the Queue's disk
         # budget); may delete old segments, or raise to refuse.

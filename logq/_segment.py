@@ -167,7 +167,7 @@ class Segment:
         return True
 
     # -- reading ------------------------------------------------------------
-    def load_sparse(self, end: int, count: int, positions: array) -> None:
+    def load_sparse(self, end: int, count: int, positions: array[int]) -> None:
         """Adopt a sparse index stored for this segment: of all its records
         if sealed, of a prefix of them if it was the active one."""
         if len(positions) == (count + _STRIDE - 1) // _STRIDE and end <= self.size:

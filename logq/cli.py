@@ -362,7 +362,7 @@ def _group(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_operator(sub: argparse._SubParsersAction) -> None:
+def _add_operator(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     s = sub.add_parser("stat", help="a queue's offsets, disk use, shutdown state and consumer groups")
     s.add_argument("path")
     s.add_argument("--json", action="store_true")
@@ -422,7 +422,7 @@ def _add_operator(sub: argparse._SubParsersAction) -> None:
 
 
 # -- metrics ---------------------------------------------------------------------------
-def _add_metrics(sub: argparse._SubParsersAction) -> None:
+def _add_metrics(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     m = sub.add_parser("metrics", help="serve Prometheus metrics for a queue directory")
     m.add_argument("path", help="the queue directory")
     m.add_argument("--port", type=int, default=9464, help="TCP port (default 9464; 0: any free one, printed)")
@@ -457,7 +457,7 @@ def _metrics(args: argparse.Namespace) -> int:
 
 
 # -- forward ---------------------------------------------------------------------------
-def _add_forward(sub: argparse._SubParsersAction) -> None:
+def _add_forward(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     f = sub.add_parser("forward", help="forward a queue's messages to NATS JetStream or MQTT",
                        description="Publish every message of a consumer group upstream, acking each in "
                                    "the queue once the upstream acknowledged it.  Runs until SIGTERM or "
