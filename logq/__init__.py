@@ -40,4 +40,9 @@ def __getattr__(name: str) -> object:
     if name in _FORWARD:
         from logq import forward
         return getattr(forward, name)
+    if name == "aio":
+        # The asyncio adapter (logq.aio), on first use: ``import logq`` then
+        # ``logq.aio.open(...)`` works; the core never imports it.
+        import importlib
+        return importlib.import_module("logq.aio")
     raise AttributeError(f"module 'logq' has no attribute {name!r}")
