@@ -269,7 +269,7 @@ def plot(report: Report, path: str) -> None:
             ax.set_ylim(bottom=0, top=max(ys or [1]) * 1.1)     # (a narrow range: a log axis exaggerates it)
         ax.grid(True, which="both", alpha=0.3)
         if numeric:
-            if min(xs) > 0 and max(xs) / min(xs) >= 100:
+            if min(xs) > 0 and max(xs) / min(xs) >= 100:  # type: ignore[operator]
                 ax.set_xscale("log")
             ax.set_xticks(xs)
             ax.set_xticklabels([str(v) for v in xs])

@@ -475,7 +475,7 @@ def run_one(p: Params, base: str, floors: Floors, ctx: Any | None = None,
     lat = out["lat"]
     if lat:
         r.latency_p50_ms, r.latency_p99_ms, r.latency_p999_ms = (
-            _percentile(lat, q) * 1e3 for q in (0.50, 0.99, 0.999))
+            _percentile(lat, q) * 1e3 for q in (0.50, 0.99, 0.999))  # type: ignore[operator]
         r.latency_samples = len(lat)
     elif "pool_stats" in out and out["pool_stats"].latency_p50 is not None:
         st = out["pool_stats"]                      # the pool's last 20,000 commits

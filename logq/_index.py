@@ -643,7 +643,7 @@ def _close_shared(env: Any) -> None:
         if env.users > 0:
             return
         if _shared.get(env.key) is env:
-            del _shared[env.key]
+            del _shared[env.key]  # type: ignore[union-attr]
         env.env.close()
         os.close(env.fd)
 

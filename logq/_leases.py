@@ -305,9 +305,9 @@ class Ledger:
                     raise NotDeliveredError(f"{d!r} is not out for delivery to this group (acked "
                                             "or nacked already, its lease was lost, or it was "
                                             "delivered to another group); nothing was acked")
-        if len(set(offsets)) != len(ds):
+        if len(set(offsets)) != len(ds):  # type: ignore[arg-type]
             raise NotDeliveredError("the same message twice in one ack_many; nothing was acked")
-        deque(map(out.pop, offsets), 0)
+        deque(map(out.pop, offsets), 0)  # type: ignore[arg-type]
         self.acks += ds
 
     # -- batches (take) ---------------------------------------------------------------
@@ -410,7 +410,7 @@ class Ledger:
         """Detach every delivery still open in every batch (before a
         release: from then on each is a Delivery in ``out``)."""
         for b in list(self.batches.values()):
-            self.detach(b, None, lambda i, off, lease, b=b: make(b, i, off, lease))
+            self.detach(b, None, lambda i, off, lease, b=b: make(b, i, off, lease))  # type: ignore[misc]
 
     def nack(self, d: Delivery, due: int | None, error: str | None) -> None:
         """``d`` failed: due again at ``due`` (what the caller decided when

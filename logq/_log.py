@@ -184,7 +184,7 @@ class Log:
         # segment name: meeting them again is no news.
         self.given_up: dict[str, list[tuple[int, int]]] = {}
         for e in losses(qdir):
-            self.given_up.setdefault(e.get("segment"), []).append((e.get("first_offset"), e.get("end_offset")))
+            self.given_up.setdefault(e.get("segment"), []).append((e.get("first_offset"), e.get("end_offset")))  # type: ignore[arg-type]
         ctl_path = os.path.join(qdir, F.CONTROL_FILE)
         self.ctl_fd = self._open_fd(ctl_path)
         self.open_fd = self._open_fd(os.path.join(qdir, F.OPEN_LOCK_FILE))
@@ -718,7 +718,7 @@ class Log:
         # has validated, which was below the tail then, and the tail of an
         # open queue never moves back.
         found = seg.find(offset) if seg is not None else None
-        return None if found is None else (seg, found[0], found[1])
+        return None if found is None else (seg, found[0], found[1])  # type: ignore[return-value]
 
     def locate(self, offset: int) -> tuple[Segment, int] | None:
         """The segment holding ``offset`` and the first offset after it."""
@@ -823,7 +823,7 @@ def _scan_whole(seg: Segment, pos: int, nxt: int, room: int, durable: int) -> tu
     while True:
         want = min(room, chunk)
         n, stop, status, fields = C.scan(seg.h, pos, seg.size, nxt, want, True)
-        whole, need = _whole_batches(seg, fields, n)
+        whole, need = _whole_batches(seg, fields, n)  # type: ignore[arg-type]
         if whole == n:
             total += n
             if n < want or n == room:
@@ -834,11 +834,11 @@ def _scan_whole(seg: Segment, pos: int, nxt: int, room: int, durable: int) -> tu
             # The scan stopped at the chunk's end, inside the batch: scan on
             # from its head, far enough to see all of it.
             total, nxt, room = total + whole, nxt + whole, room - whole
-            pos = fields[whole * F.SCAN_FIELDS]
+            pos = fields[whole * F.SCAN_FIELDS]  # type: ignore[index]
             # (no more records than the segment can hold, whatever a count says)
             chunk = max(_CHUNK, min(need, (seg.size - pos) // F.RECORD_HEADER_SIZE + 1))
             continue
-        return total + whole, fields[whole * F.SCAN_FIELDS], F.TORN_BATCH
+        return total + whole, fields[whole * F.SCAN_FIELDS], F.TORN_BATCH  # type: ignore[index]
 
 
 _BATCH_BIT = F.FLAG_BATCH << 24

@@ -202,7 +202,7 @@ def _add_histogram(out: _Families, name: str, doc: str, labels: dict[str, str], 
     bounds, counts = list(bounds), list(counts)
     if (len(counts) == len(bounds) + 1 and all(_number(x) is not None for x in bounds + counts)
             and _number(total) is not None):
-        out.add(name, "histogram", doc, labels, (bounds, counts, float(total)))
+        out.add(name, "histogram", doc, labels, (bounds, counts, float(total)))  # type: ignore[arg-type]
 
 
 def _durable(out: _Families, q: Queue, ql: dict[str, str]) -> dict[str, Any]:
@@ -383,7 +383,7 @@ def _family(core: Any, f: Family) -> Any:
             running, buckets = 0.0, []
             for bound, n in zip(list(bounds) + [float("inf")], counts):
                 running += n
-                buckets.append((floatToGoString(bound), running))
+                buckets.append((floatToGoString(bound), running))  # type: ignore[no-untyped-call]
             fam.add_metric(list(values), buckets, total)
         return fam
     for values, value in f.samples:

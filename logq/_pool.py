@@ -203,7 +203,7 @@ def _read_runs(q: Queue, runs: list[tuple[int, int]]) -> tuple[list[int], list[A
                     break
             take = min(len(ts), end - at)
             offsets += range(at, at + take)
-            datas += payloads[:take]
+            datas += payloads[:take]  # type: ignore[index]
             stamps += ts[:take]
             off = at + take
     return offsets, datas, stamps, gone
@@ -576,7 +576,7 @@ class WorkerPool(Service):
         for conn in wait_for(list(busy), timeout):
             w = busy[conn]
             try:
-                got = conn.recv()
+                got = conn.recv()  # type: ignore[call-arg, union-attr]
             except (EOFError, OSError):
                 continue    # it died: _reap_workers
             batch_id, failures = got[0], got[1]
@@ -592,7 +592,7 @@ class WorkerPool(Service):
             w.idle_since = now
             with self._lock:
                 self._stats.busy_seconds[w.proc.pid or 0] = w.busy
-            self._settle_batch(c, b, dict(failures), now, got[2] if len(got) > 2 else None)
+            self._settle_batch(c, b, dict(failures), now, got[2] if len(got) > 2 else None)  # type: ignore[arg-type]
 
     def _settle_batch(self, c: Consumer, b: Batch, failures: dict[int, str], now: float,
                       values: list[Any] | None) -> None:
@@ -699,7 +699,7 @@ class WorkerPool(Service):
             for m in started:
                 self.breaker.record(False, now)
                 self._failed(c, m, what)
-            if not self._stop.is_set() and len(workers) < max(self._target, o.min_workers):
+            if not self._stop.is_set() and len(workers) < max(self._target, o.min_workers):  # type: ignore[operator, type-var]
                 workers.append(self._new_worker())
 
     def _maybe_commit(self, c: Consumer, force: bool) -> None:
@@ -728,19 +728,19 @@ class WorkerPool(Service):
         idle_timeout (never below min_workers)."""
         o = self.options
         all_busy = bool(workers) and all(w.out for w in workers)
-        if all_busy and not waiting and len(workers) < o.max_workers:
+        if all_busy and not waiting and len(workers) < o.max_workers:  # type: ignore[operator]
             # Is there more to do than the workers hold?  (Dispatch claims
             # only what fits, so nothing waits here while all are busy.)
             got = self._take(c, 1, 0)
             if got is not None:
                 waiting.append(got)
         pressure = pressure + 1 if all_busy and waiting else 0
-        if pressure >= 2 and len(workers) < o.max_workers:
+        if pressure >= 2 and len(workers) < o.max_workers:  # type: ignore[operator]
             workers.append(self._new_worker())
             self._target = len(workers)
             log.info("logq pool %s: backlog: %d workers now", self.path, len(workers))
             return 0
-        if len(workers) > o.min_workers:
+        if len(workers) > o.min_workers:  # type: ignore[operator]
             for w in workers:
                 if not w.out and now - w.idle_since >= o.idle_timeout:
                     workers.remove(w)

@@ -158,13 +158,13 @@ class NatsSink:
         if o.stream is None:
             try:
                 self.stream = await self.js.find_stream_name_by_subject(self.subject)
-            except not_found:
+            except not_found:  # type: ignore[misc]
                 raise ForwardConfigError(f"no JetStream stream captures subject {self.subject!r} on "
                                          f"{self.target.public}: create one, or pass stream=NAME "
                                          "(--stream) to have the forwarder create it") from None
         try:
             info = await self.js.stream_info(self.stream)
-        except not_found:
+        except not_found:  # type: ignore[misc]
             await self.js.add_stream(name=self.stream, subjects=[self.subject], storage="file",
                                      duplicate_window=o.duplicate_window)
             log.info("logq forward: created stream %s (subject %s, duplicate window %gs)",
@@ -216,11 +216,11 @@ class MqttSink:
         check_topic(topic)
         self.target, self.topic, self.opts = target, topic, opts
         self.client_id = opts.client_id or f"logq-forward-{queue_id[:12]}-{group}"[:64]
-        self.client: Any = None
+        self.client = None
         self.lost: str | None = None
         self._futs: dict[int, Any] = {}
 
-    client = ("paho.mqtt.client", "forwarding to MQTT needs paho-mqtt: pip install 'logq[mqtt]'")
+    client: Any = ("paho.mqtt.client", "forwarding to MQTT needs paho-mqtt: pip install 'logq[mqtt]'")
 
     async def connect(self) -> None:
         import paho.mqtt.client as mqtt
@@ -230,7 +230,7 @@ class MqttSink:
         connected = loop.create_future()
         t, o = self.target, self.opts
         try:
-            client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,
+            client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.client_id,  # type: ignore[attr-defined]
                                  clean_session=True, protocol=mqtt.MQTTv311)
         except AttributeError:      # paho-mqtt 1.x
             client = mqtt.Client(client_id=self.client_id, clean_session=True, protocol=mqtt.MQTTv311)

@@ -213,7 +213,7 @@ class Forwarder(Service):
         if isinstance(queue, Queue):
             self._queue, self.path = queue, queue.path
         else:
-            self._queue, self.path = None, os.fspath(queue)
+            self._queue, self.path = None, os.fspath(queue)  # type: ignore[assignment]
             if not os.path.isdir(self.path):
                 raise ForwardConfigError(f"no queue directory at {self.path!r}")
         self.queue_options = dict(queue_options or {})
