@@ -7,6 +7,7 @@ import argparse
 import json
 import os
 import sys
+from typing import Any, Callable
 
 import logq
 
@@ -30,7 +31,7 @@ def _bench(args: argparse.Namespace) -> int:
     sweeps = args.sweep or []
     params = bench.grid(base, args.workload, sweeps)
 
-    shown = {"at": 0.0, "label": None}
+    shown: dict[str, Any] = {"at": 0.0, "label": None}
 
     def progress(i: int, n: int, label: str, fraction: float) -> None:
         """A bar on stderr (a terminal only), redrawn at most 10 times a second."""
@@ -119,7 +120,7 @@ def _stat(args: argparse.Namespace) -> int:
     from logq._log import lock_holders
     with _open_existing(args.path) as q:
         st = q.stats()
-        others = [] if q._log.alone else list(lock_holders(q._log.open_fd))
+        others = [] if q._log.alone else list(lock_holders(q._log.open_fd))  # type: ignore[union-attr]
         lost = len(losses(args.path))
     live = _status.read_all(args.path)
     st["processes_open"] = others
@@ -250,7 +251,7 @@ def _put(args: argparse.Namespace) -> int:
     return 0
 
 
-def _progress_bar() -> "object | None":
+def _progress_bar() -> Callable[[int, int], None] | None:
     if not sys.stderr.isatty():
         return None
 
@@ -510,9 +511,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from logq import bench as lb
 
-    def typed(fn):
+    def typed(fn: Callable[[str], Any]) -> Callable[[str], Any]:
         """An argparse type from a parser that raises ValueError with a message."""
-        def parse(text: str):
+        def parse(text: str) -> Any:
             try:
                 return fn(text)
             except ValueError as e:
@@ -529,7 +530,8 @@ def main(argv: list[str] | None = None) -> int:
         return list(dict.fromkeys(names))
 
     class Sweep(argparse.Action):
-        def __call__(self, parser, namespace, value, option_string=None):
+        def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, value: Any,
+                     option_string: str | None = None) -> None:
             have = list(getattr(namespace, self.dest) or [])
             if len(have) >= 2:
                 parser.error("at most two --sweep options (they make a grid)")
