@@ -515,12 +515,12 @@ class WorkerPool(Service):
                     if until_idle and self._idle(c):
                         break
                     # nothing out: sleep in get_many (a put wakes it)
-                    got = self._take(c, self._batch_size() if state == "closed" else 1, 0.2)
+                    got = self._take(c, self._batch_size() if state == "closed" else 1, self._nap(0.2))
                     if got is not None:
                         waiting.append(got)
                 elif busy:
                     starved = any(not w.out for w in workers) and not waiting
-                    self._collect(c, workers, 0.05 if starved else 0.2)
+                    self._collect(c, workers, self._nap(0.05 if starved else 0.2))
             self._shutdown(c, workers, waiting)
         finally:
             _status.withdraw(self.path, "pool", self.group)
@@ -702,6 +702,14 @@ class WorkerPool(Service):
             if not self._stop.is_set() and len(workers) < max(self._target, o.min_workers):  # type: ignore[operator, type-var]
                 workers.append(self._new_worker())
 
+    def _nap(self, most: float) -> float:
+        """How long the loop may block: ``most``, but no later than the
+        commit that acks waiting to be committed are due (a result waits
+        for it: `result()` of the tasks layer)."""
+        if not self._uncommitted:
+            return most
+        return min(most, max(0.0, self._last_commit + self.options.commit_interval - time.monotonic()))
+
     def _maybe_commit(self, c: Consumer, force: bool) -> None:
         o = self.options
         if force or len(self._uncommitted) >= o.commit_every or \
@@ -709,8 +717,11 @@ class WorkerPool(Service):
             c.commit()
             now = time.time_ns()
             self._latencies.extend((now - t) / 1e9 for t in self._uncommitted)
+            if self._uncommitted:
+                # (The interval runs from the last commit of acks: a commit
+                # of nothing must not hold back the next ack by a whole one.)
+                self._last_commit = time.monotonic()
             self._uncommitted = []
-            self._last_commit = time.monotonic()
             with self._lock:
                 self._stats.commits += 1
 
