@@ -5,7 +5,7 @@
         off = q.put(b"payload")
         q.read(off)
 
-See README.md for the durability table and docs/ for the on-disk format.
+See docs/durability.md for the durability table and docs/format.md for the on-disk format.
 """
 
 from logq._codec import native_enabled

@@ -19,7 +19,7 @@ nothing to the queue, and runs the handler.  So:
 * the parent dying takes its workers with it (PR_SET_PDEATHSIG on Linux,
   and a closed pipe everywhere) and releases its leases at once, so another
   pool delivers what was not committed: at least once, with the redelivery
-  window of the consumer group (README);
+  window of the consumer group (docs/consumer-groups.md);
 * a failure burst (a downstream outage) opens a circuit breaker: dispatch
   stops for ``breaker_cooldown`` seconds, then a few probes go through; the
   messages wait in the queue instead of burning their attempts.

@@ -282,7 +282,7 @@ class QueueModel(RuleBasedStateMachine):
         if offs and offs[0] > self.next and self.dead_producers:
             # A producer killed holding the append lock may have written
             # whole records it never published: the next appender keeps them
-            # (README, "Recovery and damage").  They must be intact puts of
+            # (docs/durability.md, "Recovery and damage").  They must be intact puts of
             # a dead child, exactly the gap before this put's offsets.
             for o in range(self.next, offs[0]):
                 p = self.q.read(o)
@@ -580,7 +580,7 @@ class QueueModel(RuleBasedStateMachine):
             now = f.read()
         hit = sorted(o for o, (a, b) in sp.items() if now[a:b] != before[a:b])
         # A put_many batch written since the last durable checkpoint belongs
-        # to the log only whole (README, "Recovery and damage": its head
+        # to the log only whole (docs/durability.md, "Recovery and damage": its head
         # carries the count, and a damaged member cannot be told from a torn
         # write), so damage to one member may cost the batch.  The model
         # does not know where the checkpoint is: it allows that everywhere.
@@ -695,7 +695,7 @@ def test_damaged_batch_head_above_the_checkpoint_costs_the_batch(tmp_path):
     SIGKILLed (unclean shutdown, the checkpoint behind the batch); the
     batch's head is then damaged.  A writer killed while copying the head
     (written last) leaves exactly this, and that batch must not come back
-    in part: above the durable checkpoint the batch goes whole (README,
+    in part: above the durable checkpoint the batch goes whole (docs/durability.md,
     "Recovery and damage"), nothing damaged or partial is returned, and the
     queue is consistent afterwards (verify clean, puts follow)."""
     d = str(tmp_path / "q")
