@@ -345,20 +345,30 @@ class WorkerPool(Service):
     to ack, a ``write(txn)`` run in the transaction that commits those acks
     (or None), and ``(message, error, write)`` to nack, each write run in
     the transaction that commits its nack (Consumer.ack/nack ``write=``).
-    Not with ``batch=True``."""
+    Not with ``batch=True``.
+
+    ``gate`` (for a layer above with flow control, such as ``logq.tasks``'
+    limits): dispatch takes messages through ``gate.take(consumer, n,
+    timeout, payloads)`` (``Consumer.take``'s contract: a Batch or None),
+    which may hold some back; the pool waits for its workers at most
+    ``gate.nap(seconds)``, is not idle while ``gate.holding()``, and calls
+    ``gate.close(consumer)`` before it closes its consumer (the gate gives
+    back what it holds)."""
 
     _thread_name = "logq-pool"
 
     def __init__(self, path: str | os.PathLike[str], handler: Any, group: str = "default", *,
                  queue_options: dict[str, Any] | None = None,
                  on_stats: Callable[[PoolStats], None] | None = None,
-                 on_outcome: Callable[..., Any] | None = None, **options: Any) -> None:
+                 on_outcome: Callable[..., Any] | None = None, gate: Any = None,
+                 **options: Any) -> None:
         group_keys = {f.name for f in fields(GroupOptions)} - {"commit_every", "commit_interval", "prefetch"}
         self.group_options = {k: options.pop(k) for k in list(options) if k in group_keys}
         self.options = PoolOptions(**options)
         if on_outcome is not None and self.options.batch:
             raise ValueError("on_outcome works per message: not with batch=True")
         self.on_outcome = on_outcome
+        self.gate = gate
         self.path = os.fspath(path)
         self.group = group
         resolve_handler(handler)          # fail now, not in every worker
@@ -438,6 +448,8 @@ class WorkerPool(Service):
     def _take(self, c: Consumer, n: int, timeout: float) -> Batch | None:
         """A batch of up to ``n`` messages, or None.  Without the payloads
         (the workers read them) unless ``on_outcome`` needs them here."""
+        if self.gate is not None:
+            return self.gate.take(c, n, timeout, self.on_outcome is not None)
         b = c._take(n, timeout, self.on_outcome is not None)
         return b if len(b) else None
 
@@ -468,6 +480,10 @@ class WorkerPool(Service):
                 # dispatch to workers with room, as the breaker allows
                 depth = _DEPTH if self._batch_bytes <= _PIPE_ROOM else 1
                 idle = [w for w in workers if len(w.out) < depth]
+                if self.gate is not None:
+                    # Emptiest first: a task let through a limit goes where it
+                    # starts now, not behind another worker's batch.
+                    idle.sort(key=lambda w: len(w.out))
                 state = self.breaker.current(now)
                 if (state, self.breaker.opened) != breaker_seen:
                     self._log_breaker(breaker_seen[0], state)
@@ -520,12 +536,20 @@ class WorkerPool(Service):
                         waiting.append(got)
                 elif busy:
                     starved = any(not w.out for w in workers) and not waiting
-                    self._collect(c, workers, self._nap(0.05 if starved else 0.2))
+                    wait = self._nap(0.05 if starved else 0.2)
+                    if self.gate is not None and starved:
+                        wait = self.gate.nap(wait)      # a held task may start sooner
+                    self._collect(c, workers, wait)
             self._shutdown(c, workers, waiting)
         finally:
             _status.withdraw(self.path, "pool", self.group)
             for w in workers:
                 w.kill()
+            if self.gate is not None:
+                try:
+                    self.gate.close(c)
+                except Exception:
+                    log.exception("logq pool %s: closing its gate failed", self.path)
             c.close()
             q.close()
 
@@ -728,6 +752,8 @@ class WorkerPool(Service):
     def _idle(self, c: Consumer) -> bool:
         """Nothing deliverable now, and no retry due within _IDLE_GRACE
         (a nack's retry is seen at once; the commit makes it durable)."""
+        if self.gate is not None and self.gate.holding():
+            return False        # held for a limit: work to do
         self._maybe_commit(c, force=True)
         due = c._g.next_due()
         return due is None or due > time.time_ns() + _IDLE_GRACE * 1e9

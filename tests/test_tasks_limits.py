@@ -136,6 +136,20 @@ def test_limits_validation():
             L.Limits(**bad)
     with pytest.raises(ValueError, match="capacity"):
         L.pick_next([], {}, L.LimitsState(), 0.0, capacity=-1)
+    with pytest.raises(ValueError, match="counted_capacity"):
+        L.pick_next([], {}, L.LimitsState(), 0.0, counted_capacity=-1)
+
+
+def test_counted_capacity_spreads_counted_tasks():
+    # One counted task per pick (a dispatcher spreads them over its workers);
+    # the uncounted ones behind it are not held back.
+    limits = {"c": L.Limits(concurrency=3)}
+    cands = [L.Candidate(1, "c"), L.Candidate(2, "c"), L.Candidate(3, "u"),
+             L.Candidate(4, "k", key="x"), L.Candidate(5, "u")]
+    p = L.pick_next(cands, limits, L.LimitsState(), 0.0, counted_capacity=1)
+    assert [c.id for c in p.start] == [1, 3, 5]
+    assert {w.candidate.id: w.reason for w in p.wait} == {2: "capacity", 4: "capacity"}
+    assert p.state.running == {"c": 1, "u": 2}
 
 
 def test_no_head_of_line_blocking_example():
@@ -182,7 +196,8 @@ def histories(draw):
     events = draw(st.lists(st.tuples(
         st.lists(st.tuples(st.sampled_from(NAMES), st.sampled_from(KEYS), st.integers(0, 2)), max_size=4),
         st.floats(0, 1.5), st.lists(st.integers(0, 10), max_size=3),
-        st.one_of(st.none(), st.integers(0, 4))), min_size=1, max_size=40))
+        st.one_of(st.none(), st.integers(0, 4)), st.one_of(st.none(), st.integers(0, 2))),
+        min_size=1, max_size=40))
     return limits, events
 
 
@@ -197,7 +212,7 @@ def test_pick_next_promises_over_random_histories(h):
     started_by_key: dict[str, list[int]] = {}
     starts: dict[str, list[float]] = {n: [] for n in NAMES}
     now, next_id = 1000.0, 0
-    for new, dt, finish, capacity in events:
+    for new, dt, finish, capacity, counted_capacity in events:
         for name, key, prio in new:
             c = L.Candidate(next_id, name, key, prio)
             next_id += 1
@@ -208,13 +223,17 @@ def test_pick_next_promises_over_random_histories(h):
         for i in sorted({f % len(running) for f in finish} if running else (), reverse=True):
             state = L.finished(state, running.pop(i))
         before = state.copy()
-        p = L.pick_next(pending, limits, state, now, capacity=capacity)
+        p = L.pick_next(pending, limits, state, now, capacity=capacity,
+                        counted_capacity=counted_capacity)
         assert state == before                                   # the input is not changed
         # every candidate is decided once
         assert sorted([c.id for c in p.start] + [w.candidate.id for w in p.wait]) == \
             sorted(c.id for c in pending)
         if capacity is not None:
             assert len(p.start) <= capacity
+        n_counted = sum(L.counted(c, limits) for c in p.start)
+        if counted_capacity is not None:
+            assert n_counted <= counted_capacity
         # each wait has a reason of its own
         for w in p.wait:
             c, lim = w.candidate, limits[w.candidate.name]
@@ -225,7 +244,8 @@ def test_pick_next_promises_over_random_histories(h):
             elif w.reason == L.CONCURRENCY:
                 assert lim.concurrency is not None and p.state.running.get(c.name, 0) >= lim.concurrency
             elif w.reason == L.CAPACITY:
-                assert capacity is not None and len(p.start) == capacity
+                assert (capacity is not None and len(p.start) == capacity) or \
+                    (counted_capacity is not None and L.counted(c, limits) and n_counted == counted_capacity)
             else:
                 bucket = L.TokenBucket.from_state(lim.rate.per_second, lim.burst, p.state.buckets[c.name])
                 assert bucket.wait(now) > 0 and w.until == pytest.approx(now + bucket.wait(now))

@@ -40,6 +40,10 @@ class TaskOptions:
     result_ttl: float | None = 86400.0 # a finished task's record and result are kept this long (s)
     retry_on: tuple[type[BaseException], ...] = (Exception,)
     serializer: str = "json"           # arguments and result: "json", "pickle" or one registered
+    # Flow control (logq.tasks._flow), across every pool of the directory:
+    concurrency: int | None = None     # at most this many of this task running at once
+    rate_limit: str | None = None      # "N/s", "N/m", "N/h", "N/d": starts at most this often
+    serialize_by: Any = None           # argument name or callable(*args, **kwargs): one at a time per key
 
 
 class Task:
@@ -92,6 +96,9 @@ class Task:
         nothing new is stored.  Raises SerializationError (a TypeError) for
         arguments the serializer cannot encode, nothing stored."""
         ser = self.app._serializer(self.options.serializer)
+        if self.options.serialize_by is not None:
+            from logq.tasks._flow import serialize_key
+            serialize_key(self, args, kwargs or {})     # a missing key argument: refused here
         body = dumps(ser, [list(args), dict(kwargs or {})], f"the arguments of task {self.name}")
         nonce = new_nonce()
         q = self.app.queue
@@ -239,6 +246,7 @@ class App:
         self.max_result_bytes = max_result_bytes
         self.cancel_grace = cancel_grace
         self._tasks: dict[str, Task] = {}
+        self._periodic: dict[str, Any] = {}     # name -> _periodic.Periodic
         self._serializers: dict[str, Serializer] = {"json": JSON, "pickle": PICKLE}
         self._q: Queue | None = None
         self._st: Store | None = None
@@ -265,12 +273,41 @@ class App:
             opts = TaskOptions(**options)
             if isinstance(opts.retry_on, type):
                 object.__setattr__(opts, "retry_on", (opts.retry_on,))
+            from logq.tasks._flow import check_serialize_by, task_limits
+            task_limits(opts)                           # ValueError for a bad limit
+            check_serialize_by(f, opts.serialize_by)
             n = name or f"{f.__module__}.{f.__qualname__}"
             if n in self._tasks:
                 raise ValueError(f"task name {n!r} is registered twice")
             t = self._tasks[n] = Task(self, f, n, opts)
             return t
         return register(fn) if fn is not None else register
+
+    def periodic(self, cron: str | None = None, *, every: Any = None, catch_up: str = "latest",
+                 **options: Any) -> Any:
+        """Register a function as a task fired on a schedule: a 5-field
+        ``cron`` expression (``"*/5 * * * *"``, UTC unless ``tz="Europe/Berlin"``)
+        or ``every=timedelta(...)`` (slots at whole multiples of it since the
+        epoch, or since ``origin=``).  The function takes no argument, or one:
+        the slot's time (epoch seconds).  Other options: ``name``, those of
+        ``task``, and ``grace`` (a timedelta, default 60 s: how late the
+        scheduler may see the latest slot and still count it on time) and
+        ``limit`` (most slots one catch-up fires, default 100).
+
+        The scheduler runs in every tasks pool (``logq worker``,
+        ``app.pool()``); each slot is submitted exactly once however many
+        run, across restarts and power cuts (claimed durably in the index
+        first; ``logq.tasks._periodic``).  After downtime, ``catch_up``:
+
+        * ``"latest"`` (default): of the slots missed, only the most recent
+          fires (once), then the schedule goes on;
+        * ``"all"``: every missed slot fires, oldest first (at most
+          ``limit``: past it, the oldest are skipped);
+        * ``"none"``: missed slots are skipped; only an on-time slot fires.
+
+        A schedule that never fired starts with its next on-time slot."""
+        from logq.tasks._periodic import register
+        return register(self, cron, every=every, catch_up=catch_up, **options)
 
     def register_serializer(self, ser: Serializer) -> None:
         self._serializers[ser.name] = ser
@@ -373,7 +410,8 @@ class App:
 
     def pool(self, spec: str | None = None, **options: Any) -> Any:
         """A WorkerPool running this app's tasks (options: the pool's)."""
-        from logq._pool import WorkerPool
+        from logq.tasks._flow import Gate
+        from logq.tasks._periodic import Scheduler, TaskPool
         from logq.tasks._run import Runner, Settler
         timeouts = [t.timeout for t in self._tasks.values()]
         options.setdefault("visibility_timeout", 86400.0)
@@ -384,5 +422,10 @@ class App:
             options.setdefault("timeout", max(timeouts) + 5.0)   # a backstop for a stuck C call
         self._extend()
         exts = tuple(sorted({e.__module__ for e in App.extensions}))
-        return WorkerPool(self.path, Runner(spec or self.spec(), self.path, exts), GROUP_NAME,
-                          queue_options=self.queue_options, on_outcome=Settler(self), **options)
+        periodic = options.pop("periodic", True)       # False: this pool runs no scheduler
+        limited = any(t.options.concurrency is not None or t.options.rate_limit is not None or
+                      t.options.serialize_by is not None for t in self._tasks.values())
+        return TaskPool(self.path, Runner(spec or self.spec(), self.path, exts), GROUP_NAME,
+                        queue_options=self.queue_options, on_outcome=Settler(self),
+                        gate=Gate(self) if limited else None,
+                        scheduler=Scheduler(self) if periodic and self._periodic else None, **options)

@@ -226,7 +226,7 @@ class Wait:
     running, or an earlier candidate has it), ``"concurrency"`` (its name
     is at its limit), ``"rate"`` (no token yet: ``until`` is when the
     bucket will have one, if nothing else takes it), ``"capacity"`` (no
-    free worker).  ``until`` is None for the reasons that wait for a task
+    free worker, or no room left for a counted one).  ``until`` is None for the reasons that wait for a task
     to finish."""
     candidate: Candidate
     reason: str
@@ -245,8 +245,16 @@ class Pick:
     wake_at: float | None
 
 
+def counted(c: Candidate, limits: Mapping[str, Limits]) -> bool:
+    """Whether ``c`` is counted while it runs: it has a key, or its name a
+    concurrency limit."""
+    lim = limits.get(c.name)
+    return c.key is not None or (lim is not None and lim.concurrency is not None)
+
+
 def pick_next(candidates: Sequence[Candidate], limits: Mapping[str, Limits], state: LimitsState,
-              now: float, *, capacity: int | None = None) -> Pick:
+              now: float, *, capacity: int | None = None,
+              counted_capacity: int | None = None) -> Pick:
     """Which of ``candidates`` (in queue order) start at ``now``.
 
     Candidates are considered by priority, higher first, and in queue order
@@ -254,19 +262,25 @@ def pick_next(candidates: Sequence[Candidate], limits: Mapping[str, Limits], sta
     whatever the priorities (only the earliest waiting candidate of a key
     is eligible).  A candidate starts when, in this order, its key is free
     (:func:`serialize`), its name is under its ``concurrency``, a worker is
-    free (``capacity``: how many may start now; None: any number) and its
+    free (``capacity``: how many may start now; None: any number; and
+    ``counted_capacity``: how many of those :func:`counted` while they run
+    may start, so that a dispatcher can spread them over its workers) and its
     name's bucket gives it a token -- a token is only spent by a candidate
     that starts.  A candidate that cannot start is skipped, never blocking
     the ones after it.
 
     Promises: after the pick no name runs more than its ``concurrency``; no
     two running tasks share a key; within a key, tasks start in queue
-    order; at most ``capacity`` start; every candidate that waits has a
+    order; at most ``capacity`` start, of them at most ``counted_capacity``
+    counted ones; every candidate that waits has a
     reason of its own (its key, its name's limit, or no capacity left).
     ``state`` is not changed: the new one is in the result.  Names absent
     from ``limits`` are unlimited."""
     if capacity is not None and capacity < 0:
         raise ValueError(f"capacity must be >= 0 or None, not {capacity}")
+    if counted_capacity is not None and counted_capacity < 0:
+        raise ValueError(f"counted_capacity must be >= 0 or None, not {counted_capacity}")
+    n_counted = 0
     st = state.copy()
     eligible = serialize(state.running_keys, [c.key for c in candidates])
     order = sorted(range(len(candidates)), key=lambda i: -candidates[i].priority)
@@ -286,6 +300,10 @@ def pick_next(candidates: Sequence[Candidate], limits: Mapping[str, Limits], sta
         if capacity is not None and len(start) >= capacity:
             waits.append(Wait(c, CAPACITY))
             continue
+        is_counted = counted_capacity is not None and counted(c, limits)
+        if is_counted and n_counted >= counted_capacity:  # type: ignore[operator]
+            waits.append(Wait(c, CAPACITY))
+            continue
         if lim is not None and lim.rate is not None:
             b = buckets.get(c.name)
             if b is None:
@@ -299,6 +317,7 @@ def pick_next(candidates: Sequence[Candidate], limits: Mapping[str, Limits], sta
                 wake = now + w if wake is None else min(wake, now + w)
                 continue
         start.append(c)
+        n_counted += is_counted
         st.running[c.name] = st.running.get(c.name, 0) + 1
         if c.key is not None:
             st.running_keys.add(c.key)
@@ -325,5 +344,5 @@ def finished(state: LimitsState, candidate: Candidate) -> LimitsState:
 
 
 __all__ = ["REASONS", "EPSILON", "Candidate", "Limits", "LimitsState", "Pick", "Rate",
-           "TokenBucket", "Wait", "concurrency_allows", "finished", "parse_rate", "pick_next",
+           "TokenBucket", "Wait", "concurrency_allows", "counted", "finished", "parse_rate", "pick_next",
            "serialize"]
