@@ -1,0 +1,63 @@
+"""How the workflows layer plugs into ``logq.tasks`` (which never imports
+it): importing ``logq.workflows`` registers ``install`` in
+``App.extensions``, so every App of this process, and the workers of its
+pools (which import this module first), call the workflows' settle and
+run hooks.  The process that runs a pool must have imported
+``logq.workflows`` (``logq worker`` does); otherwise the dependants of its
+tasks are not released."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from logq.tasks._app import App
+
+
+def open_db(idx: Any, name: bytes, txn: Any = None) -> Any:
+    """A named index database, opened once per index: through ``txn``
+    when called inside a write transaction (a hook: opening one of its own
+    would wait for the lock this thread holds)."""
+    dbs = idx.__dict__.setdefault("_named", {})
+    db = dbs.get(name)
+    if db is None:
+        db = dbs[name] = idx.env.open_db(name, txn=txn) if txn is not None else idx.open_db(name)
+    return db
+
+
+def joins_of(app: Any, txn: Any = None) -> Any:
+    """The Joins of ``app``'s current store (made again after a reopen)."""
+    from logq.workflows._joins import Joins
+    store = app._store()
+    j = app.__dict__.get("_wf_joins")
+    if j is None or j.store is not store:
+        j = Joins(app, txn)
+        app.__dict__["_wf_joins"] = j
+    return j
+
+
+def flows_of(app: Any, txn: Any = None) -> Any:
+    from logq.workflows._durable import Flows
+    store = app._store()
+    f = app.__dict__.get("_wf_flows")
+    if f is None or f.store is not store:
+        f = Flows(app, txn)
+        app.__dict__["_wf_flows"] = f
+    return f
+
+
+def install(app: Any) -> None:
+    """Add the workflows' hooks to ``app`` (an App extension)."""
+    def settle(txn: Any, task_id: str, event: str, out: Any) -> None:
+        joins_of(app, txn).on_settle(txn, task_id, event, out)
+        if out.name in app.__dict__.get("_wf_names", ()):
+            flows_of(app, txn).on_settle(txn, task_id, event, out)
+
+    def run(task_id: str, name: str, args: Any, kwargs: Any) -> tuple[Any, Any]:
+        return joins_of(app).run_hook(task_id, name, args, kwargs)
+    app.settle_hooks.append(settle)
+    app.run_hooks.append(run)
+    joins_of(app)       # (opens its database now, outside any transaction)
+
+
+if install not in App.extensions:
+    App.extensions.append(install)

@@ -1,0 +1,75 @@
+"""The app of the workflows tests (tests/test_workflows*.py), importable by
+the pool's worker processes; it holds no tests.  Its queue directory is
+set by each test (``app.path``; the pool passes it to its workers); tasks
+that leave a trace append "task-id attempt pid tag" lines to the file
+``<queue directory>.trace`` (the workers' app.path is the pool's)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+from logq.tasks import App, current
+from logq.workflows import chain  # noqa: F401  (installs the workflows on this app)
+
+app = App(os.environ.get("LOGQ_WF_APP_DIR", "/nonexistent"), cancel_grace=0.5)
+
+
+def trace(tag: str) -> None:
+    ctx = current()
+    with open(app.path + ".trace", "a") as f:
+        f.write(f"{ctx.id if ctx else '-'} {ctx.attempt if ctx else 0} {os.getpid()} {tag}\n")
+
+
+@app.task(name="add", retries=20)
+def add(a, b):
+    trace(f"add {a} {b}")
+    return a + b
+
+
+@app.task(name="double", retries=20)
+def double(x):
+    trace(f"double {x}")
+    return 2 * x
+
+
+@app.task(name="total", retries=20)
+def total(results, extra=0):
+    trace(f"total {len(results)}")
+    return sum(r for r in results if r is not None) + extra
+
+
+@app.task(name="collect", retries=20)
+def collect(results):
+    trace(f"collect {len(results)}")
+    return results
+
+
+@app.task(name="noop", retries=20)
+def noop(*args):
+    return None
+
+
+@app.task(name="boom", retries=0)
+def boom(*args):
+    trace("boom")
+    raise ValueError("boom")
+
+
+@app.task(name="on_error", retries=20)
+def on_error(failed_id):
+    trace(f"on_error {failed_id}")
+    return failed_id
+
+
+@app.task(name="nap", retries=20)
+def nap(seconds, value=None):
+    time.sleep(seconds)
+    trace(f"nap {seconds}")
+    return value
+
+
+@app.task(name="echo", retries=20)
+def echo(*args):
+    trace(f"echo {list(args)}")
+    return list(args)
