@@ -1,0 +1,168 @@
+"""Celery on logq (logq.celery): real ``celery -A celery_app worker``
+processes (prefork, 2 children) on the logq transport and result backend:
+a task app, retries, a countdown (run once, not before its time, although
+the lease timeout is shorter than the countdown), a chord (joined by the
+backend's counter: no ``celery.chord_unlock``), priorities, and a worker
+SIGKILLed mid-task (the task runs again on the next worker).
+
+One worker serves the module (Celery starts slowly); the kill test starts
+its own, on a queue of their own."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("celery")
+
+import helpers  # noqa: E402
+
+START_TIMEOUT = 60.0
+
+
+class Worker:
+    """A ``celery worker`` in its own session (SIGKILL of the group takes
+    the pool's children too), logging to a file."""
+
+    def __init__(self, root: str, name: str, queue: str = "celery", **env: str) -> None:
+        self.log_path = os.path.join(root, f"{name}.log")
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "celery", "-A", "celery_app", "worker", "-c", "2", "-P", "prefork",
+             "-n", f"{name}@%h", "-Q", queue, "--without-gossip", "--without-mingle", "--without-heartbeat",
+             "-l", "info"],
+            env=helpers.child_env(LOGQ_CELERY_ROOT=root, **env), cwd=root, stdout=self.log,
+            stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + START_TIMEOUT
+        while b" ready." not in self.text().encode():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"celery worker did not start:\n{self.text()[-3000:]}")
+            time.sleep(0.05)
+
+    def text(self) -> str:
+        with open(self.log_path, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        self.log.close()
+
+    def stop(self) -> None:
+        """Warm shutdown: SIGTERM to the main process only (a SIGTERM to
+        the pool's children as well can hang billiard's pool at exit)."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("celery"))
+    os.environ["LOGQ_CELERY_ROOT"] = d
+    import celery_app
+    importlib.reload(celery_app)        # (the app reads its root at import)
+    yield d
+    os.environ.pop("LOGQ_CELERY_ROOT", None)
+
+
+@pytest.fixture(scope="module")
+def worker(root):
+    w = Worker(root, "w1")
+    yield w
+    w.stop()
+
+
+@pytest.fixture(scope="module")
+def tasks(root):
+    import celery_app
+    return celery_app
+
+
+def test_tasks_run_and_results_come_back(worker, tasks):
+    assert tasks.add.delay(2, 3).get(timeout=20) == 5
+    rs = [tasks.add.delay(i, i) for i in range(100)]
+    assert [r.get(timeout=30) for r in rs] == [2 * i for i in range(100)]
+    # The results are in the logq index: read back by id, from a new backend object.
+    again = tasks.app.AsyncResult(rs[7].id, backend=type(tasks.app.backend)(app=tasks.app,
+                                                                            url=tasks.app.backend.url))
+    assert again.get(timeout=5) == 14
+    assert again.state == "SUCCESS"
+
+
+def test_retries_rerun_until_success(worker, tasks):
+    r = tasks.flaky.delay("flaky", 2)
+    assert r.get(timeout=30) == 3           # failed twice, ran a third time
+    assert len(tasks.runs("flaky")) == 3
+
+
+def test_countdown_runs_once_not_before_its_time(worker, tasks):
+    t0 = time.time()
+    r = tasks.stamp.apply_async(("later",), countdown=3)
+    started = r.get(timeout=30)
+    assert started >= t0 + 3 - 0.05, f"ran {started - t0:.2f}s after submit, countdown was 3s"
+    time.sleep(2.5)     # past another visibility timeout (2 s): a held lease would redeliver by now
+    assert len(tasks.runs("later")) == 1, tasks.runs("later")
+
+
+def test_chord_joins_through_the_backend_counter(worker, tasks):
+    from celery import chord
+    r = chord(tasks.add.s(i, i) for i in range(10))(tasks.total.s())
+    assert r.get(timeout=30) == sum(2 * i for i in range(10))
+    assert "chord_unlock" not in worker.text()      # no polling task was ever scheduled
+
+
+def test_priorities_higher_first(root, tasks):
+    """Published with priorities to a queue no worker consumes: a kombu
+    consumer gets them higher first (logq's priority order, as AMQP)."""
+    from kombu import Connection
+    with Connection(f"logq://{root}") as conn:
+        q = conn.SimpleQueue("prio-test")
+        for p in (1, 9, 5, 0):
+            q.put({"p": p}, priority=p)
+        got = []
+        for _ in range(4):
+            m = q.get(timeout=5)
+            got.append(m.payload["p"])
+            m.ack()
+        q.close()
+    assert got == [9, 5, 1, 0]
+
+
+def test_killed_worker_task_runs_again(root, tasks):
+    """SIGKILL of a worker (its process group: the main process and the
+    pool) while a task runs: the unacked task is delivered again at once to
+    the next worker -- its lease was for an hour: only the death of its
+    holder released it -- and finishes there."""
+    # (On a queue of their own, which the module's worker does not consume.)
+    w2 = Worker(root, "w2", "killq", LOGQ_CELERY_VT="3600")
+    try:
+        r = tasks.slow.apply_async(("killed", 30), queue="killq")
+        deadline = time.monotonic() + 30
+        while not tasks.runs("killed"):
+            assert time.monotonic() < deadline, "the task never started"
+            time.sleep(0.05)
+    finally:
+        w2.kill()
+    first_pid = tasks.runs("killed")[0][0]
+    w3 = Worker(root, "w3", "killq", LOGQ_CELERY_VT="3600")
+    try:
+        assert r.get(timeout=30) == 2           # ran again, on the new worker, and finished
+    finally:
+        w3.kill()
+    runs = tasks.runs("killed")
+    assert len(runs) == 2 and runs[1][0] != first_pid, runs
