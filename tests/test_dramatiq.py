@@ -1,0 +1,137 @@
+"""Dramatiq on logq (logq.dramatiq): real ``dramatiq dramatiq_app`` worker
+processes on LogqBroker and LogqResultBackend: actors and their results,
+a delayed message (not before its time, once), Dramatiq's retries ending
+in a nack (the message lands in logq's dead letters with its error),
+``join``, and a worker SIGKILLed mid-message (the message runs again on
+the next worker, at once although its lease was for an hour).
+
+One worker serves the module; the kill test starts its own on a queue of
+their own."""
+
+from __future__ import annotations
+
+import importlib
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("dramatiq")
+
+import helpers  # noqa: E402
+
+import logq  # noqa: E402
+
+START_TIMEOUT = 60.0
+
+
+class Worker:
+    """``dramatiq dramatiq_app`` with one process of 2 threads, in its own
+    session (a SIGKILL of the group takes every process of it)."""
+
+    def __init__(self, root: str, name: str, queue: str = "default") -> None:
+        self.log_path = os.path.join(root, f"{name}.log")
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "dramatiq", "dramatiq_app", "--processes", "1", "--threads", "2",
+             "--queues", queue],
+            env=helpers.child_env(LOGQ_DRAMATIQ_ROOT=root), cwd=root, stdout=self.log,
+            stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + START_TIMEOUT
+        while "is ready for action" not in self.text():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"dramatiq worker did not start:\n{self.text()[-3000:]}")
+            time.sleep(0.05)
+
+    def text(self) -> str:
+        with open(self.log_path, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        self.log.close()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("dramatiq"))
+    os.environ["LOGQ_DRAMATIQ_ROOT"] = d
+    import dramatiq_app
+    importlib.reload(dramatiq_app)      # (the app reads its root at import)
+    yield dramatiq_app
+    os.environ.pop("LOGQ_DRAMATIQ_ROOT", None)
+
+
+@pytest.fixture(scope="module")
+def worker(app):
+    w = Worker(app.ROOT, "w1")
+    yield w
+    w.kill()        # (the tests are done: no need to wait for a warm shutdown)
+
+
+def test_actors_run_and_results_come_back(worker, app):
+    assert app.add.send(2, 3).get_result(block=True, timeout=20_000) == 5
+    ms = [app.add.send(i, i) for i in range(50)]
+    assert [m.get_result(block=True, timeout=20_000) for m in ms] == [2 * i for i in range(50)]
+    # Stored in the logq index: read by a new backend object.
+    fresh = app.LogqResultBackend(app.ROOT)
+    assert fresh.get_result(ms[9]) == 18
+
+
+def test_delayed_message_runs_once_at_its_time(worker, app):
+    t0 = time.time()
+    m = app.stamp.send_with_options(args=("later",), delay=1500)
+    started = m.get_result(block=True, timeout=20_000)
+    assert started >= t0 + 1.5 - 0.05, f"ran {started - t0:.2f}s after send, the delay was 1.5s"
+    assert len(app.runs("later")) == 1
+
+
+def test_rejected_message_goes_to_the_dead_letters(worker, app):
+    app.doomed.send("doomed")
+    app.broker.join("default", timeout=30_000)      # settled: acked or dead-lettered
+    assert len(app.runs("doomed")) == 2             # the first run and Dramatiq's one retry
+    with logq.open(app.broker.queues["default"]) as q:
+        with q.consumer("dramatiq") as c:
+            dead = c.dead_letters()
+    assert len(dead) == 1, dead
+    assert b"doomed" in dead[0].data and "doomed" in dead[0].error, dead[0]
+
+
+def test_killed_worker_message_runs_again(app):
+    """SIGKILL of a worker while its actor runs: the unacked message goes
+    at once to the next worker (leases are for an hour: only the death of
+    the holder released it) and finishes there."""
+    w2 = Worker(app.ROOT, "w2", "killq")
+    try:
+        m = app.slow.send("killed", 60)
+        deadline = time.monotonic() + 30
+        while not app.runs("killed"):
+            assert time.monotonic() < deadline, "the message never started"
+            time.sleep(0.05)
+    finally:
+        w2.kill()
+    first_pid = app.runs("killed")[0][0]
+    w3 = Worker(app.ROOT, "w3", "killq")
+    try:
+        assert m.get_result(block=True, timeout=30_000) == 2
+    finally:
+        w3.kill()
+    runs = app.runs("killed")
+    assert len(runs) == 2 and runs[1][0] != first_pid, runs
