@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import struct
 from array import array
-from typing import Any
+from typing import Any, Literal, overload
 
 from logq import _format as F
 from logq._native import ffi, lib
@@ -174,6 +174,13 @@ wait_written = lib.logq_wait_written
 bump_written = lib.logq_bump_written
 
 
+# (asked for fields, a scan returns them: the overloads say so to callers)
+@overload
+def scan(h: Any, start: int, end: int, expected_offset: int, max_records: int,
+         fields: Literal[False] = ...) -> tuple[int, int, int, None]: ...
+@overload
+def scan(h: Any, start: int, end: int, expected_offset: int, max_records: int,
+         fields: Literal[True]) -> tuple[int, int, int, list[int]]: ...
 def scan(h: Any, start: int, end: int, expected_offset: int, max_records: int,
          fields: bool = False) -> tuple[int, int, int, list[int] | None]:
     """Validate records from ``start`` while they carry ``expected_offset``,

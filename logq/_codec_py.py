@@ -14,7 +14,7 @@ from __future__ import annotations
 import struct
 import threading
 import time
-from typing import Any
+from typing import Any, Literal, overload
 
 import crcmod.predefined
 
@@ -247,6 +247,13 @@ def _check(buf: Any, pos: int, end: int, expected: int | None) -> tuple[int, int
     return F.SCAN_OK, size, h
 
 
+# (asked for fields, a scan returns them: the overloads say so to callers)
+@overload
+def scan(buf: Any, start: int, end: int, expected_offset: int, max_records: int,
+         fields: Literal[False] = ...) -> tuple[int, int, int, None]: ...
+@overload
+def scan(buf: Any, start: int, end: int, expected_offset: int, max_records: int,
+         fields: Literal[True]) -> tuple[int, int, int, list[int]]: ...
 def scan(buf: Any, start: int, end: int, expected_offset: int, max_records: int,
          fields: bool = False) -> tuple[int, int, int, list[int] | None]:
     """Validate records from ``start`` while they carry ``expected_offset``,

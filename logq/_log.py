@@ -823,7 +823,7 @@ def _scan_whole(seg: Segment, pos: int, nxt: int, room: int, durable: int) -> tu
     while True:
         want = min(room, chunk)
         n, stop, status, fields = C.scan(seg.h, pos, seg.size, nxt, want, True)
-        whole, need = _whole_batches(seg, fields, n)  # type: ignore[arg-type]
+        whole, need = _whole_batches(seg, fields, n)
         if whole == n:
             total += n
             if n < want or n == room:
@@ -834,11 +834,11 @@ def _scan_whole(seg: Segment, pos: int, nxt: int, room: int, durable: int) -> tu
             # The scan stopped at the chunk's end, inside the batch: scan on
             # from its head, far enough to see all of it.
             total, nxt, room = total + whole, nxt + whole, room - whole
-            pos = fields[whole * F.SCAN_FIELDS]  # type: ignore[index]
+            pos = fields[whole * F.SCAN_FIELDS]
             # (no more records than the segment can hold, whatever a count says)
             chunk = max(_CHUNK, min(need, (seg.size - pos) // F.RECORD_HEADER_SIZE + 1))
             continue
-        return total + whole, fields[whole * F.SCAN_FIELDS], F.TORN_BATCH  # type: ignore[index]
+        return total + whole, fields[whole * F.SCAN_FIELDS], F.TORN_BATCH
 
 
 _BATCH_BIT = F.FLAG_BATCH << 24

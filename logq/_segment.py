@@ -330,10 +330,10 @@ class Segment:
                 first = (-(at - self.base)) % _STRIDE
                 for j in range(first, n, _STRIDE):
                     if len(self.sparse) == (at + j - self.base) // _STRIDE:
-                        self.sparse.append(fields[j * F.SCAN_FIELDS])  # type: ignore[index]
+                        self.sparse.append(fields[j * F.SCAN_FIELDS])
                 self.known_pos = stop
                 self.known_next = at + n
-            return at, fields  # type: ignore[return-value]
+            return at, fields
 
     def close(self) -> None:
         with self.remap_lock:
