@@ -153,18 +153,18 @@ class NatsSink:
             return None, 0
         return (last.headers or {}).get("Nats-Msg-Id"), last.seq or 0
 
-    async def _check_stream(self, not_found: type) -> None:
+    async def _check_stream(self, not_found: type[BaseException]) -> None:
         o = self.opts
         if o.stream is None:
             try:
                 self.stream = await self.js.find_stream_name_by_subject(self.subject)
-            except not_found:  # type: ignore[misc]
+            except not_found:
                 raise ForwardConfigError(f"no JetStream stream captures subject {self.subject!r} on "
                                          f"{self.target.public}: create one, or pass stream=NAME "
                                          "(--stream) to have the forwarder create it") from None
         try:
             info = await self.js.stream_info(self.stream)
-        except not_found:  # type: ignore[misc]
+        except not_found:
             await self.js.add_stream(name=self.stream, subjects=[self.subject], storage="file",
                                      duplicate_window=o.duplicate_window)
             log.info("logq forward: created stream %s (subject %s, duplicate window %gs)",
