@@ -234,7 +234,7 @@ class Consumer:
             g.commit()
 
     def nack(self, m: Message | Batch, delay: float | None = None, error: str | None = None, *,
-             indices: list[int] | None = None, write: Any = None) -> None:
+             indices: list[int] | None = None, write: Any = None, bury: bool = False) -> None:
         """Delivery of ``m`` failed: redeliver it ``delay`` seconds from now
         (the time of this call), or after exponential backoff with full
         jitter when None; after ``max_attempts`` deliveries it goes to the
@@ -253,7 +253,10 @@ class Consumer:
 
         ``write``: a callable run as ``write(txn)`` inside the index
         transaction that makes this nack durable (its schedule entry or
-        dead letter), under the same rules as ``ack``'s."""
+        dead letter), under the same rules as ``ack``'s.
+
+        ``bury``: to the dead letters now, however many attempts are left
+        (a layer above decided it is out of retries: the tasks layer)."""
         if type(m) is Batch:
             self._check_open()
             ms = self._g.detach(m, indices)
@@ -266,7 +269,7 @@ class Consumer:
         if error is not None and not isinstance(error, str):
             error = repr(error)
         for i, one in enumerate(ms):
-            self._g.nack(one, delay, error, write if i == 0 else None)
+            self._g.nack(one, delay, error, write if i == 0 else None, bury)
 
     def give_back(self, ms: list[Message] | Batch, indices: list[int] | None = None) -> None:
         """Return messages unprocessed (say, on shutdown): delivered again

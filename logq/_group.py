@@ -677,14 +677,15 @@ class _Group:
         with self.committing:
             self._commit()
 
-    def nack(self, m: Message, delay: float | None, error: str | None, write: Any = None) -> None:
+    def nack(self, m: Message, delay: float | None, error: str | None, write: Any = None,
+             bury: bool = False) -> None:
         """``m`` failed: due again ``delay`` seconds from now (the backoff
-        when None), or dead-lettered if it used its attempts.  The retry is
+        when None), or dead-lettered if it used its attempts (or ``bury``).  The retry is
         posted in the lease table at once, where every live process of the
         group sees it; the durable record follows at the next commit (until
         then, a crash of this process redelivers ``m`` at once, the attempt
         counted, like any lease of a dead process)."""
-        due = self._due_after(m.attempt, time.time_ns(), delay)
+        due = None if bury else self._due_after(m.attempt, time.time_ns(), delay)
         with self.posting:
             with self.lock:
                 self.ledger.nack(m, due, error)

@@ -344,7 +344,9 @@ class WorkerPool(Service):
     died or timed out.  It returns ``(acks, write, nacks)``: the messages
     to ack, a ``write(txn)`` run in the transaction that commits those acks
     (or None), and ``(message, error, write)`` to nack, each write run in
-    the transaction that commits its nack (Consumer.ack/nack ``write=``).
+    the transaction that commits its nack (Consumer.ack/nack ``write=``);
+    ``(message, error, write, True)`` sends it to the dead letters at once
+    (Consumer.nack ``bury=``: the layer above decided it is out of retries).
     Not with ``batch=True``.
 
     ``gate`` (for a layer above with flow control, such as ``logq.tasks``'
@@ -653,8 +655,8 @@ class WorkerPool(Service):
             self.breaker.record_many(len(ok), len(bad), now)
             with self._lock:
                 self._stats.processed += len(ok)
-            for m, error, w in bad:
-                self._failed(c, m, error, w)
+            for m, error, w, *bury in bad:
+                self._failed(c, m, error, w, bool(bury and bury[0]))
             return
         ok = [m for m in msgs if m.offset not in failures] if failures else msgs
         c.ack_many(ok)
@@ -666,9 +668,10 @@ class WorkerPool(Service):
             if m.offset in failures:
                 self._failed(c, m, failures[m.offset])
 
-    def _failed(self, c: Consumer, m: Message, error: str, write: Any = None) -> None:
-        dead = m.attempt >= c.options.max_attempts
-        c.nack(m, error=error[-4000:], write=write)
+    def _failed(self, c: Consumer, m: Message, error: str, write: Any = None,
+                bury: bool = False) -> None:
+        dead = bury or m.attempt >= c.options.max_attempts
+        c.nack(m, error=error[-4000:], write=write, bury=bury)
         with self._lock:
             self._stats.failed += 1
             if dead:

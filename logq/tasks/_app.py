@@ -376,6 +376,7 @@ class App:
         if found is None:
             raise TaskError(f"task {task_id}: its record is no longer in the queue; cannot retry")
         rec = found[0]
+        store.reopen(task_id)       # first: a worker must not take the new record for finished
         new = self.queue.put(encode_task(rec.nonce, rec.name, rec.serializer, rec.args, origin=task_id))
         store.moved_to(task_id, new)
         return TaskHandle(self, task_id)

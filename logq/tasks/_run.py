@@ -4,8 +4,10 @@ what is written with it (``Settler``), and ``current()``.
 
 An attempt's outcome travels back from the worker as a tuple; the pool's
 process writes it (``Store.record``) inside the transaction that commits
-the ack (succeeded, failed for good) or the nack (failed, retried with the
-queue's backoff) it causes.  A worker or pool killed mid-task records
+the ack (succeeded), the nack (failed, retried with the queue's backoff) or
+the dead letter (failed for good: out of retries, an error not in
+``retry_on``, an unknown task name; ``logq tasks retry`` runs it again) it
+causes.  A worker or pool killed mid-task records
 nothing: its message is delivered again, the attempt counted; the attempt
 after the last allowed one fails the task without running it.
 
@@ -231,6 +233,11 @@ class Settler:
             if v[0] == S.FAIL:
                 err = json.loads(v[2])
                 nacks.append((m, f"{err['type']}: {err['message']}", self._writer([v])))
+            elif v[0] == S.GIVE_UP and not self._cancelled(v):
+                # Out of retries: to the group's dead letters (with its
+                # payload), the failed outcome in the same transaction.
+                err = json.loads(v[2])
+                nacks.append((m, f"{err['type']}: {err['message']}", self._writer([v]), True))
             else:
                 acks.append(m)
                 entries.append(v)
@@ -257,6 +264,16 @@ class Settler:
             if purge:
                 store.purge_expired(txn, time.time_ns())
         return write
+
+    def _cancelled(self, v: tuple[Any, ...]) -> bool:
+        """Whether a task that gave up was cancelled (killed after the
+        grace, or it raised once it saw ``cancelled``): acked, not a dead
+        letter; its cancelled outcome stands."""
+        if json.loads(v[2]).get("type", "").startswith("TaskCancelled"):
+            return True
+        st = self.store
+        raw = st.idx.read(lambda t: t.get(v[1].encode(), db=st.outcome))
+        return raw is not None and state_of(raw) == S.CANCELLED
 
     def _lost(self, m: Any, why: str) -> tuple[Any, ...] | None:
         """The outcome of an attempt whose worker died, timed out (the

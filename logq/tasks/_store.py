@@ -273,13 +273,39 @@ class Store:
         self.q._bump_written()      # a blocked result() raises TaskCancelled now
         return done
 
-    def moved_to(self, task_id: str, offset: int) -> None:
-        """After ``retry`` put the task again at ``offset``: forget its
-        outcome, point its id there (one transaction)."""
+    def reopen(self, task_id: str) -> None:
+        """Before ``retry`` puts a finished task again: its final outcome
+        becomes a non-final marker (queued, no attempts), so the worker that
+        takes the new record runs it and may record its outcome (a final
+        one would make the worker skip it and absorb the news).  Until
+        ``moved_to``, the task reads as before (its dead letter, or its
+        cancel's outcome)."""
         key = task_id.encode()
 
         def fn(txn: Any) -> None:
-            txn.delete(key, db=self.outcome)
+            raw = txn.get(key, db=self.outcome)
+            if raw is None:
+                return
+            o = Outcome.unpack(raw)
+            txn.put(key, Outcome(S.QUEUED, 0, o.submitted_ns, 0, 0, 0, "", o.name, b"").pack(),
+                    db=self.outcome)
+        self.idx.write(fn)
+
+    def moved_to(self, task_id: str, offset: int) -> None:
+        """After ``retry`` put the task again at ``offset``: forget its
+        reopened outcome and its old dead letter, point its id there (one
+        transaction).  An outcome the new run recorded already stays."""
+        key = task_id.encode()
+        parsed = parse_id(task_id)
+
+        def fn(txn: Any) -> None:
+            mv = txn.get(key, db=self.moved)
+            old = int.from_bytes(mv, "big") if mv is not None else parsed[0] if parsed else None
+            if old is not None and old != offset:
+                txn.delete(PREFIX + _be(old), db=self.idx.dead)
+            raw = txn.get(key, db=self.outcome)
+            if raw is not None and state_of(raw) == S.QUEUED:
+                txn.delete(key, db=self.outcome)        # the marker of reopen
             txn.put(key, _be(offset), db=self.moved)
         self.idx.write(fn)
 

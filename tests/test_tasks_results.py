@@ -1,0 +1,168 @@
+"""Results and failures of tasks across processes (issue 12): the
+cross-process "written" wake a blocked ``result()`` sleeps on, and failed
+tasks in the dead letters.  Real worker processes, real LMDB, both codecs.
+The app is tests/task_app.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import helpers
+import task_app
+import logq
+from logq.tasks import TaskFailed
+from logq.tasks._records import decode_task, encode_task, parse_id
+
+# A child that blocks in Queue._wait_written until the parent's commit
+# with a write hook moves the count: it prints whether it woke and the
+# count it saw.
+WAITER = r"""
+import sys, time, logq
+q = logq.open(sys.argv[1])
+seen = int(sys.argv[2])
+print("ready", flush=True)
+t0 = time.monotonic()
+woke = q._wait_written(seen, 60.0)
+while not woke and time.monotonic() - t0 < 60:
+    woke = q._wait_written(seen, 60.0)    # (a spurious wake-up: again)
+print("woke" if woke else "timeout", q._written(), round(time.monotonic() - t0, 3), flush=True)
+q.close()
+"""
+
+# A child that submits, then blocks in result() for each of its tasks.
+SUBMIT_AND_WAIT = r"""
+import sys, task_app
+task_app.app.path = sys.argv[1]
+hs = [task_app.add.delay(i, 100) for i in range(int(sys.argv[2]))]
+print(" ".join(str(h.result(timeout=60)) for h in hs), flush=True)
+"""
+
+
+@pytest.fixture
+def pool(app):
+    p = app.pool("task_app:app", workers=2, backoff_base=0.02, backoff_max=0.05)
+    p.start()
+    yield p
+    p.stop()
+
+
+def test_a_commit_with_a_write_hook_wakes_a_waiter_in_another_process(tmp_path) -> None:
+    q = logq.open(str(tmp_path / "q"))
+    try:
+        c = q.consumer("g")
+        q.put(b"x")
+        seen = q._written()
+        assert q._wait_written(seen, 0.05) is False         # nothing written: it times out
+        kid = helpers.Child(WAITER, str(tmp_path / "waiter.log"), q.path, seen)
+        try:
+            helpers.wait_for(lambda: "ready" in kid.output(), 30, "the waiter to start")
+            m = c.get(timeout=10)
+            c.ack(m, write=lambda txn: None)
+            c.commit()                                      # a commit that ran a hook: bumps
+            assert q._written() != seen
+            assert kid.wait(60) == 0
+            words = kid.output().split()
+            assert words[1] == "woke" and int(words[2]) != seen, kid.output()
+        finally:
+            kid.reap()
+        # A commit without write hooks does not move the count.
+        before = q._written()
+        q.put(b"y")
+        c.ack(c.get(timeout=10))
+        c.commit()
+        assert q._written() == before
+    finally:
+        q.close()
+
+
+def test_results_from_another_process(app, pool, tmp_path) -> None:
+    rc, out = helpers.run_child(SUBMIT_AND_WAIT, str(tmp_path / "sub.log"), app.path, 30, timeout=120)
+    assert rc == 0, out
+    assert out.split()[-30:] == [str(i + 100) for i in range(30)]
+
+
+def test_cancel_from_another_process_wakes_a_blocked_result(app, tmp_path) -> None:
+    h = task_app.add.apply_async(args=(1, 2), delay=3600)
+    code = ("import sys, task_app\ntask_app.app.path = sys.argv[1]\n"
+            "from logq.tasks import TaskCancelled\n"
+            "try:\n    task_app.app.get(sys.argv[2]).result(timeout=60)\n"
+            "except TaskCancelled:\n    print('cancelled', flush=True)\n")
+    kid = helpers.Child(code, str(tmp_path / "res.log"), app.path, h.id)
+    try:
+        helpers.wait_for(lambda: _waiting(app), 30,
+                         "the child to block in result()")
+        assert h.cancel()
+        assert kid.wait(60) == 0
+        assert "cancelled" in kid.output()
+    finally:
+        kid.reap()
+
+
+def _waiting(app) -> bool:
+    """Whether some process sleeps on the written count (its waiter word)."""
+    from logq import _format as F
+    lg = app.queue._log
+    return int.from_bytes(lg.ctl[F.CTL_WRITTEN_WAITERS:F.CTL_WRITTEN_WAITERS + 4], sys.byteorder) > 0 \
+        if logq.native_enabled() else True
+
+
+def _dead(app) -> dict[int, object]:
+    c = app.queue.consumer("tasks")
+    try:
+        return {d.offset: d for d in c.dead_letters()}
+    finally:
+        c.close()
+
+
+def test_out_of_retries_goes_to_the_dead_letters_and_retry_runs_it_again(app, pool, tmp_path) -> None:
+    ctl = str(tmp_path / "ctl")
+    h = task_app.flaky.delay(ctl, 10)               # fails 3 times: out of retries
+    with pytest.raises(TaskFailed) as e:
+        h.result(timeout=60)
+    assert "raise Flaky" in e.value.traceback
+    st = h.status()
+    assert st.state == "failed" and st.attempts == 3 and st.error["type"].endswith("Flaky")
+    assert "flaky failure 3" in st.error["message"] and "raise Flaky" in st.error["traceback"]
+    off = parse_id(h.id)[0]
+    dead = _dead(app)
+    assert off in dead, dead
+    letter = dead[off]
+    assert decode_task(letter.data).name == "flaky"          # the task record itself is kept
+    assert letter.attempts == 3 and "flaky failure 3" in letter.error
+    # A task whose error is not in retry_on: dead at once, after one attempt.
+    h2 = task_app.bad.delay()
+    with pytest.raises(TaskFailed):
+        h2.result(timeout=60)
+    assert parse_id(h2.id)[0] in _dead(app) and h2.status().attempts == 1
+    # `retry`: the same id runs again (fresh attempts), its dead letter goes.
+    with open(ctl, "w") as f:
+        f.write("100")                              # the next attempt succeeds
+    assert app.retry(h.id).id == h.id
+    assert h.result(timeout=60) == 101
+    assert h.status().state == "succeeded" and h.status().attempts == 1
+    assert off not in _dead(app)
+    # The CLI's retry does the same from another process.
+    out = subprocess.run([sys.executable, "-m", "logq", "tasks", app.path, "retry", h2.id, "--json"],
+                         env=helpers.child_env(), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["id"] == h2.id
+    with pytest.raises(TaskFailed):
+        h2.result(timeout=60)                        # `bad` fails again: dead again
+    assert h2.status().state == "failed"
+    assert pool.stats().dead_lettered >= 3
+
+
+def test_unknown_task_name_is_a_dead_letter_nothing_lost(app, pool) -> None:
+    off = app.queue.put(encode_task(0x01020304, "no.such.task", "json", b"[[],{}]"))
+    tid = f"{off}-01020304"
+    with pytest.raises(TaskFailed) as e:
+        app.get(tid).result(timeout=60)
+    assert "unknown task name 'no.such.task'" in e.value.message
+    dead = _dead(app)
+    assert off in dead and decode_task(dead[off].data).name == "no.such.task"
+    assert task_app.add.delay(2, 3).result(timeout=60) == 5
