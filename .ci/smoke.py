@@ -44,6 +44,8 @@ with tempfile.TemporaryDirectory() as d:
         else:
             raise AssertionError("an acked message was delivered again")
 
+import logq.tasks  # noqa: E402,F401 - the tasks layer imports from an install too
+
 out = subprocess.run(["logq", "--help"], capture_output=True, text=True, check=True).stdout
 assert "bench" in out and "verify" in out, out
 print(f"smoke ok: {expect} codec, logq {here}")
