@@ -19,7 +19,7 @@ def _log(path: str, *fields: object) -> None:
         f.write(" ".join(map(str, fields)) + "\n")
 
 
-@app.task(name="limited", concurrency=2, retries=0)
+@app.task(name="limited", concurrency=2, retries=2)
 def limited(path, ms):
     t0 = time.time()
     time.sleep(ms / 1000)

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+import heapq
 import inspect
 import json
 import logging
@@ -170,6 +171,7 @@ class Gate:
         self._db: Any = None
         self._wake = math.inf                # a held task's token is due (monotonic)
         self._look = 0.0                     # the next full look (monotonic)
+        self._extend_at = 0.0                # the next look at held leases (monotonic)
         self._dirty = False
 
     # -- the pool's protocol ----------------------------------------------------------
@@ -315,22 +317,27 @@ class Gate:
         if not full and not self.fresh:
             return None
         if full:
-            cands = [h.cand for h in self.held]
+            cands = _eligible(self.held, n)
             busy: set[bytes] = set()
-            self._extend_leases(c, now)
+            if now >= self._extend_at:
+                self._extend_leases(c)
         else:
             # Only the newly held: the others wait for a release or a time
             # (so their keys stay busy for the new ones behind them).
             fresh = {id(h) for h in self.fresh}
-            cands = [h.cand for h in self.held if id(h) in fresh]
+            cands = _eligible(self.fresh, n)
             busy = {h.cand.key for h in self.held if id(h) not in fresh and h.cand.key is not None}
         self.fresh = []
         self._dirty = False
         if full:
-            self._look = now + _LOOK
             self._wake = math.inf
-        pick, waits = self._sc.write(lambda vt: self._decide(vt, cands, set(busy), n, now))
+        pick, waits, foreign = self._sc.write(lambda vt: self._decide(vt, cands, set(busy), n, now))
         self.waiting.update(waits)
+        if full or foreign:
+            # Another pool's slots are released where this one cannot see:
+            # look again soon; without any, only a release here (or a
+            # token) can change the decision.
+            self._look = now + _LOOK if foreign else math.inf
         if pick.wake_at is not None:
             self._wake = min(self._wake, pick.wake_at)
         if not pick.start:
@@ -338,6 +345,9 @@ class Gate:
         started = {cd.id for cd in pick.start}
         msgs = [h.msg for h in self.held if h.cand.id in started]
         self.held = [h for h in self.held if h.cand.id not in started]
+        # Capacity was used: the candidates left out of this pick (or that
+        # waited for capacity) are worth a look at the next take.
+        self._dirty = bool(self.held)
         for off in started:
             self.waiting.discard(off)
         b = _as_batch(c, msgs)
@@ -365,12 +375,15 @@ class Gate:
         st = LimitsState()
         others: dict[bytes, int] = {}           # key -> earliest offset another pool holds
         doomed = []
+        foreign = False
         for k, v in vt.cursor(db=db).iternext():
             kind = k[:1]
             if kind == b"r":
-                if not live(bytes(k[1:9])):
+                owner = bytes(k[1:9])
+                if not live(owner):
                     doomed.append(bytes(k))
                     continue
+                foreign = foreign or owner != me
                 name, _, key = bytes(v).partition(b"\0")
                 nm = name.decode(errors="replace")
                 st.running[nm] = st.running.get(nm, 0) + 1
@@ -385,6 +398,7 @@ class Gate:
                     continue
                 key, off = bytes(k[1:17]), _OWNER.unpack(k[17:25])[0]
                 others[key] = min(off, others.get(key, off))
+                foreign = True
             elif kind == b"b":
                 st.buckets[bytes(k[1:]).decode(errors="replace")] = _BUCKET.unpack(v)
         for k in doomed:
@@ -416,12 +430,13 @@ class Gate:
         for name, state in pick.state.buckets.items():
             if state != st.buckets.get(name):
                 vt.put(b"b" + name.encode(), _BUCKET.pack(*state), db=db)
-        return pick, waits
+        return pick, waits, foreign
 
-    def _extend_leases(self, c: Any, now: float) -> None:
+    def _extend_leases(self, c: Any) -> None:
         """Keep the leases of held messages from running out while they
         wait (the tasks pool's visibility timeout is a day by default)."""
         vt_s = c.options.visibility_timeout
+        self._extend_at = time.monotonic() + min(60.0, vt_s / 4)
         soon = time.monotonic_ns() + int(vt_s * 0.5e9)
         for h in self.held:
             if h.msg.deadline < soon:
@@ -429,6 +444,34 @@ class Gate:
                     c._g.extend(h.msg, vt_s)
                 except Exception:
                     pass    # lost: whoever has it now runs it; it is settled there
+
+
+def _eligible(held: list[_Held], n: int) -> list[Candidate]:
+    """The candidates among ``held`` (in offset order) that one pick of
+    capacity ``n`` could start, in offset order: of each key its earliest,
+    of each name its first ``n`` by priority.  (The others would wait for
+    the same reason; leaving them out keeps a decision over a large
+    backlog small.)"""
+    per_name: dict[str, list[Candidate]] = {}
+    keys: set[bytes] = set()
+    for h in held:
+        cd = h.cand
+        if cd.key is not None:
+            if cd.key in keys:
+                continue
+            keys.add(cd.key)  # type: ignore[arg-type]
+        per_name.setdefault(cd.name, []).append(cd)
+    out: list[Candidate] = []
+    for cs in per_name.values():
+        if len(cs) <= n:
+            out += cs
+        elif len({c.priority for c in cs}) == 1:
+            out += cs[:n]
+        else:
+            out += heapq.nsmallest(n, cs, key=lambda c: (-c.priority, c.id))
+    if len(per_name) > 1:
+        out.sort(key=lambda c: c.id)  # type: ignore[arg-type, return-value]
+    return out
 
 
 def _as_batch(c: Any, msgs: list[Any]) -> Batch:
