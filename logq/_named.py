@@ -59,6 +59,17 @@ def open_queue(path: str, **options: Any) -> Queue:
         return q
 
 
+def close_under(root: str) -> None:
+    """Close the queues this process opened under ``root`` (a broker's
+    ``close``; before a test deletes the directory)."""
+    root = os.path.join(os.path.abspath(root), "")
+    with _lock:
+        mine = [p for p in _opened if os.path.join(p, "").startswith(root)] if _pid == os.getpid() else []
+        qs = [_opened.pop(p) for p in mine]
+    for q in qs:
+        q.close()
+
+
 @atexit.register
 def close_all() -> None:
     """Close every queue this process opened here: their consumers commit

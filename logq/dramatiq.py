@@ -21,7 +21,7 @@ Promises:
   (no ``.DQ`` queue and no worker holding it meanwhile); the message's
   ``broker_priority`` option (0..9) is logq's priority, higher first.
 * A message given to a worker is *leased* to the worker's process:
-  ``ack`` settles it (committed within ``commit_interval``, 0.1 s);
+  ``ack`` settles it (committed within ``commit_interval``, 0.02 s);
   ``nack`` -- Dramatiq's "reject: move to the dead letters", which a
   worker does once the ``Retries`` middleware gave up -- settles it and
   keeps it in the group's dead letters, in the same transaction (``logq
@@ -58,7 +58,7 @@ from dramatiq.results import ResultBackend
 from dramatiq.results.backend import Missing
 from dramatiq.results.errors import ResultTimeout
 
-from logq._named import KV, open_queue, queue_dir
+from logq._named import KV, close_under, open_queue, queue_dir
 from logq._settled import _DEAD, _ERROR_MAX, _be
 
 __all__ = ["LogqBroker", "LogqResultBackend", "GROUP"]
@@ -76,7 +76,7 @@ class LogqBroker(dramatiq.Broker):
 
     def __init__(self, path: str | os.PathLike[str], middleware: Any = None, *,
                  fsync: str = "batch", visibility_timeout: float = 3600.0, max_attempts: int = 5,
-                 commit_interval: float = 0.1) -> None:
+                 commit_interval: float = 0.02) -> None:
         super().__init__(middleware=middleware)
         self.path = os.path.abspath(os.fspath(path))
         self.queues: dict[str, str] = {}
@@ -87,6 +87,11 @@ class LogqBroker(dramatiq.Broker):
 
     def _queue(self, queue_name: str) -> Any:
         return open_queue(self.queues[queue_name], fsync=self.fsync)
+
+    def close(self) -> None:
+        """Close the logq queues this process opened under ``path``
+        (committing their acks); a later use opens them again."""
+        close_under(self.path)
 
     def declare_queue(self, queue_name: str) -> None:
         if queue_name in self.queues:

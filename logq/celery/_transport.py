@@ -9,11 +9,12 @@ Delivery (what differs from kombu's in-memory ack emulation):
 * A message handed to the worker is *leased* to its process in logq's
   lease table, not kept in process memory.  Its kombu delivery tag maps to
   that lease: ``basic_ack`` acks it in logq (committed within
-  ``commit_interval``, 0.1 s by default); ``basic_reject(requeue=True)``
-  and a channel closed with messages unacked (a warm shutdown) give them
-  back at once, without counting an attempt; ``basic_reject(requeue=False)``
-  settles the message (it is dropped, as AMQP does without a dead-letter
-  exchange).
+  ``commit_interval``, 0.02 s by default: a worker killed just after a
+  task finished may run it again, never lose it);
+  ``basic_reject(requeue=True)`` and a channel closed with messages
+  unacked (a warm shutdown) give them back at once, without counting an
+  attempt; ``basic_reject(requeue=False)`` settles the message (it is
+  dropped, as AMQP does without a dead-letter exchange).
 * A worker process that dies (SIGKILL, OOM, a crash) loses its leases at
   once: every message it held and had not acked -- prefetched, reserved,
   or running with ``acks_late`` -- is delivered again to the next worker,
@@ -72,7 +73,7 @@ from logq._named import open_queue, queue_dir
 log = logging.getLogger("logq")
 
 GROUP = "kombu"
-_DEFAULTS = {"visibility_timeout": 3600.0, "max_attempts": 5, "commit_interval": 0.1,
+_DEFAULTS = {"visibility_timeout": 3600.0, "max_attempts": 5, "commit_interval": 0.02,
              "fsync": "batch"}
 _BLOCK_SLICE = 1.0      # a drain without timeout looks around this often (s)
 _SEVERAL_SLICE = 0.05   # waiting on one of several queues, at most this long at a time
