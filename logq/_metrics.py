@@ -46,7 +46,16 @@ logq_pool_breaker_state                      gauge      group, pid, state     pr
 logq_forward_*                               both       group, target, pid    process
 logq_forward_breaker_state                   gauge      group, target, pid,   process
                                                         state
+logq_task_{submitted,succeeded,failed,       counter    name                  durable
+retried,cancelled}_total
+logq_task_runtime_seconds                    histogram  name                  durable
+logq_task_queue_wait_seconds                 histogram  name                  durable
+logq_tasks                                   gauge      name, state           durable
 ===========================================  =========  ====================  ===========
+
+The ``logq_task*`` families are added by ``logq.tasks`` (once imported:
+``logq metrics`` imports it) for a queue with a ``tasks`` group; see
+``logq.tasks._census`` for what each counts.
 
 The recovery gauges come from the process that opened the queue first
 (the one that recovered it); they last as long as that process.
@@ -315,6 +324,25 @@ def _forward_process(out: _Families, s: dict[str, Any], ql: dict[str, str]) -> N
 
 _PROCESS = {"queue": _queue_process, "pool": _pool_process, "forward": _forward_process}
 
+# Families a layer above adds for the queues it keeps data in (the tasks
+# layer registers its own when imported): ``fn(families, queue, labels)``,
+# called while the queue is open.  A failing one costs only its families.
+_EXTENSIONS: list[Any] = []
+
+
+def extend(fn: Any) -> None:
+    """Add ``fn(families, queue, labels)`` to every collection (once)."""
+    if fn not in _EXTENSIONS:
+        _EXTENSIONS.append(fn)
+
+
+def _extended(out: _Families, q: Queue, ql: dict[str, str]) -> None:
+    for fn in _EXTENSIONS:
+        try:
+            fn(out, q, ql)
+        except (LogqError, OSError, ValueError, KeyError) as e:
+            log.warning("metrics: %s failed on queue %s: %s", getattr(fn, "__qualname__", fn), q.path, e)
+
 
 def gather(sources: Iterable[Queue | str], recovered: dict[str, dict[str, Any]] | None = None
            ) -> list[Family]:
@@ -333,6 +361,7 @@ def gather(sources: Iterable[Queue | str], recovered: dict[str, dict[str, Any]] 
         try:
             if isinstance(src, Queue):
                 _durable(out, src, ql)
+                _extended(out, src, ql)
                 own = _own_status(src)
             else:
                 from logq._check import require_queue
@@ -340,6 +369,7 @@ def gather(sources: Iterable[Queue | str], recovered: dict[str, dict[str, Any]] 
                 q = Queue(path, fsync="never")
                 try:
                     _durable(out, q, ql)
+                    _extended(out, q, ql)
                     if q._log is not None and q._log.alone and not q._recovery.clean:
                         recovered[path] = _own_status(q)
                 finally:

@@ -122,10 +122,13 @@ def _stat(args: argparse.Namespace) -> int:
         st = q.stats()
         others = [] if q._log.alone else list(lock_holders(q._log.open_fd))  # type: ignore[union-attr]
         lost = len(losses(args.path))
+        tasks = _task_census(q) if "tasks" in st["groups"] else None
     live = _status.read_all(args.path)
     st["processes_open"] = others
     st["quarantined_ranges"] = lost
     st["live"] = live
+    if tasks is not None:
+        st["tasks"] = {k: tasks[k] for k in ("states", "submitted", "truncated")}
     st.pop("fsync", None)          # this command's own policy, not the queue's
     st.pop("fsyncs", None)
     st.pop("durable_next_offset", None)
@@ -160,8 +163,23 @@ def _stat(args: argparse.Namespace) -> int:
             fields = ", ".join(f"{k} {v}" for k, v in s.items()
                                if k not in ("kind", "name", "pid", "updated") and v not in (None, {}, []))
             lines.append(f"{s['kind']} {s['name']!r} (pid {s['pid']}): {fields}")
+    if tasks is not None:
+        from logq.tasks._census import table
+        lines.append("")
+        lines += table(tasks)
     print("\n".join(lines))
     return 0
+
+
+def _task_census(q: Any) -> dict[str, Any]:
+    """Tasks by name and state (the queue holds logq.tasks' tasks)."""
+    from logq.tasks._census import census
+    from logq.tasks._store import Store
+    store = Store(q)
+    try:
+        return census(store)
+    finally:
+        store.close()
 
 
 def _render(data: bytes, fmt: str) -> tuple[str, str]:
@@ -436,6 +454,7 @@ def _metrics(args: argparse.Namespace) -> int:
     import signal
     import threading
     from logq import _metrics as M
+    import logq.tasks  # noqa: F401  (adds the logq_task_* families)
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be between 0 and 65535, not {args.port}")
     if not logging.getLogger().handlers:     # what the queue's opens find (recovery, damage)

@@ -166,3 +166,71 @@ def test_unknown_task_name_is_a_dead_letter_nothing_lost(app, pool) -> None:
     dead = _dead(app)
     assert off in dead and decode_task(dead[off].data).name == "no.such.task"
     assert task_app.add.delay(2, 3).result(timeout=60) == 5
+
+
+def _scrape(path: str) -> dict[tuple[str, tuple], float]:
+    """Every sample of ``logq metrics``' families for ``path``, served over
+    HTTP and parsed by prometheus_client: (name, sorted labels) -> value."""
+    import urllib.request
+    from prometheus_client.parser import text_string_to_metric_families
+    import logq.tasks  # noqa: F401
+    from logq import _metrics as M
+    server = M.serve(path, 0)
+    try:
+        host, port = server.server_address[:2]
+        with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=30) as r:
+            text = r.read().decode()
+    finally:
+        server.shutdown()
+        server.server_close()
+    out = {}
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            labels = tuple(sorted((k, v) for k, v in s.labels.items() if k != "queue"))
+            out[(s.name, labels)] = s.value
+    return out
+
+
+def test_stat_and_metrics_count_tasks_by_name_and_state(app, tmp_path) -> None:
+    p = app.pool("task_app:app", workers=2, backoff_base=0.02, backoff_max=0.05)
+    p.start()
+    try:
+        for h in [task_app.add.delay(i, 1) for i in range(5)]:
+            h.result(timeout=60)
+        assert task_app.flaky.delay(str(tmp_path / "ctl"), 1).result(timeout=60) == 2   # one retry
+        with pytest.raises(TaskFailed):
+            task_app.bad.delay().result(timeout=60)
+    finally:
+        p.stop()
+    assert task_app.add.apply_async(args=(0, 0), delay=3600).cancel()
+    task_app.add.apply_async(args=(0, 0), delay=3600)               # scheduled
+    task_app.add.delay(1, 1), task_app.add.delay(2, 2)               # queued: no pool runs them
+    want = {"add": {"succeeded": 5, "cancelled": 1, "scheduled": 1, "queued": 2},
+            "flaky": {"succeeded": 1}, "bad": {"failed": 1}}
+    app.close()     # the CLI and the scrape open the queue themselves
+    out = subprocess.run([sys.executable, "-m", "logq", "stat", app.path, "--json"],
+                         env=helpers.child_env(), capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    st = json.loads(out.stdout)["tasks"]
+    assert st["states"] == want
+    assert st["submitted"] == {"add": 9, "flaky": 1, "bad": 1}
+    text = subprocess.run([sys.executable, "-m", "logq", "stat", app.path], env=helpers.child_env(),
+                          capture_output=True, text=True, timeout=60).stdout
+    row = next(line.split() for line in text.splitlines() if line.startswith("add "))
+    assert row[1:] == ["1", "2", "0", "0", "5", "0", "1"]           # in _state.STATES order
+
+    m = _scrape(app.path)
+    n = (("name", "add"),)
+    assert m[("logq_task_submitted_total", n)] == 9
+    assert m[("logq_task_succeeded_total", n)] == 5
+    assert m[("logq_task_cancelled_total", n)] == 1
+    assert m[("logq_task_failed_total", (("name", "bad"),))] == 1
+    assert m[("logq_task_retried_total", (("name", "flaky"),))] == 1
+    assert m[("logq_task_succeeded_total", (("name", "flaky"),))] == 1
+    assert m[("logq_task_runtime_seconds_count", n)] == 5
+    assert m[("logq_task_runtime_seconds_count", (("name", "flaky"),))] == 2      # both attempts
+    assert m[("logq_task_queue_wait_seconds_count", n)] == 5                     # first attempts
+    assert m[("logq_task_runtime_seconds_bucket", (("le", "+Inf"), ("name", "add")))] == 5
+    assert m[("logq_tasks", (("name", "add"), ("state", "queued")))] == 2
+    assert m[("logq_tasks", (("name", "bad"), ("state", "failed")))] == 1
+    assert m[("logq_tasks", (("name", "add"), ("state", "running")))] == 0

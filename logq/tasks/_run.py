@@ -30,6 +30,7 @@ from typing import Any
 
 from logq._errors import (ResultTooLargeError, SerializationError, TaskError, UnknownTaskError)
 from logq.tasks import _state as S
+from logq.tasks._census import Tally
 from logq.tasks._records import Outcome, decode_task, dumps, error_json, state_of
 
 _MARK_AFTER = 0.05      # a task running this long gets a marker (s)
@@ -221,7 +222,8 @@ class Settler:
                  failures: dict[int, str]) -> tuple[list[Any], Any, list[Any]]:
         acks: list[Any] = []
         entries: list[tuple[Any, ...]] = []
-        nacks: list[tuple[Any, str, Any]] = []
+        nacks: list[tuple[Any, ...]] = []
+        waits: dict[str, int] = {}      # task id -> ns from due to its first attempt's start
         for i, m in enumerate(msgs):
             why = failures.get(m.offset)
             v = values[i] if values is not None and why is None else None
@@ -230,14 +232,16 @@ class Settler:
             if v is None or v[0] is None:
                 acks.append(m)
                 continue
+            if v[7] == 1 and v[3]:
+                waits[v[1]] = v[3] - max(m.ts_ns, m.due or 0)
             if v[0] == S.FAIL:
                 err = json.loads(v[2])
-                nacks.append((m, f"{err['type']}: {err['message']}", self._writer([v])))
+                nacks.append((m, f"{err['type']}: {err['message']}", self._writer([v], waits=waits)))
             elif v[0] == S.GIVE_UP and not self._cancelled(v):
                 # Out of retries: to the group's dead letters (with its
                 # payload), the failed outcome in the same transaction.
                 err = json.loads(v[2])
-                nacks.append((m, f"{err['type']}: {err['message']}", self._writer([v]), True))
+                nacks.append((m, f"{err['type']}: {err['message']}", self._writer([v], waits=waits), True))
             else:
                 acks.append(m)
                 entries.append(v)
@@ -245,13 +249,15 @@ class Settler:
         purge = now - self._last_purge >= 1.0
         if purge:
             self._last_purge = now
-        write = self._writer(entries, purge) if entries or purge else None
+        write = self._writer(entries, purge, waits) if entries or purge else None
         return acks, write, nacks
 
-    def _writer(self, entries: list[tuple[Any, ...]], purge: bool = False) -> Any:
+    def _writer(self, entries: list[tuple[Any, ...]], purge: bool = False,
+                waits: dict[str, int] | None = None) -> Any:
         store, app = self.store, self.app
 
         def write(txn: Any) -> None:
+            tally = Tally()     # the operators' counters, added to once per transaction
             for event, tid, payload, started, finished, ser, name, attempt, sub in entries:
                 final = event != S.FAIL
                 ttl = app._ttl(name)
@@ -261,6 +267,11 @@ class Settler:
                 if store.record(txn, tid, event, out):
                     for h in app.settle_hooks:
                         h(txn, tid, event, out)
+                    tally.settled(name, event, started, finished)
+                    if waits and tid in waits:
+                        tally.observe(name, "wait", max(0, waits[tid]) / 1e9)
+            if tally:
+                tally.apply(txn, store.counters)
             if purge:
                 store.purge_expired(txn, time.time_ns())
         return write

@@ -10,6 +10,8 @@ Durable (the index, fsynced with the queue's group commits):
   with the settlements that follow (and by ``purge``), so the index does
   not grow without bound;
 * ``tasks.moved``: id -> offset of the record ``retry`` put for it;
+* ``tasks.counters``: per task name, counts and histograms for operators,
+  added to in the transactions that record what they count (``_census``);
 * the queue's own group state of group ``tasks``: settled offsets, the
   schedule (delays, retries), dead letters.
 
@@ -37,6 +39,7 @@ from logq._leases import Retry
 from logq._status import pid_alive
 from logq._settled import _DEAD, _be, _is_settled
 from logq.tasks import _state as S
+from logq.tasks._census import Tally
 from logq.tasks._records import Outcome, TaskRecord, decode_task, error_json, parse_id, state_of
 
 GROUP_NAME = "tasks"
@@ -79,6 +82,7 @@ class Store:
         self.outcome = self.idx.open_db(b"tasks.outcome")
         self.expiry = self.idx.open_db(b"tasks.expiry")
         self.moved = self.idx.open_db(b"tasks.moved")
+        self.counters = self.idx.open_db(b"tasks.counters")     # see _census
         self.scratch = open_scratch(q.path, may_reset=False)
         self.running = self.scratch.open_db(b"tasks.running")
 
@@ -267,6 +271,9 @@ class Store:
                 txn.put(_be(out.expires_ns) + key, b"", db=self.expiry)
             for h in hooks:
                 h(txn, task_id, S.CANCEL, out)
+            t = Tally()
+            t.count(st.name, "cancelled")
+            t.apply(txn, self.counters)
             return True
         done = self.idx.write(fn)
         self.q._poke()
