@@ -233,7 +233,7 @@ class KV:
     def _purge(self, txn: Any, db: Any, exp: Any, mem: Any, now: int) -> None:
         """Delete up to _PURGE_BATCH keys whose time ran out."""
         cur = txn.cursor(db=exp)
-        doomed = []
+        doomed: list[tuple[bytes, int]] = []
         for k, _ in cur.iternext():
             at = int.from_bytes(k[:8], "big")
             if at > now or len(doomed) >= _PURGE_BATCH:

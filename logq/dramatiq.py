@@ -100,7 +100,7 @@ class LogqBroker(dramatiq.Broker):
         self.queues[queue_name] = queue_dir(self.path, queue_name)
         self.emit_after("declare_queue", queue_name)
 
-    def enqueue(self, message: Message, *, delay: int | None = None) -> Message:
+    def enqueue(self, message: Message[Any], *, delay: int | None = None) -> Message[Any]:
         """Put ``message`` on its queue (``delay`` in milliseconds)."""
         name = q_name(message.queue_name)
         if name not in self.queues:
@@ -184,7 +184,7 @@ class _Consumer(dramatiq.Consumer):
                 except DecodeError as e:
                     self._bury(m, f"not a Dramatiq message: {e}")
                     continue
-                proxy._logq = m
+                proxy._logq = m         # type: ignore[attr-defined]  # the delivery behind it
                 self.out[m.offset] = m
                 return proxy
             room = self.prefetch - len(self.out)

@@ -53,7 +53,7 @@ def path_of(url: str | None) -> str:
     return rest
 
 
-class LogqBackend(KeyValueStoreBackend):
+class LogqBackend(KeyValueStoreBackend):  # type: ignore[misc]  # (celery is untyped)
     """Celery results in a logq index (see the module docstring)."""
 
     implements_incr = True

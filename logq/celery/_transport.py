@@ -73,8 +73,8 @@ from logq._named import open_queue, queue_dir
 log = logging.getLogger("logq")
 
 GROUP = "kombu"
-_DEFAULTS = {"visibility_timeout": 3600.0, "max_attempts": 5, "commit_interval": 0.02,
-             "fsync": "batch"}
+_DEFAULTS: dict[str, Any] = {"visibility_timeout": 3600.0, "max_attempts": 5,
+                             "commit_interval": 0.02, "fsync": "batch"}
 _BLOCK_SLICE = 1.0      # a drain without timeout looks around this often (s)
 _SEVERAL_SLICE = 0.05   # waiting on one of several queues, at most this long at a time
 _tags = itertools.count(1)
@@ -144,7 +144,7 @@ class Channel(virtual.Channel):
 
     QoS = QoS
     supports_fanout = False
-    from_transport_options = virtual.Channel.from_transport_options + tuple(_DEFAULTS)
+    from_transport_options = virtual.Channel.from_transport_options + tuple(_DEFAULTS)  # type: ignore[assignment]
 
     visibility_timeout = _DEFAULTS["visibility_timeout"]
     max_attempts = _DEFAULTS["max_attempts"]
@@ -330,7 +330,7 @@ class Transport(virtual.Transport):
     implements = virtual.Transport.implements.extend(
         asynchronous=False, exchange_type=frozenset(["direct"]))
 
-    def drain_events(self, connection: Any, timeout: float | None = None) -> None:
+    def drain_events(self, connection: Any, timeout: float | None = None, **kwargs: Any) -> None:
         """Deliver the next message(s) of any channel; socket.timeout after
         ``timeout`` seconds without one.  While every channel is at its
         prefetch limit (the worker is busy), naps doubling from 1 ms to
@@ -340,7 +340,8 @@ class Transport(virtual.Transport):
         while True:
             left = None if limit is None else limit - time.monotonic()
             try:
-                self.cycle.get(self._deliver, timeout=left if left is None else max(0.0, left))
+                self.cycle.get(self._deliver,  # type: ignore[union-attr]
+                               timeout=left if left is None else max(0.0, left))
                 return
             except Empty:
                 pass
