@@ -351,8 +351,9 @@ class WorkerPool(Service):
 
     ``gate`` (for a layer above with flow control, such as ``logq.tasks``'
     limits): dispatch takes messages through ``gate.take(consumer, n,
-    timeout, payloads)`` (``Consumer.take``'s contract: a Batch or None),
-    which may hold some back; the pool waits for its workers at most
+    timeout, payloads, ready)`` (``Consumer.take``'s contract: a Batch or
+    None; ``ready``: the batch goes to a worker with nothing out, where it
+    starts at once), which may hold some back; the pool waits for its workers at most
     ``gate.nap(seconds)``, is not idle while ``gate.holding()``, and calls
     ``gate.close(consumer)`` before it closes its consumer (the gate gives
     back what it holds)."""
@@ -447,11 +448,11 @@ class WorkerPool(Service):
         return _Worker(self._ctx, self.handler, self.options.batch, self.on_outcome is not None,
                        self.path, opts)
 
-    def _take(self, c: Consumer, n: int, timeout: float) -> Batch | None:
+    def _take(self, c: Consumer, n: int, timeout: float, ready: bool = True) -> Batch | None:
         """A batch of up to ``n`` messages, or None.  Without the payloads
         (the workers read them) unless ``on_outcome`` needs them here."""
         if self.gate is not None:
-            return self.gate.take(c, n, timeout, self.on_outcome is not None)
+            return self.gate.take(c, n, timeout, self.on_outcome is not None, ready)
         b = c._take(n, timeout, self.on_outcome is not None)
         return b if len(b) else None
 
@@ -502,7 +503,7 @@ class WorkerPool(Service):
                             b: Batch | None = waiting.popleft()
                         else:
                             # (half-open: one probe)
-                            b = self._take(c, size if state == "closed" else 1, 0)
+                            b = self._take(c, size if state == "closed" else 1, 0, not w.out)
                         if b is None:
                             break
                         self._send(w, b)
@@ -771,7 +772,7 @@ class WorkerPool(Service):
         if all_busy and not waiting and len(workers) < o.max_workers:  # type: ignore[operator]
             # Is there more to do than the workers hold?  (Dispatch claims
             # only what fits, so nothing waits here while all are busy.)
-            got = self._take(c, 1, 0)
+            got = self._take(c, 1, 0, False)
             if got is not None:
                 waiting.append(got)
         pressure = pressure + 1 if all_busy and waiting else 0

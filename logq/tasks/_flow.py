@@ -175,18 +175,21 @@ class Gate:
         self._dirty = False
 
     # -- the pool's protocol ----------------------------------------------------------
-    def take(self, c: Any, n: int, timeout: float | None, payloads: bool) -> Batch | None:
+    def take(self, c: Any, n: int, timeout: float | None, payloads: bool,
+             ready: bool = True) -> Batch | None:
         """Up to ``n`` messages that may start now, as a Batch (or None once
         ``timeout`` seconds passed: None waits forever).  Takes from the
         consumer ``c`` as ``Consumer._take`` does; holds what may not
-        start."""
+        start.  A limited task goes only in a batch for a ``ready`` worker
+        (one with nothing out): it starts when it is let through, instead
+        of waiting behind another batch while it counts against its limit."""
         self._open(c)
         end = None if timeout is None else time.monotonic() + timeout
         while True:
             self._sweep(c)
             left = None if end is None else max(0.0, end - time.monotonic())
             if self.held:
-                out = self._dispatch(c, n)
+                out = self._dispatch(c, n) if ready else self._unlimited(c, n)
                 if out is not None:
                     return out
                 nap = self.nap(_LOOK)
@@ -343,7 +346,9 @@ class Gate:
         if not pick.start:
             return None
         started = {cd.id for cd in pick.start}
-        msgs = [h.msg for h in self.held if h.cand.id in started]
+        # The limited ones first in the batch: they start as they are let through.
+        msgs = sorted((h.msg for h in self.held if h.cand.id in started),
+                      key=lambda m: m.offset if _name_of(m.data) in self.gated else 1 << 62)
         self.held = [h for h in self.held if h.cand.id not in started]
         # Capacity was used: the candidates left out of this pick (or that
         # waited for capacity) are worth a look at the next take.
@@ -356,6 +361,17 @@ class Gate:
             if self._needs_slot(by_id[m.offset]):
                 self.slots[m.offset] = (b, i)
         return b
+
+    def _unlimited(self, c: Any, n: int) -> Batch | None:
+        """Held messages no limit applies to (they came in a batch with
+        limited ones), up to ``n``, as a Batch; or None."""
+        free = [h for h in self.held if h.cand.key is None and h.cand.name not in self.limits][:n]
+        if not free:
+            return None
+        gone = {id(h) for h in free}
+        self.held = [h for h in self.held if id(h) not in gone]
+        self.fresh = [h for h in self.fresh if id(h) not in gone]
+        return _as_batch(c, [h.msg for h in free])
 
     def _needs_slot(self, cd: Candidate) -> bool:
         """Whether a started task is counted while it runs (an r record)."""
