@@ -29,6 +29,7 @@ from urllib.parse import quote
 
 import logq
 from logq._queue import Queue
+from logq._settled import _DEAD, _ERROR_MAX, _be
 
 _lock = threading.Lock()
 _opened: dict[str, Queue] = {}
@@ -84,8 +85,18 @@ def close_all() -> None:
             pass
 
 
-def _be(n: int) -> bytes:
-    return n.to_bytes(8, "big")
+def bury(consumer: Any, m: Any, error: str) -> None:
+    """Dead-letter delivery ``m`` of ``consumer`` now, whatever its
+    attempts: it is acked, and the ack's own commit writes its dead letter
+    (payload, attempt, ``error``) in the group's dead letters, so one is
+    never durable without the other.  (What a framework's "reject" means;
+    the group's ``dead_lettered`` counter does not count these.)"""
+    g = consumer._g
+    err = error.encode()[:_ERROR_MAX]
+    record = _DEAD.pack(m.attempt, time.time_ns(), m.ts_ns, len(err)) + err + m.data
+    key = g.prefix + _be(m.offset)
+    dead = g.idx.dead
+    consumer.ack(m, write=lambda txn: txn.put(key, record, db=dead))
 
 
 _NEVER = 0

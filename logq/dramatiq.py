@@ -58,8 +58,7 @@ from dramatiq.results import ResultBackend
 from dramatiq.results.backend import Missing
 from dramatiq.results.errors import ResultTimeout
 
-from logq._named import KV, close_under, open_queue, queue_dir
-from logq._settled import _DEAD, _ERROR_MAX, _be
+from logq._named import KV, bury, close_under, open_queue, queue_dir
 
 __all__ = ["LogqBroker", "LogqResultBackend", "GROUP"]
 
@@ -216,13 +215,7 @@ class _Consumer(dramatiq.Consumer):
             self._bury(m, f"rejected by the worker: {exc!r}" if exc is not None else "rejected by the worker")
 
     def _bury(self, m: Any, error: str) -> None:
-        g = self.c._g
-        err = error.encode()[:_ERROR_MAX]
-        record = _DEAD.pack(m.attempt, time.time_ns(), m.ts_ns, len(err)) + err + m.data
-        key = g.prefix + _be(m.offset)
-        dead = g.idx.dead
-        # The ack's own commit writes the dead letter: one never without the other.
-        self.c.ack(m, write=lambda txn: txn.put(key, record, db=dead))
+        bury(self.c, m, error)
 
     def requeue(self, messages: Iterable[Any]) -> None:
         """Give ``messages`` back at once (the worker is stopping), no attempt counted."""

@@ -23,6 +23,8 @@ pytest.importorskip("celery")
 
 import helpers  # noqa: E402
 
+import logq  # noqa: E402
+
 START_TIMEOUT = 60.0
 
 
@@ -168,3 +170,42 @@ def test_killed_worker_task_runs_again(root, tasks):
         w3.kill()
     runs = tasks.runs("killed")
     assert len(runs) == 2 and runs[1][0] != first_pid, runs
+
+
+def test_garbage_and_unknown_tasks_go_to_the_dead_letters(root, worker, tasks):
+    """Bytes that are not a kombu message, and a task no worker knows
+    (Celery rejects it), end in the group's dead letters -- kept, not
+    dropped -- and the worker goes on with the next task."""
+    from logq._named import queue_dir
+    with logq.open(queue_dir(root, "celery")) as q:
+        q.put(b"\xff not json")
+    tasks.app.send_task("no.such.task", args=(1,))
+    assert tasks.add.delay(20, 22).get(timeout=20) == 42
+    deadline = time.monotonic() + 10
+    while True:
+        with logq.open(queue_dir(root, "celery")) as q, q.consumer("kombu") as c:
+            dead = c.dead_letters()
+        if len(dead) >= 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert len(dead) == 2, dead
+    errors = sorted(d.error for d in dead)
+    assert "not a kombu message" in errors[0] and "rejected" in errors[1], errors
+    assert any(d.data == b"\xff not json" for d in dead)
+    assert any(b"no.such.task" in d.data for d in dead)
+
+
+def test_purge_and_size(root, tasks):
+    """``celery purge`` / kombu's queue_purge settles what is deliverable;
+    the size is the backlog."""
+    from kombu import Connection
+    with Connection(f"logq://{root}") as conn:
+        q = conn.SimpleQueue("purge-test")
+        for i in range(5):
+            q.put({"i": i})
+        assert q.qsize() == 5
+        assert q.clear() == 5
+        assert q.qsize() == 0
+        with pytest.raises(q.Empty):
+            q.get(timeout=0.2)
+        q.close()

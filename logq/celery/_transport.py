@@ -13,8 +13,10 @@ Delivery (what differs from kombu's in-memory ack emulation):
   task finished may run it again, never lose it);
   ``basic_reject(requeue=True)`` and a channel closed with messages
   unacked (a warm shutdown) give them back at once, without counting an
-  attempt; ``basic_reject(requeue=False)`` settles the message (it is
-  dropped, as AMQP does without a dead-letter exchange).
+  attempt; ``basic_reject(requeue=False)`` settles the message and keeps
+  it in the group's dead letters (as AMQP's dead-letter exchange would),
+  in the same transaction; so does a message that is not a kombu message
+  (not JSON of one), on delivery, instead of stopping the consumer.
 * A worker process that dies (SIGKILL, OOM, a crash) loses its leases at
   once: every message it held and had not acked -- prefetched, reserved,
   or running with ``acks_late`` -- is delivered again to the next worker,
@@ -68,7 +70,7 @@ from typing import Any
 
 from kombu.transport import virtual
 
-from logq._named import open_queue, queue_dir
+from logq._named import bury, open_queue, queue_dir
 
 log = logging.getLogger("logq")
 
@@ -118,7 +120,7 @@ class QoS(virtual.QoS):
         super().ack(delivery_tag)
 
     def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
-        self.channel._settle(delivery_tag, "give_back" if requeue else "ack")
+        self.channel._settle(delivery_tag, "give_back" if requeue else "bury")
         super().ack(delivery_tag)      # (kombu's own reject would put a copy back)
 
     def restore_unacked(self) -> list[Any]:
@@ -234,8 +236,11 @@ class Channel(virtual.Channel):
 
     def _raw(self, queue: str, c: Any, m: Any, no_ack: bool) -> dict[str, Any]:
         """The kombu payload of logq message ``m``, with a delivery tag of
-        this delivery (a redelivery gets a new one)."""
+        this delivery (a redelivery gets a new one).  ValueError if ``m``
+        is not one."""
         raw = json.loads(m.data)
+        if not isinstance(raw, dict) or not isinstance(raw.get("properties", {}), dict):
+            raise ValueError("a JSON value that is not a kombu message")
         props = raw.setdefault("properties", {})
         tag = f"{m.offset}.{m.attempt}.{os.getpid()}.{next(_tags)}"
         props["delivery_tag"] = tag
@@ -248,19 +253,30 @@ class Channel(virtual.Channel):
             self._out[tag] = (c, m)
         return raw
 
-    def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
+    def _one(self, queue: str, no_ack: bool) -> dict[str, Any] | None:
+        """The next deliverable message of ``queue`` now, or None (what is
+        not a kombu message is dead-lettered on the way)."""
         c = self._consumer(queue)
-        got = c.get_many(1, timeout=timeout or 0)
-        if not got:
+        while True:
+            got = c.get_many(1, timeout=0)
+            if not got:
+                return None
+            try:
+                return self._raw(queue, c, got[0], no_ack)
+            except ValueError as e:
+                bury(c, got[0], f"not a kombu message: {e}")
+
+    def _get(self, queue: str, timeout: float | None = None) -> dict[str, Any]:
+        raw = self._one(queue, False)
+        if raw is None:
             raise Empty()
-        return self._raw(queue, c, got[0], False)
+        return raw
 
     def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
-        c = self._consumer(queue)
-        got = c.get_many(1, timeout=0)
-        if not got:
+        raw = self._one(queue, no_ack)
+        if raw is None:
             return None
-        message = self.Message(self._raw(queue, c, got[0], no_ack), channel=self)
+        message = self.Message(raw, channel=self)
         if not no_ack:
             self.qos.append(message, message.delivery_tag)
         return message
@@ -293,9 +309,16 @@ class Channel(virtual.Channel):
         c = self._consumer(queue)
         got = c.get_many(n, timeout=timeout)
         no_ack = queue in self._no_ack
+        delivered = False
         for m in got:
-            callback(self._raw(queue, c, m, no_ack), queue)
-        return bool(got)
+            try:
+                raw = self._raw(queue, c, m, no_ack)
+            except ValueError as e:     # (json's errors, UnicodeDecodeError among them)
+                bury(c, m, f"not a kombu message: {e}")
+                continue
+            callback(raw, queue)
+            delivered = True
+        return delivered
 
     # -- settling -------------------------------------------------------------------
     def _settle(self, tag: str, how: str) -> None:
@@ -307,6 +330,8 @@ class Channel(virtual.Channel):
         c, m = entry
         if how == "ack":
             c.ack(m)
+        elif how == "bury":
+            bury(c, m, "rejected by the consumer (basic_reject without requeue)")
         else:
             c.give_back([m])
 
