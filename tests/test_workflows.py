@@ -28,12 +28,23 @@ def wapp(tmp_path):
     a.close()
 
 
-@pytest.fixture
-def pool(wapp):
-    p = wapp.pool("test_workflows_app:app", workers=2, backoff_base=0.05, backoff_max=0.1)
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One queue and one pool for the tests that need no queue of their own
+    (each looks only at its own tasks): a pool start costs seconds."""
+    a = W.app
+    a.close()
+    a.path = str(tmp_path_factory.mktemp("shared") / "q")
+    p = a.pool("test_workflows_app:app", workers=2, backoff_base=0.05, backoff_max=0.1)
     p.start()
-    yield p
+    yield a
     p.stop()
+    a.close()
+
+
+@pytest.fixture
+def pool(shared):
+    return shared
 
 
 def trace(app) -> list[tuple[str, int, int, str]]:
@@ -48,86 +59,6 @@ def trace(app) -> list[tuple[str, int, int, str]]:
         tid, attempt, pid, tag = ln.split(" ", 3)
         out.append((tid, int(attempt), int(pid), tag))
     return out
-
-
-def test_chain_group_chord_results(wapp, pool) -> None:
-    h = chain(W.add.s(1, 2), W.double.s(), W.add.s(10)).delay()
-    assert h.result(timeout=30) == 16                     # (1+2)*2+10
-    assert [st.state for st in h.statuses()] == ["succeeded"] * 3
-    g = group(W.double.s(i) for i in range(6)).delay()
-    assert g.results(timeout=30) == [0, 2, 4, 6, 8, 10]
-    c = chord([W.double.s(i) for i in range(10)], W.collect.s()).delay()
-    assert c.result(timeout=30) == [2 * i for i in range(10)]   # in member order
-    # A chain through a group: the step after it gets the list.
-    h2 = chain(W.add.s(1, 1), group([W.double.s(), W.double.s()]), W.total.s()).delay()
-    assert h2.result(timeout=30) == 8
-    # An immutable link does not get the previous result.
-    h3 = chain(W.add.s(1, 1), W.echo.si("fixed")).delay()
-    assert h3.result(timeout=30) == ["fixed"]
-    # Found again by id, from the index.
-    again = handle(wapp, c.id)
-    assert [t.id for t in again.tasks] == [t.id for t in c.tasks]
-    # Each callback ran once.
-    runs = [r for r in trace(wapp) if r[0] == c.last.id]
-    assert len(runs) == 1 and runs[0][3] == "collect 10"
-
-
-def test_failure_policy_allow_failure_and_link_error(wapp, pool) -> None:
-    c = chord([W.double.s(1), W.boom.s(), W.double.s(2)], W.total.s()).delay()
-    with pytest.raises(TaskFailed, match="DependencyFailed: dependency .* \\(boom\\) failed"):
-        c.result(timeout=30)
-    assert not [r for r in trace(wapp) if r[0] == c.last.id]   # never ran
-    ok = chord([W.double.s(1), W.boom.s(), W.double.s(2)], W.collect.s(), allow_failure=True).delay()
-    assert ok.result(timeout=30) == [2, None, 4]
-    # A failure runs down a chain: every later link fails, none runs.
-    ch = chain(W.double.s(1), W.boom.s(), W.double.s(), W.double.s(), link_error=W.on_error.s()).delay()
-    with pytest.raises(TaskFailed, match="dependency"):
-        ch.result(timeout=30)
-    states = [st.state for st in ch.statuses()]
-    assert states == ["succeeded", "failed", "failed", "failed"]
-    assert ch.handlers[0].result(timeout=30) == ch.tasks[1].id   # link_error got the failed task's id
-    # link_error of a workflow where nothing failed: cancelled, never run.
-    fine = chain(W.double.s(1), W.double.s(), link_error=W.on_error.s()).delay()
-    assert fine.result(timeout=30) == 4
-    helpers.wait_for(lambda: fine.handlers[0].status().state == "cancelled", 30, "the handler cancelled")
-    assert not [r for r in trace(wapp) if r[3].startswith("on_error") and r[0] == fine.handlers[0].id]
-
-
-def test_depends_on_existing_tasks(wapp, pool) -> None:
-    a = W.double.delay(4)
-    assert a.result(timeout=30) == 8              # a parent finished before the dependant exists
-    b = W.nap.delay(0.3, "b")
-    r = depends_on(W.echo.s("after"), [a, b])
-    assert r.result(timeout=30) == ["after"]
-    assert r.status().started >= b.status().finished
-    s = depends_on(W.collect.s(), [a, b], pass_results=True)
-    assert s.result(timeout=30) == [8, "b"]
-    bad = W.boom.delay()
-    f = depends_on(W.echo.s("x"), [a, bad])
-    with pytest.raises(TaskFailed, match="dependency"):
-        f.result(timeout=30)
-    allowed = depends_on(W.echo.s("y"), [bad], allow_failure=True)
-    assert allowed.result(timeout=30) == ["y"]
-    with pytest.raises(TaskNotFound):
-        depends_on(W.echo.s("z"), ["999999-00000000"])
-
-
-def test_dag_and_cycle_refused(wapp, pool) -> None:
-    d = DAG()
-    d.add("report", W.collect.s(), after=["load", "audit"], pass_results=True)
-    d.add("extract", W.add.s(1, 2))
-    d.add("load", W.double.s(), after=["extract"], pass_results=True)
-    d.add("audit", W.echo.s("audit"), after=["extract"])
-    h = d.delay()
-    assert h["report"].result(timeout=30) == [6, ["audit"]]
-    before = wapp.queue.next_offset
-    cyc = DAG().add("a", W.noop.s(), after=["c"]).add("b", W.noop.s(), after=["a"]).add(
-        "c", W.noop.s(), after=["b"])
-    with pytest.raises(GraphError, match="cycle"):
-        cyc.delay()
-    with pytest.raises(GraphError, match="not a node"):
-        DAG().add("a", W.noop.s(), after=["nope"]).delay()
-    assert wapp.queue.next_offset == before        # nothing was put
 
 
 def test_cancel_group_cancels_what_has_not_started(wapp) -> None:
@@ -178,10 +109,12 @@ def test_sigkill_rounds_every_join_once(wapp, tmp_path) -> None:
         dags.append(d.delay())
     submit(6)
     with helpers.children() as kids:
-        for round_ in range(6):
+        for round_ in range(2):
             kid = helpers.Child(POOL, str(tmp_path / f"pool{round_}.log"), wapp.path)
             kids.append(kid)
-            t_end = time.monotonic() + rnd.uniform(0.5, 1.5)
+            seen = len(trace(wapp))
+            helpers.wait_for(lambda: len(trace(wapp)) > seen or not kid.alive(), 30, "a task to run")
+            t_end = time.monotonic() + rnd.uniform(0.8, 1.6)
             while time.monotonic() < t_end:
                 time.sleep(rnd.uniform(0.05, 0.3))
                 pids = {r[2] for r in trace(wapp)[-20:]} - {os.getpid()}
@@ -189,8 +122,7 @@ def test_sigkill_rounds_every_join_once(wapp, tmp_path) -> None:
                     _kill_worker(rnd.choice(sorted(pids)))
             kid.kill()                                                  # the pool
             kid.wait(30)
-            if round_ % 2 == 0:
-                submit(2)                                               # more, between pools
+            submit(2)                                                   # more, between pools
         kids.append(helpers.Child(POOL, str(tmp_path / "poolz.log"), wapp.path))
         for h, expect in chords:
             assert h.result(timeout=60) == expect, h.id
@@ -238,3 +170,87 @@ def _pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return True
+
+
+# The tests below share one queue and pool (``shared``), set up after the
+# tests above (which each close the app for a queue of their own) are done.
+
+
+def test_chain_group_chord_results(pool) -> None:
+    h = chain(W.add.s(1, 2), W.double.s(), W.add.s(10)).delay()
+    assert h.result(timeout=30) == 16                     # (1+2)*2+10
+    assert [st.state for st in h.statuses()] == ["succeeded"] * 3
+    g = group(W.double.s(i) for i in range(6)).delay()
+    assert g.results(timeout=30) == [0, 2, 4, 6, 8, 10]
+    c = chord([W.double.s(i) for i in range(10)], W.collect.s()).delay()
+    assert c.result(timeout=30) == [2 * i for i in range(10)]   # in member order
+    # A chain through a group: the step after it gets the list.
+    h2 = chain(W.add.s(1, 1), group([W.double.s(), W.double.s()]), W.total.s()).delay()
+    assert h2.result(timeout=30) == 8
+    # An immutable link does not get the previous result.
+    h3 = chain(W.add.s(1, 1), W.echo.si("fixed")).delay()
+    assert h3.result(timeout=30) == ["fixed"]
+    # Found again by id, from the index.
+    again = handle(pool, c.id)
+    assert [t.id for t in again.tasks] == [t.id for t in c.tasks]
+    # Each callback ran once.
+    runs = [r for r in trace(pool) if r[0] == c.last.id]
+    assert len(runs) == 1 and runs[0][3] == "collect 10"
+
+
+def test_failure_policy_allow_failure_and_link_error(pool) -> None:
+    c = chord([W.double.s(1), W.boom.s(), W.double.s(2)], W.total.s()).delay()
+    with pytest.raises(TaskFailed, match="DependencyFailed: dependency .* \\(boom\\) failed"):
+        c.result(timeout=30)
+    assert not [r for r in trace(pool) if r[0] == c.last.id]   # never ran
+    ok = chord([W.double.s(1), W.boom.s(), W.double.s(2)], W.collect.s(), allow_failure=True).delay()
+    assert ok.result(timeout=30) == [2, None, 4]
+    # A failure runs down a chain: every later link fails, none runs.
+    ch = chain(W.double.s(1), W.boom.s(), W.double.s(), W.double.s(), link_error=W.on_error.s()).delay()
+    with pytest.raises(TaskFailed, match="dependency"):
+        ch.result(timeout=30)
+    states = [st.state for st in ch.statuses()]
+    assert states == ["succeeded", "failed", "failed", "failed"]
+    assert ch.handlers[0].result(timeout=30) == ch.tasks[1].id   # link_error got the failed task's id
+    # link_error of a workflow where nothing failed: cancelled, never run.
+    fine = chain(W.double.s(1), W.double.s(), link_error=W.on_error.s()).delay()
+    assert fine.result(timeout=30) == 4
+    helpers.wait_for(lambda: fine.handlers[0].status().state == "cancelled", 30, "the handler cancelled")
+    assert not [r for r in trace(pool) if r[3].startswith("on_error") and r[0] == fine.handlers[0].id]
+
+
+def test_depends_on_existing_tasks(pool) -> None:
+    a = W.double.delay(4)
+    assert a.result(timeout=30) == 8              # a parent finished before the dependant exists
+    b = W.nap.delay(0.3, "b")
+    r = depends_on(W.echo.s("after"), [a, b])
+    assert r.result(timeout=30) == ["after"]
+    assert r.status().started >= b.status().finished
+    s = depends_on(W.collect.s(), [a, b], pass_results=True)
+    assert s.result(timeout=30) == [8, "b"]
+    bad = W.boom.delay()
+    f = depends_on(W.echo.s("x"), [a, bad])
+    with pytest.raises(TaskFailed, match="dependency"):
+        f.result(timeout=30)
+    allowed = depends_on(W.echo.s("y"), [bad], allow_failure=True)
+    assert allowed.result(timeout=30) == ["y"]
+    with pytest.raises(TaskNotFound):
+        depends_on(W.echo.s("z"), ["999999-00000000"])
+
+
+def test_dag_and_cycle_refused(pool) -> None:
+    d = DAG()
+    d.add("report", W.collect.s(), after=["load", "audit"], pass_results=True)
+    d.add("extract", W.add.s(1, 2))
+    d.add("load", W.double.s(), after=["extract"], pass_results=True)
+    d.add("audit", W.echo.s("audit"), after=["extract"])
+    h = d.delay()
+    assert h["report"].result(timeout=30) == [6, ["audit"]]
+    before = pool.queue.next_offset
+    cyc = DAG().add("a", W.noop.s(), after=["c"]).add("b", W.noop.s(), after=["a"]).add(
+        "c", W.noop.s(), after=["b"])
+    with pytest.raises(GraphError, match="cycle"):
+        cyc.delay()
+    with pytest.raises(GraphError, match="not a node"):
+        DAG().add("a", W.noop.s(), after=["nope"]).delay()
+    assert pool.queue.next_offset == before        # nothing was put

@@ -10,7 +10,7 @@ import os
 import time
 
 from logq.tasks import App, current
-from logq.workflows import chain  # noqa: F401  (installs the workflows on this app)
+from logq.workflows import StepFailed, workflow
 
 app = App(os.environ.get("LOGQ_WF_APP_DIR", "/nonexistent"), cancel_grace=0.5)
 
@@ -73,3 +73,65 @@ def nap(seconds, value=None):
 def echo(*args):
     trace(f"echo {list(args)}")
     return list(args)
+
+
+# -- durable workflows -------------------------------------------------------------
+def effect(wid: str, tag: str) -> str:
+    """A step's side effect: one line "wid tag pid" in <queue>.effects."""
+    with open(app.path + ".effects", "a") as f:
+        f.write(f"{wid} {tag} {os.getpid()}\n")
+    return tag
+
+
+def slow_effect(wid: str, tag: str, seconds: float) -> str:
+    time.sleep(seconds)
+    return effect(wid, tag)
+
+
+@workflow(app, name="three")
+def three(ctx, seconds):
+    out = [ctx.step(slow_effect, ctx.id, f"s{k}", seconds) for k in range(3)]
+    return out
+
+
+@workflow(app, name="onboard")
+def onboard(ctx, user):
+    acct = ctx.step(effect, ctx.id, f"account-{user}")
+    ctx.sleep(0.3)
+    ok = ctx.wait_event("confirmed", timeout=10)
+    ctx.step(effect, ctx.id, f"welcome-{ok}")
+    return [acct, ok]
+
+
+@workflow(app, name="waiter")
+def waiter(ctx, timeout):
+    a = ctx.wait_event("go", timeout=timeout)
+    b = ctx.wait_event("go", timeout=timeout)
+    return [a, b]
+
+
+@workflow(app, name="fickle")
+def fickle(ctx, flag_path):
+    """Reaches a different step on replay once flag_path exists."""
+    if os.path.exists(flag_path):
+        ctx.step(effect, ctx.id, "other", name="other")
+    else:
+        ctx.step(effect, ctx.id, "first", name="first")
+    ctx.sleep(0.3)
+    return "done"
+
+
+@workflow(app, name="failing")
+def failing(ctx):
+    try:
+        ctx.step(boom)
+    except StepFailed as e:
+        caught = e.type
+    ctx.step(effect, ctx.id, "after")
+    raise RuntimeError(f"gave up after {caught}")
+
+
+@workflow(app, name="parent")
+def parent(ctx, n):
+    kids = [ctx.child(three, 0.0) for _ in range(n)]
+    return len(kids)

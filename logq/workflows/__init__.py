@@ -27,7 +27,12 @@ Joins: ``_joins`` (the promise and the records); durable workflows:
 from logq.workflows import _plugin  # noqa: F401  (registers the App extension)
 from logq.workflows._canvas import (DAG, GraphHandle, GroupHandle, chain, chord, depends_on, group,
                                     handle)
+from logq.workflows._durable import (NonDeterminismError, StepFailed, Workflow, WorkflowCancelled,
+                                     WorkflowContext, WorkflowError, WorkflowFailed, WorkflowHandle,
+                                     WorkflowStatus, get_workflow, send_event, workflow)
 from logq.workflows._graph import GraphError
 
 __all__ = ["chain", "group", "chord", "depends_on", "DAG", "GraphHandle", "GroupHandle", "handle",
-           "GraphError"]
+           "GraphError", "workflow", "Workflow", "WorkflowContext", "WorkflowHandle", "WorkflowStatus",
+           "send_event", "get_workflow", "WorkflowError", "NonDeterminismError", "StepFailed",
+           "WorkflowFailed", "WorkflowCancelled"]

@@ -49,14 +49,14 @@ def install(app: Any) -> None:
     """Add the workflows' hooks to ``app`` (an App extension)."""
     def settle(txn: Any, task_id: str, event: str, out: Any) -> None:
         joins_of(app, txn).on_settle(txn, task_id, event, out)
-        if out.name in app.__dict__.get("_wf_names", ()):
-            flows_of(app, txn).on_settle(txn, task_id, event, out)
+        flows_of(app, txn).on_settle(txn, task_id, event, out)
 
     def run(task_id: str, name: str, args: Any, kwargs: Any) -> tuple[Any, Any]:
         return joins_of(app).run_hook(task_id, name, args, kwargs)
     app.settle_hooks.append(settle)
     app.run_hooks.append(run)
-    joins_of(app)       # (opens its database now, outside any transaction)
+    joins_of(app)       # (open their databases now, outside any transaction)
+    flows_of(app)
 
 
 if install not in App.extensions:

@@ -1,0 +1,619 @@
+"""Durable workflows: a function whose steps are checkpointed in the index,
+so that after a crash it resumes from its last completed step.
+
+    @workflow(app)
+    def onboard(ctx, user_id):
+        acct = ctx.step(create_account, user_id)
+        ctx.sleep(3600)
+        ok = ctx.wait_event("email-confirmed", timeout=86400)
+        ctx.step(send_welcome, acct, ok)
+        return acct
+
+    w = onboard.start(42, workflow_id="onboard-42")    # the id is the idempotency key
+    send_event(app, w.id, "email-confirmed", True); w.status(); w.result(timeout=60)
+
+**How it runs.**  A workflow runs as tasks of the App (its *runs*), each
+a replay of the function from the top: ``ctx.step`` returns the recorded
+result of a step that completed, and runs (then records) the first one
+that did not.  ``ctx.sleep`` and ``ctx.wait_event`` *park* the workflow:
+the run puts the next run as a message delayed to the wake-up time (the
+deadline; "never" without one), and returns, so no worker is held.  The
+workflow record names its *current* run; only that run may record steps
+and only its settlement moves the workflow on (to its next run, or to its
+end), in the transaction that settles it (a settle hook).  Any other run
+(a resume put by an attempt killed before it settled, a second start of
+the same id) finds it is not current and does nothing.  A run's worker
+killed mid-run: the same message is delivered again (at once, to any
+worker of any pool) and replays.
+
+**Promises.**
+* A step whose record committed never runs again for that workflow; the
+  step running when a process was killed runs again (at least once).  So
+  each step's side effect happens once per committed step record, plus
+  once more for each kill during it.
+* Step records are keyed by (workflow id, step number) and hold the step
+  name: a replay that reaches a different name at a recorded position
+  fails the workflow with NonDeterminismError (loudly, nothing recorded).
+* A step that raised is recorded too: the workflow sees StepFailed (with
+  the remote type and message) on the first run and on every replay.
+* Records are in the LMDB index (fsynced per transaction: each step costs
+  one commit); a parking run flushes its resume message to disk before it
+  returns, so a power cut cannot lose a parked workflow.
+* ``start`` with a ``workflow_id`` that exists returns the first one
+  (whatever its arguments); ``send_event`` stores the event durably: a
+  wait that comes later takes it (oldest first), one that is parked on it
+  is released in the same transaction.
+
+**Records** (index database ``wf.flow``)::
+
+    F<wid>            the workflow: JSON {name, state, current, waiting, until, ser,
+                      created, finished, parent, error}
+    A<wid>            its arguments, [args, kwargs] as its serializer encodes
+    R<wid>            its result, encoded
+    T<run task id>    -> wid, while that run is current
+    S<wid>\\0<u32 k>   step k: u32 header length, JSON header {name, ok, until,
+                      done, child}, then the encoded result (or error JSON)
+    E<wid>\\0<name>\\0<u64>  an event not yet taken, encoded
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from logq._errors import TaskError, TaskNotFound
+from logq.tasks import _state as S
+from logq.tasks._records import dumps, encode_task, make_id, new_nonce
+from logq.tasks._run import current
+from logq.workflows._joins import NEVER, _prefix_items, release
+
+_U32 = struct.Struct(">I")
+_HDR = struct.Struct("<I")
+RUNNING, SLEEPING, WAITING = "running", "sleeping", "waiting"
+SUCCEEDED, FAILED, CANCELLED = S.SUCCEEDED, S.FAILED, S.CANCELLED
+FINAL = frozenset((SUCCEEDED, FAILED, CANCELLED))
+_WAIT_SLICE = 0.25
+
+
+class WorkflowError(TaskError):
+    """Base of the durable workflows' errors."""
+
+
+class NonDeterminismError(WorkflowError):
+    """A replay reached a step other than the one recorded at its position:
+    the workflow's code changed, or it branches on something not recorded
+    (time, randomness, I/O outside steps).  The workflow fails."""
+
+
+class StepFailed(WorkflowError):
+    """A step raised: ``type`` and ``message`` of the remote error (the same
+    on the first run and on replays)."""
+
+    def __init__(self, step: str, type_name: str, message: str) -> None:
+        super().__init__(f"step {step} failed: {type_name}: {message}")
+        self.step, self.type, self.message = step, type_name, message
+
+
+class WorkflowFailed(WorkflowError):
+    """``result()`` of a workflow that failed: ``type``, ``message``."""
+
+    def __init__(self, wid: str, type_name: str, message: str) -> None:
+        super().__init__(f"workflow {wid} failed: {type_name}: {message}")
+        self.id, self.type, self.message = wid, type_name, message
+
+
+class WorkflowCancelled(WorkflowError):
+    """``result()`` of a cancelled workflow."""
+
+
+class _Park(Exception):
+    def __init__(self, resume: str, event: str | None, until: int) -> None:
+        self.resume, self.event, self.until = resume, event, until
+
+
+class _NotCurrent(Exception):
+    """This run is not (or no longer) the workflow's current run."""
+
+
+def _fk(kind: bytes, wid: str) -> bytes:
+    return kind + wid.encode()
+
+
+def _sk(wid: str, k: int) -> bytes:
+    return b"S" + wid.encode() + b"\0" + _U32.pack(k)
+
+
+def _pack_step(header: dict[str, Any], payload: bytes) -> bytes:
+    h = json.dumps(header).encode()
+    return _HDR.pack(len(h)) + h + payload
+
+
+def _unpack_step(raw: bytes) -> tuple[dict[str, Any], bytes]:
+    n = _HDR.unpack_from(raw)[0]
+    return json.loads(raw[4:4 + n]), bytes(raw[4 + n:])
+
+
+def _err(e: BaseException) -> dict[str, str]:
+    t = type(e)
+    name = t.__qualname__ if t.__module__ in ("builtins", None) else f"{t.__module__}.{t.__qualname__}"
+    return {"type": name, "message": str(e)}
+
+
+@dataclass(frozen=True)
+class WorkflowStatus:
+    """A workflow now: ``state`` is running, sleeping (until ``until``,
+    epoch s), waiting (for the event ``waiting``, at most until
+    ``until``), succeeded, failed (``error``) or cancelled; ``steps`` is
+    the number of step records."""
+    id: str
+    name: str
+    state: str
+    steps: int
+    created: float | None
+    finished: float | None = None
+    waiting: str | None = None
+    until: float | None = None
+    error: dict[str, str] | None = None
+    current: str | None = None
+
+
+class Flows:
+    """The durable workflows' records on one App's queue."""
+
+    def __init__(self, app: Any, txn: Any = None) -> None:
+        from logq.workflows._plugin import open_db
+        self.app = app
+        self.store = app._store()
+        self.idx = self.store.idx
+        self.db = open_db(self.idx, b"wf.flow", txn)
+
+    # -- reads ------------------------------------------------------------------------
+    def flow(self, wid: str, txn: Any = None) -> dict[str, Any] | None:
+        raw = (txn.get(_fk(b"F", wid), db=self.db) if txn is not None
+               else self.idx.get(_fk(b"F", wid), self.db))
+        return None if raw is None else json.loads(raw)
+
+    def steps(self, wid: str) -> dict[int, tuple[dict[str, Any], bytes]]:
+        def fn(txn: Any) -> dict[int, tuple[dict[str, Any], bytes]]:
+            return {_U32.unpack(k[-4:])[0]: _unpack_step(v)
+                    for k, v in _prefix_items(txn, self.db, b"S" + wid.encode() + b"\0")}
+        return self.idx.read(fn)
+
+    def status(self, wid: str) -> WorkflowStatus:
+        f = self.flow(wid)
+        if f is None:
+            raise TaskNotFound(f"no workflow {wid!r} in {self.app.path}")
+        state = f["state"]
+        if state == RUNNING and f.get("parked"):
+            state = WAITING if f.get("waiting") else SLEEPING
+        until = f.get("until") or 0
+        return WorkflowStatus(wid, f["name"], state, len(self.steps(wid)), f.get("created"),
+                              f.get("finished"), f.get("waiting") if state == WAITING else None,
+                              until / 1e9 if until and state in (SLEEPING, WAITING) else None,
+                              f.get("error"), f.get("current"))
+
+    def ids(self) -> list[str]:
+        def fn(txn: Any) -> list[str]:
+            return [k[1:].decode() for k, _v in _prefix_items(txn, self.db, b"F")]
+        return self.idx.read(fn)
+
+    # -- writes -------------------------------------------------------------------------
+    def _write(self, fn: Callable[[Any], Any]) -> Any:
+        out = self.idx.write(fn)
+        q = self.store.q
+        q._poke()
+        q._bump_written()
+        return out
+
+    def start(self, wf: "Workflow", wid: str, args: tuple[Any, ...], kwargs: dict[str, Any],
+              parent: tuple[str, str] | None = None) -> bool:
+        """Create workflow ``wid`` and release its first run, unless it
+        exists: whether it was created."""
+        if self.flow(wid) is not None:
+            return False
+        ser = self.app._serializer(wf.serializer)
+        body = dumps(ser, [list(args), dict(kwargs)], f"the arguments of workflow {wf.name}")
+        tid = wf._put_run(wid, NEVER)
+        now = time.time_ns()
+        rec = {"name": wf.name, "state": RUNNING, "current": tid, "waiting": None, "until": 0,
+               "ser": ser.name, "created": now / 1e9, "finished": None, "parent": parent,
+               "error": None, "parked": False}
+
+        def fn(txn: Any) -> bool:
+            # (A run whose workflow exists is released anyway: it drains, not current.)
+            release(txn, self.idx, tid, now)
+            if txn.get(_fk(b"F", wid), db=self.db) is not None:
+                return False
+            txn.put(_fk(b"F", wid), json.dumps(rec).encode(), db=self.db)
+            txn.put(_fk(b"A", wid), body, db=self.db)
+            txn.put(_fk(b"T", tid), wid.encode(), db=self.db)
+            return True
+        return self._write(fn)
+
+    def record(self, wid: str, run: str, k: int, header: dict[str, Any], payload: bytes,
+               overwrite: bool = False) -> tuple[dict[str, Any], bytes]:
+        """Record step ``k`` (one transaction), if ``run`` is still current;
+        the record that stands (one written meanwhile wins, unless
+        ``overwrite``).  Raises _NotCurrent."""
+        key = _sk(wid, k)
+
+        def fn(txn: Any) -> tuple[dict[str, Any], bytes]:
+            f = self.flow(wid, txn)
+            if f is None or f["current"] != run or f["state"] != RUNNING:
+                raise _NotCurrent(wid)
+            raw = txn.get(key, db=self.db)
+            if raw is not None and not overwrite:
+                return _unpack_step(bytes(raw))
+            txn.put(key, _pack_step(header, payload), db=self.db)
+            return header, payload
+        return self.idx.write(fn)
+
+    def take_event(self, wid: str, run: str, k: int, header: dict[str, Any], name: str,
+                   timed_out: bool) -> tuple[dict[str, Any], bytes] | None:
+        """Step ``k`` waits for event ``name``: take the oldest one (or, once
+        ``timed_out``, record that none came) and record the step done, in
+        one transaction; None if there is none yet."""
+        prefix = b"E" + wid.encode() + b"\0" + name.encode() + b"\0"
+
+        def fn(txn: Any) -> tuple[dict[str, Any], bytes] | None:
+            f = self.flow(wid, txn)
+            if f is None or f["current"] != run or f["state"] != RUNNING:
+                raise _NotCurrent(wid)
+            for k2, v in _prefix_items(txn, self.db, prefix):
+                txn.delete(k2, db=self.db)
+                h = dict(header, done=True)
+                txn.put(_sk(wid, k), _pack_step(h, v), db=self.db)
+                return h, v
+            if not timed_out:
+                return None
+            h = dict(header, done=True, timeout=True)
+            txn.put(_sk(wid, k), _pack_step(h, b""), db=self.db)
+            return h, b""
+        return self.idx.write(fn)
+
+    def send_event(self, wid: str, name: str, value: Any) -> bool:
+        """Store event ``name`` for workflow ``wid``, durably; a run parked
+        waiting for it is released in the same transaction.  False if the
+        workflow has finished (nothing stored).  Raises TaskNotFound."""
+        f = self.flow(wid)
+        if f is None:
+            raise TaskNotFound(f"no workflow {wid!r} in {self.app.path}")
+        payload = dumps(self.app._serializer(f["ser"]), value, f"event {name!r}")
+        return self._write(lambda txn: self._event_in(txn, wid, name, payload))
+
+    def _event_in(self, txn: Any, wid: str, name: str, payload: bytes) -> bool:
+        f = self.flow(wid, txn)
+        if f is None or f["state"] in FINAL:
+            return False
+        txn.put(b"E" + wid.encode() + b"\0" + name.encode() + b"\0" + time.time_ns().to_bytes(8, "big"),
+                payload, db=self.db)
+        if f.get("parked") and f.get("waiting") == name:
+            release(txn, self.idx, f["current"])
+            f["waiting"] = None
+            txn.put(_fk(b"F", wid), json.dumps(f).encode(), db=self.db)
+        return True
+
+    def cancel(self, wid: str) -> bool:
+        """Cancel the workflow: it records no more steps and its parked run
+        drains unrun.  False if it had finished."""
+        def fn(txn: Any) -> bool:
+            f = self.flow(wid, txn)
+            if f is None:
+                raise TaskNotFound(f"no workflow {wid!r} in {self.app.path}")
+            if f["state"] in FINAL:
+                return False
+            if f.get("parked") and f.get("waiting") is not None:
+                release(txn, self.idx, f["current"])
+            self._end(txn, wid, f, CANCELLED, None, {"type": "WorkflowCancelled", "message": "cancelled"})
+            return True
+        return self._write(fn)
+
+    # -- the settle hook (the pool's process) -------------------------------------------
+    def on_settle(self, txn: Any, task_id: str, event: str, out: Any) -> None:
+        if out.state not in S.FINAL:
+            return
+        raw = txn.get(_fk(b"T", task_id), db=self.db)
+        if raw is None:
+            return      # not a current run
+        wid = bytes(raw).decode()
+        txn.delete(_fk(b"T", task_id), db=self.db)
+        f = self.flow(wid, txn)
+        if f is None or f["current"] != task_id or f["state"] in FINAL:
+            return
+        if out.state != S.SUCCEEDED:
+            e = out.error() or {}
+            self._end(txn, wid, f, FAILED, None, {"type": e.get("type", ""), "message": e.get("message", "")})
+            return
+        info = self.app._serializer(out.serializer).loads(out.payload)
+        if "park" in info:
+            f.update(current=info["park"], waiting=info.get("wait"), until=info.get("until", 0),
+                     parked=True)
+            txn.put(_fk(b"T", info["park"]), wid.encode(), db=self.db)
+            w = info.get("wait")
+            if w is not None:
+                prefix = b"E" + wid.encode() + b"\0" + w.encode() + b"\0"
+                for _k, _v in _prefix_items(txn, self.db, prefix):
+                    release(txn, self.idx, info["park"])     # it came meanwhile
+                    f["waiting"] = None
+                    break
+            txn.put(_fk(b"F", wid), json.dumps(f).encode(), db=self.db)
+        elif "done" in info:
+            ser = self.app._serializer(f["ser"])
+            self._end(txn, wid, f, SUCCEEDED, ser.dumps(info["done"][0]), None)
+        elif "fail" in info:
+            self._end(txn, wid, f, FAILED, None, info["fail"])
+
+    def _end(self, txn: Any, wid: str, f: dict[str, Any], state: str, result: bytes | None,
+             error: dict[str, str] | None) -> None:
+        f.update(state=state, finished=time.time(), error=error, parked=False, waiting=None)
+        txn.put(_fk(b"F", wid), json.dumps(f).encode(), db=self.db)
+        if result is not None:
+            txn.put(_fk(b"R", wid), result, db=self.db)
+        if f.get("parent"):
+            pwid, name = f["parent"]
+            pf = self.flow(pwid, txn)
+            if pf is not None:
+                body = {"state": state, "error": error}
+                if result is not None:
+                    body["result"] = self.app._serializer(f["ser"]).loads(result)
+                self._event_in(txn, pwid, name, dumps(self.app._serializer(pf["ser"]), body,
+                                                      f"the result of child workflow {wid}"))
+
+    def result(self, wid: str) -> tuple[str, Any]:
+        f = self.flow(wid)
+        if f is None:
+            raise TaskNotFound(f"no workflow {wid!r} in {self.app.path}")
+        if f["state"] != SUCCEEDED:
+            return f["state"], f.get("error")
+        raw = self.idx.get(_fk(b"R", wid), self.db)
+        return f["state"], self.app._serializer(f["ser"]).loads(raw)
+
+
+class WorkflowContext:
+    """What a workflow function gets as ``ctx``: ``id``, ``step``,
+    ``sleep``, ``wait_event``, ``child``.  Everything the function does
+    that is not deterministic (I/O, time, randomness) belongs in a step."""
+
+    def __init__(self, flows: Flows, wf: "Workflow", wid: str, run: str) -> None:
+        self.flows, self.wf, self.id, self.run = flows, wf, wid, run
+        self._n = 0
+        self._rec = flows.steps(wid)
+        self._ser = flows.app._serializer(wf.serializer)
+
+    def _next(self, name: str) -> tuple[int, tuple[dict[str, Any], bytes] | None]:
+        k = self._n
+        self._n += 1
+        rec = self._rec.get(k)
+        if rec is not None and rec[0].get("name") != name:
+            raise NonDeterminismError(
+                f"workflow {self.id}: step {k} is recorded as {rec[0].get('name')!r} but the code "
+                f"now reaches {name!r} there (did the code change, or branch on something no step "
+                "recorded?)")
+        return k, rec
+
+    def step(self, fn: Callable[..., Any], *args: Any, name: str | None = None, **kwargs: Any) -> Any:
+        """``fn(*args, **kwargs)`` once: its result is recorded (one index
+        transaction) and returned, also on every replay.  An exception is
+        recorded too and raised as StepFailed, on every replay."""
+        n = name or getattr(fn, "__qualname__", None) or repr(fn)
+        k, rec = self._next(n)
+        if rec is None:
+            try:
+                value = fn(*args, **kwargs)
+                header, payload = {"name": n, "ok": True}, dumps(self._ser, value, f"the result of step {n}")
+            except Exception as e:
+                header, payload = {"name": n, "ok": False}, json.dumps(_err(e)).encode()
+            rec = self.flows.record(self.id, self.run, k, header, payload)
+            self._rec[k] = rec
+        header, payload = rec
+        if not header.get("ok"):
+            e = json.loads(payload)
+            raise StepFailed(n, e.get("type", ""), e.get("message", ""))
+        return self._ser.loads(payload)
+
+    def sleep(self, seconds: float) -> None:
+        """Sleep durably: the workflow parks (no worker held) and resumes
+        after ``seconds``, across restarts and power cuts."""
+        k, rec = self._next("sleep")
+        if rec is None:
+            until = time.time_ns() + int(seconds * 1e9)
+            rec = self.flows.record(self.id, self.run, k, {"name": "sleep", "until": until}, b"")
+            self._rec[k] = rec
+        until = rec[0]["until"]
+        if time.time_ns() < until:
+            # (a millisecond late: float seconds must not wake it before ``until``)
+            raise _Park(self.wf._put_run(self.id, until / 1e9 + 0.001, flush=True), None, until)
+
+    def wait_event(self, name: str, timeout: float | None = None) -> Any:
+        """The value of event ``name`` sent to this workflow
+        (``send_event``; one sent earlier is taken at once), parking until
+        it comes; None once ``timeout`` seconds passed without it."""
+        k, rec = self._next(f"event:{name}")
+        if rec is None:
+            until = time.time_ns() + int(timeout * 1e9) if timeout is not None else 0
+            rec = self.flows.record(self.id, self.run, k, {"name": f"event:{name}", "until": until,
+                                                          "done": False}, b"")
+            self._rec[k] = rec
+        header, payload = rec
+        if not header.get("done"):
+            until = header.get("until") or 0
+            got = self.flows.take_event(self.id, self.run, k, header, name,
+                                        bool(until) and time.time_ns() >= until)
+            if got is None:
+                raise _Park(self.wf._put_run(self.id, until / 1e9 + 0.001 if until else NEVER, flush=True),
+                            name, until)
+            self._rec[k] = got
+            header, payload = got
+        if header.get("timeout"):
+            return None
+        return self._ser.loads(payload)
+
+    def child(self, wf: "Workflow", *args: Any, **kwargs: Any) -> Any:
+        """Run workflow ``wf`` as a child (id ``<this id>/<step>``) and
+        return its result, parking until it ends; raises WorkflowFailed if
+        it failed or was cancelled."""
+        k, rec = self._next(f"child:{wf.name}")
+        cid = f"{self.id}/{k}"
+        if rec is None:
+            rec = self.flows.record(self.id, self.run, k, {"name": f"child:{wf.name}", "child": cid,
+                                                          "done": False}, b"")
+            self._rec[k] = rec
+            wf.flows().start(wf, cid, args, kwargs, parent=(self.id, f"child:{cid}"))
+        header, payload = rec
+        if not header.get("done"):
+            got = self.flows.take_event(self.id, self.run, k, header, f"child:{cid}", False)
+            if got is None:
+                raise _Park(self.wf._put_run(self.id, NEVER, flush=True), f"child:{cid}", 0)
+            self._rec[k] = got
+            header, payload = got
+        body = self._ser.loads(payload)
+        if body.get("state") != SUCCEEDED:
+            e = body.get("error") or {}
+            raise WorkflowFailed(cid, e.get("type", body.get("state", "")), e.get("message", ""))
+        return body.get("result")
+
+
+class Workflow:
+    """A registered workflow function: ``start(*args, workflow_id=)``."""
+
+    def __init__(self, app: Any, fn: Callable[..., Any], name: str, serializer: str) -> None:
+        self.app, self.fn, self.name, self.serializer = app, fn, name, serializer
+        self.__doc__ = fn.__doc__
+
+    def flows(self) -> Flows:
+        from logq.workflows._plugin import flows_of
+        return flows_of(self.app)
+
+    def start(self, *args: Any, workflow_id: str | None = None, **kwargs: Any) -> "WorkflowHandle":
+        """Start it (durably, on return); ``workflow_id`` is the idempotency
+        key: a workflow with that id that exists is returned instead."""
+        wid = workflow_id or f"{self.name}-{os.urandom(6).hex()}"
+        self.flows().start(self, wid, args, kwargs)
+        return WorkflowHandle(self.app, wid)
+
+    def _put_run(self, wid: str, deliver_at: float, flush: bool = False) -> str:
+        """Put a run of workflow ``wid`` due at ``deliver_at``; its task id."""
+        ser = self.app._serializer(self.serializer)
+        nonce = new_nonce()
+        q = self.app.queue
+        off = q.put(encode_task(nonce, self.name, ser.name, dumps(ser, [[wid], {}], "a run")),
+                    deliver_at=deliver_at)
+        if flush:
+            q.flush()       # on disk before the settlement that makes it current
+        return make_id(off, nonce)
+
+    def _run(self, wid: str) -> dict[str, Any]:
+        """The task body of a run (in a worker)."""
+        ctx = current()
+        run = ctx.id if ctx is not None else ""
+        flows = self.flows()
+        f = flows.flow(wid)
+        if f is None or f["current"] != run or f["state"] != RUNNING:
+            return {"noop": 1}
+        raw = flows.idx.get(_fk(b"A", wid), flows.db)
+        ser = self.app._serializer(f["ser"])
+        args, kwargs = ser.loads(raw)
+        wctx = WorkflowContext(flows, self, wid, run)
+        try:
+            value = self.fn(wctx, *args, **kwargs)
+        except _Park as p:
+            return {"park": p.resume, "wait": p.event, "until": p.until}
+        except _NotCurrent:
+            return {"noop": 1}
+        except Exception as e:
+            return {"fail": _err(e)}
+        try:
+            dumps(ser, value, f"the result of workflow {self.name}")
+        except Exception as e:
+            return {"fail": _err(e)}
+        return {"done": [value]}
+
+    def __repr__(self) -> str:
+        return f"<logq workflow {self.name}>"
+
+
+def workflow(app: Any, *, name: str | None = None, serializer: str = "json") -> Callable[..., Workflow]:
+    """Register a durable workflow on ``app``: ``@workflow(app)``.  Its
+    runs are tasks of the app named after it (run by any worker of the
+    app's pools)."""
+    def register(fn: Callable[..., Any]) -> Workflow:
+        n = name or f"{fn.__module__}.{fn.__qualname__}"
+        wf = Workflow(app, fn, n, serializer)
+
+        def run(wid: str) -> dict[str, Any]:
+            return wf._run(wid)
+        run.__name__ = run.__qualname__ = fn.__name__
+        # A run is retried after a kill as long as it takes; results of
+        # runs are bookkeeping (the workflow's own result is in its record).
+        app.task(name=n, retries=1 << 20, result_ttl=600.0, serializer=serializer)(run)
+        app.__dict__.setdefault("_wf_names", set()).add(n)
+        app.__dict__.setdefault("_workflows", {})[n] = wf
+        return wf
+    return register
+
+
+class WorkflowHandle:
+    """A durable workflow, by id: usable from any process on the queue."""
+
+    def __init__(self, app: Any, wid: str) -> None:
+        self.app, self.id = app, wid
+
+    def _flows(self) -> Flows:
+        from logq.workflows._plugin import flows_of
+        return flows_of(self.app)
+
+    def status(self) -> WorkflowStatus:
+        return self._flows().status(self.id)
+
+    def result(self, timeout: float | None = None) -> Any:
+        """Its return value once it succeeded: blocks up to ``timeout`` s
+        (woken by the commits that settle runs, in any process).  Raises
+        WorkflowFailed, WorkflowCancelled, TaskNotFound or TimeoutError."""
+        flows = self._flows()
+        q = self.app.queue
+        limit = None if timeout is None else time.monotonic() + timeout
+        while True:
+            seen = q._written()
+            state, value = flows.result(self.id)
+            if state == SUCCEEDED:
+                return value
+            if state == FAILED:
+                e = value or {}
+                raise WorkflowFailed(self.id, e.get("type", ""), e.get("message", ""))
+            if state == CANCELLED:
+                raise WorkflowCancelled(f"workflow {self.id} was cancelled")
+            left = _WAIT_SLICE if limit is None else min(_WAIT_SLICE, limit - time.monotonic())
+            if left <= 0:
+                raise TimeoutError(f"workflow {self.id} did not finish within {timeout}s")
+            q._wait_written(seen, left)
+
+    def send_event(self, name: str, value: Any = None) -> bool:
+        return self._flows().send_event(self.id, name, value)
+
+    def cancel(self) -> bool:
+        return self._flows().cancel(self.id)
+
+    def __repr__(self) -> str:
+        return f"<WorkflowHandle {self.id}>"
+
+
+def send_event(app: Any, wid: str, name: str, value: Any = None) -> bool:
+    """Send event ``name`` (with ``value``) to workflow ``wid``; see
+    Flows.send_event."""
+    return WorkflowHandle(app, wid).send_event(name, value)
+
+
+def get_workflow(app: Any, wid: str) -> WorkflowHandle:
+    """The handle of a durable workflow by id; raises TaskNotFound."""
+    h = WorkflowHandle(app, wid)
+    h.status()
+    return h
+
+
+__all__ = ["workflow", "Workflow", "WorkflowContext", "WorkflowHandle", "WorkflowStatus",
+           "send_event", "get_workflow", "WorkflowError", "NonDeterminismError", "StepFailed",
+           "WorkflowFailed", "WorkflowCancelled"]

@@ -1,0 +1,168 @@
+"""Durable workflows (issue 13): steps recorded and replayed, durable
+sleep across a pool restart, events sent before and after the wait,
+non-determinism detected, child workflows, the id as idempotency key, and
+SIGKILLs of pools and workers mid-workflow.  Real worker pools, real LMDB;
+the app is tests/test_workflows_app.py."""
+
+from __future__ import annotations
+
+import random
+import time
+from collections import Counter, defaultdict
+
+import pytest
+
+import helpers
+import test_workflows_app as W
+from logq.workflows import (NonDeterminismError, WorkflowError, WorkflowFailed, get_workflow,
+                            send_event)
+from test_workflows import _kill_worker, _pid_alive
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory):
+    """One queue and one pool for the tests that need no queue of their own
+    (set up after the tests that do: they close the app)."""
+    a = W.app
+    a.close()
+    a.path = str(tmp_path_factory.mktemp("shared") / "q")
+    p = start_pool(a)
+    yield a, p
+    p.stop()
+    a.close()
+
+
+@pytest.fixture
+def wapp(tmp_path):
+    a = W.app
+    a.close()
+    a.path = str(tmp_path / "q")
+    yield a
+    a.close()
+
+
+def start_pool(app, **kw):
+    p = app.pool("test_workflows_app:app", workers=2, backoff_base=0.02, backoff_max=0.05, **kw)
+    p.start()
+    return p
+
+
+def effects(app) -> list[tuple[str, str, int]]:
+    try:
+        with open(app.path + ".effects") as f:
+            return [(a, b, int(c)) for a, b, c in (ln.split(" ") for ln in f.read().splitlines())]
+    except FileNotFoundError:
+        return []
+
+
+def test_durable_sleep_across_a_pool_restart(wapp) -> None:
+    p = start_pool(wapp)
+    w = W.onboard.start("cat")
+    helpers.wait_for(lambda: w.status().state == "sleeping", 30, "the workflow to sleep")
+    p.stop()
+    w.send_event("confirmed", True)            # stored while no pool runs
+    time.sleep(0.4)                            # its sleep ends while nothing runs
+    assert w.status().state == "sleeping"
+    p = start_pool(wapp)                       # a new pool, a new process's workers
+    try:
+        assert w.result(timeout=30) == ["account-cat", True]
+    finally:
+        p.stop()
+    assert Counter(e[1] for e in effects(wapp) if e[0] == w.id) == {"account-cat": 1, "welcome-True": 1}
+
+
+POOL = ("import sys, test_workflows_app as W; W.app.path = sys.argv[1]; "
+        "W.app.pool('test_workflows_app:app', workers=2, backoff_base=0.02, backoff_max=0.05).run()")
+
+
+def test_sigkill_mid_workflow_each_step_effect_once_per_record(wapp, tmp_path) -> None:
+    """Pools and workers SIGKILLed at random moments while 3-step workflows
+    run: every workflow finishes with its three results; a step whose
+    record committed never ran again (on the processes that lived, each
+    step ran at most once; extra runs were on processes that died during
+    the step, the documented at-least-once of the step running at a kill)."""
+    rnd = random.Random(helpers.SEED)
+    ws = [W.three.start(0.04) for _ in range(12)]
+    with helpers.children() as kids:
+        for round_ in range(2):
+            kid = helpers.Child(POOL, str(tmp_path / f"pool{round_}.log"), wapp.path)
+            kids.append(kid)
+            seen = len(effects(wapp))
+            helpers.wait_for(lambda: len(effects(wapp)) > seen or not kid.alive(), 30, "a step to run")
+            t_end = time.monotonic() + rnd.uniform(0.8, 1.5)
+            while time.monotonic() < t_end:
+                time.sleep(rnd.uniform(0.05, 0.2))
+                pids = {e[2] for e in effects(wapp)[-10:]}
+                if pids and rnd.random() < 0.6:
+                    _kill_worker(rnd.choice(sorted(pids)))
+            kid.kill()
+            kid.wait(30)
+            ws += [W.three.start(0.04) for _ in range(4)]
+        kids.append(helpers.Child(POOL, str(tmp_path / "poolz.log"), wapp.path))
+        for w in ws:
+            assert w.result(timeout=60) == ["s0", "s1", "s2"], w.id
+        runs = effects(wapp)
+        alive = {pid for _w, _t, pid in runs if _pid_alive(pid)}
+        per_step = defaultdict(list)
+        for wid, tag, pid in runs:
+            per_step[(wid, tag)].append(pid)
+        for w in ws:
+            for k in range(3):
+                pids = per_step[(w.id, f"s{k}")]
+                assert pids, f"{w.id} step {k} never ran"
+                assert sum(pid in alive for pid in pids) <= 1, (w.id, k, pids)
+                assert all(not _pid_alive(pid) for pid in pids[:-1]), (w.id, k, pids)
+            assert w.status().steps == 3
+
+
+# Sharing one queue and pool (``shared``), after the tests above.
+
+
+def test_steps_replay_sleep_and_events(shared) -> None:
+    wapp, p = shared
+    w = W.three.start(0.0)
+    assert w.result(timeout=30) == ["s0", "s1", "s2"]
+    st = w.status()
+    assert st.state == "succeeded" and st.steps == 3
+    # The id is the idempotency key: the first start stands.
+    a = W.onboard.start("ann", workflow_id="onboard-ann")
+    again = W.onboard.start("bob", workflow_id="onboard-ann")
+    assert again.id == a.id
+    helpers.wait_for(lambda: a.status().state in ("sleeping", "waiting"), 30, "the workflow to sleep")
+    helpers.wait_for(lambda: a.status().state == "waiting", 30, "the workflow to wait")
+    assert a.status().waiting == "confirmed"
+    helpers.wait_for(lambda: p.stats().in_flight == 0, 10, "no worker held while it waits")
+    assert send_event(wapp, a.id, "confirmed", "yes") is True
+    assert a.result(timeout=30) == ["account-ann", "yes"]
+    assert [e[1] for e in effects(wapp) if e[0] == a.id] == ["account-ann", "welcome-yes"]
+    # An event sent before the wait is kept for it; two waits take two.
+    b = W.waiter.start(10)
+    b.send_event("go", 1)
+    helpers.wait_for(lambda: b.status().state == "waiting", 30, "the second wait")
+    b.send_event("go", 2)
+    assert b.result(timeout=30) == [1, 2]
+    # A wait that times out gives None.
+    c = W.waiter.start(0.2)
+    assert c.result(timeout=30) == [None, None]
+    assert send_event(wapp, c.id, "go", 3) is False        # finished: nothing stored
+
+
+def test_nondeterminism_failure_and_children(shared, tmp_path) -> None:
+    wapp, p = shared
+    flag = str(tmp_path / "flag")
+    w = W.fickle.start(flag)
+    helpers.wait_for(lambda: w.status().state == "sleeping", 30, "the workflow to sleep")
+    open(flag, "w").close()                 # the replay after the sleep branches differently
+    with pytest.raises(WorkflowFailed, match="NonDeterminismError.*step 0 is recorded as 'first'"):
+        w.result(timeout=30)
+    assert w.status().error["type"].endswith("NonDeterminismError")
+    assert [e[1] for e in effects(wapp) if e[0] == w.id] == ["first"]    # 'other' never ran
+    f = W.failing.start()
+    with pytest.raises(WorkflowFailed, match="RuntimeError: gave up after ValueError"):
+        f.result(timeout=30)
+    assert [e[1] for e in effects(wapp) if e[0] == f.id] == ["after"]
+    par = W.parent.start(2)
+    assert par.result(timeout=30) == 2
+    assert get_workflow(wapp, f"{par.id}/0").result(timeout=5) == ["s0", "s1", "s2"]
+    assert get_workflow(wapp, f"{par.id}/1").status().state == "succeeded"
+    assert issubclass(NonDeterminismError, WorkflowError)
