@@ -104,14 +104,33 @@ def test_delayed_message_runs_once_at_its_time(worker, app):
 
 
 def test_rejected_message_goes_to_the_dead_letters(worker, app):
+    """Dramatiq's nack (its retries gave up) keeps the message in logq's
+    dead letters with its error; so do bytes that are not a Dramatiq
+    message, without stopping the worker."""
+    with logq.open(app.broker.queues["default"]) as q:
+        q.put(b"\x00 not a message")
     app.doomed.send("doomed")
     app.broker.join("default", timeout=30_000)      # settled: acked or dead-lettered
     assert len(app.runs("doomed")) == 2             # the first run and Dramatiq's one retry
     with logq.open(app.broker.queues["default"]) as q:
         with q.consumer("dramatiq") as c:
-            dead = c.dead_letters()
-    assert len(dead) == 1, dead
-    assert b"doomed" in dead[0].data and "doomed" in dead[0].error, dead[0]
+            dead = sorted(c.dead_letters(), key=lambda d: d.error)
+    assert len(dead) == 2, dead
+    assert dead[0].data == b"\x00 not a message" and "not a Dramatiq message" in dead[0].error
+    assert b"doomed" in dead[1].data and "doomed" in dead[1].error, dead[1]
+    assert app.add.send(1, 1).get_result(block=True, timeout=20_000) == 2
+
+
+def test_flush_drops_what_is_queued(app):
+    """No worker consumes this queue: flush settles its messages, and join
+    then has nothing to wait for."""
+    app.broker.declare_queue("flushq")
+    for i in range(3):
+        app.broker.enqueue(app.add.message(i, i).copy(queue_name="flushq"))
+    with pytest.raises(app.dramatiq.errors.QueueJoinTimeout):
+        app.broker.join("flushq", timeout=100)
+    app.broker.flush("flushq")
+    app.broker.join("flushq", timeout=5_000)
 
 
 def test_killed_worker_message_runs_again(app):
