@@ -622,6 +622,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from logq.tasks._cli import add_parsers as _add_tasks
     _add_tasks(sub)            # logq worker, logq tasks
+    from logq.workflows._cli import add_to_tasks as _add_workflows
+    _add_workflows(sub)        # logq tasks show/list --workflow/graph of workflows
     _add_operator(sub)
     _add_metrics(sub)
     _add_forward(sub)
