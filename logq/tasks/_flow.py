@@ -345,10 +345,15 @@ class Gate:
             self._wake = min(self._wake, pick.wake_at)
         if not pick.start:
             return None
-        started = {cd.id for cd in pick.start}
-        # The limited ones first in the batch: they start as they are let through.
-        msgs = sorted((h.msg for h in self.held if h.cand.id in started),
-                      key=lambda m: m.offset if _name_of(m.data) in self.gated else 1 << 62)
+        go = pick.start
+        limited = [cd for cd in go if cd.key is not None or cd.name in self.limits]
+        if limited and len(limited) < len(go):
+            # Limited tasks in a batch of their own: unlimited ones queued
+            # behind a slow limited one in a worker would wait for it.  (They
+            # stay held, costing nothing: the next take sends them.)
+            go = tuple(limited)
+        started = {cd.id for cd in go}
+        msgs = [h.msg for h in self.held if h.cand.id in started]
         self.held = [h for h in self.held if h.cand.id not in started]
         # Capacity was used: the candidates left out of this pick (or that
         # waited for capacity) are worth a look at the next take.
@@ -356,7 +361,7 @@ class Gate:
         for off in started:
             self.waiting.discard(off)
         b = _as_batch(c, msgs)
-        by_id = {cd.id: cd for cd in pick.start}
+        by_id = {cd.id: cd for cd in go}
         for i, m in enumerate(msgs):
             if self._needs_slot(by_id[m.offset]):
                 self.slots[m.offset] = (b, i)
