@@ -29,19 +29,32 @@ written in one write transaction per decision, which serialises the pools:
 * ``b`` name -> (tokens, updated): the token bucket of a rate-limited name
   (on the system-wide monotonic clock; the table does not outlive a boot).
 
+How it dispatches: a limited task goes in a batch of its own, only to a
+worker with nothing out (``ready``), so it starts when it is let through
+instead of waiting behind another batch while it counts; one counted task
+per batch (``pick_next(counted_capacity=1)``: a batch runs on one worker,
+one message after another).  Unlimited tasks held beside limited ones go in
+the next batch, to any worker.  A decision looks only at what one pick
+could start (of each key its earliest, of each name its first ``n``), and
+is made on a take after a release, a due token, a pick that used capacity,
+new messages, or every ``_LOOK`` while another pool holds slots or keys.
+
 Crash safety: records name their owner, the process's id in ``owners/``
 (the kernel drops its flock when the process dies); records of a dead
 owner are deleted by the next decision of any pool, so a SIGKILLed pool
 never holds a slot or a key for long.  A SIGKILLed *worker* settles its
-task as failed (the pool's), which releases the slot at once.
+task as failed (the pool's), which releases the slot at once.  What a pool
+held dies with it like any message it had claimed: delivered again, the
+attempt counted (the group's rule for a dead consumer), although it never
+ran.
 
 Promises (with ``N`` = ``concurrency``): at most N tasks of a name are out
 with workers at once, summed over every pool of the directory (a task
-counts from its dispatch to its settlement, so it may count while it
-waits in a worker's pipe); at most ``burst + rate * T`` tasks of a name are
-dispatched in any window of ``T`` seconds (they *start* after a dispatch
-latency, which may bunch starts by that much); tasks sharing a key never
-run at once, and start in offset (submission) order -- within a pool
+counts from its dispatch to its settlement); at most ``burst + rate * T``
+tasks of a name are dispatched in any window of ``T`` seconds (``burst`` =
+``max(1, rate * 50 ms)``; a start follows its dispatch by the worker's
+latency: a worker still starting up can bunch them); tasks sharing a key
+never run at once, and start in offset (submission) order -- within a pool
 always, across pools except for two claims racing within microseconds.  A
 task waiting for its retry (backoff) does not hold its key.
 """
