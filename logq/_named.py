@@ -101,6 +101,7 @@ def bury(consumer: Any, m: Any, error: str) -> None:
 
 _NEVER = 0
 _PURGE_BATCH = 100
+_LOOK = 1.0     # a wait looks again at least this often, woken or not (s)
 
 
 class KV:
@@ -153,23 +154,31 @@ class KV:
         idx, db, _e, _m = self._dbs()
         return idx.read(lambda t: t.stat(db)["entries"])
 
+    def stamp(self) -> int:
+        """The table's write count now: read it, look for what you wait
+        for, then ``changed(stamp, timeout)``."""
+        return open_queue(self.path)._written()
+
+    def changed(self, seen: int, timeout: float) -> bool:
+        """Sleep until a write (by any process) moved the count past
+        ``seen``, at most ``timeout`` seconds: a futex wait natively (no
+        polling; the pure codec looks every millisecond)."""
+        return open_queue(self.path)._wait_written(seen, timeout)
+
     def wait(self, key: bytes, timeout: float | None) -> bytes | None:
-        """The value of ``key`` once it is set, looking again after naps
-        doubling from 1 ms to 50 ms; None once ``timeout`` seconds passed
+        """The value of ``key`` once it is set (woken by the write that
+        sets it, in any process); None once ``timeout`` seconds passed
         (None: wait for ever)."""
         limit = None if timeout is None else time.monotonic() + timeout
-        nap = 0.001
         while True:
+            seen = self.stamp()
             v = self.get(key)
             if v is not None:
                 return v
-            if limit is not None:
-                left = limit - time.monotonic()
-                if left <= 0:
-                    return None
-                nap = min(nap, left)
-            time.sleep(nap)
-            nap = min(nap * 2, 0.05)
+            left = _LOOK if limit is None else min(_LOOK, limit - time.monotonic())
+            if left <= 0:
+                return None
+            self.changed(seen, left)
 
     # -- writes -----------------------------------------------------------------
     def _write(self, fn: Callable[[Any, Any, Any, Any, int], Any]) -> Any:
@@ -180,7 +189,9 @@ class KV:
             out = fn(txn, db, exp, mem, now)
             self._purge(txn, db, exp, mem, now)
             return out
-        return idx.write(txn_fn)
+        out = idx.write(txn_fn)
+        open_queue(self.path)._bump_written()      # (after the commit: waiters look again)
+        return out
 
     @staticmethod
     def _expires(now: int, ttl: float | None) -> int:

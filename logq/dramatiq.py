@@ -236,9 +236,9 @@ class _Consumer(dramatiq.Consumer):
 class LogqResultBackend(ResultBackend):
     """Dramatiq results in the LMDB index of ``<path>/dramatiq-results.kv``:
     durable when stored, read by any process, expiring after the
-    ``result_ttl`` Dramatiq gives.  A blocking ``get_result`` looks again
-    after naps doubling from 1 ms to 50 ms (the base backend's start at
-    100 ms)."""
+    ``result_ttl`` Dramatiq gives.  A blocking ``get_result`` sleeps until
+    a result is stored (by any process: a futex wait on the table's write
+    count), not on the base backend's growing timer from 100 ms."""
 
     def __init__(self, path: str | os.PathLike[str], *, namespace: str = "dramatiq-results",
                  encoder: Any = None) -> None:

@@ -18,8 +18,9 @@ backend.  Promises:
   before every header task finished, and never twice by a redelivery.
   No ``celery.chord_unlock`` task is ever scheduled.
 
-Waiting for a result (``AsyncResult.get``) looks again after naps doubling
-from 1 ms to 50 ms, not the base backend's 0.5 s.
+Waiting for a result (``AsyncResult.get``) sleeps on the table's write
+count (a futex: the next stored result, in any process, wakes it), not
+the base backend's 0.5 s polling; joins (``get_many``) poll every 50 ms.
 """
 
 from __future__ import annotations
@@ -108,8 +109,8 @@ class LogqBackend(KeyValueStoreBackend):  # type: ignore[misc]  # (celery is unt
         """The task's meta once it is ready; TimeoutError after ``timeout``."""
         self._ensure_not_eager()
         limit = None if timeout is None else time.monotonic() + timeout
-        nap = 0.001
         while True:
+            seen = self.kv.stamp()
             meta = self.get_task_meta(task_id)
             if meta["status"] in states.READY_STATES:
                 return meta
@@ -118,8 +119,8 @@ class LogqBackend(KeyValueStoreBackend):  # type: ignore[misc]  # (celery is unt
             left = None if limit is None else limit - time.monotonic()
             if left is not None and left <= 0:
                 raise self.TimeoutError("The operation timed out.")
-            time.sleep(nap if left is None else min(nap, left))
-            nap = min(nap * 2, _MAX_NAP, interval or _MAX_NAP)
+            # Woken by the next stored result (any process), not a timer.
+            self.kv.changed(seen, min(interval or 0.5, 0.5) if left is None else min(left, 0.5))
 
     def get_many(self, task_ids: Any, timeout: float | None = None, interval: float = 0.5,
                  **kwargs: Any) -> Any:
