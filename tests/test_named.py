@@ -72,3 +72,13 @@ def test_incr_is_atomic_across_processes_and_counts_members_once(tmp_path):
         assert kv.incr(b"members", member=b"m0") == 1
     finally:
         close_under(str(tmp_path))
+
+
+def test_the_core_imports_no_adapter():
+    """Adapters sit at the edge: importing logq (its queue, tasks and
+    command line) loads neither them nor their frameworks."""
+    code = ("import sys, logq, logq.tasks, logq.cli\n"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('celery', 'kombu', 'dramatiq')\n"
+            "             or m.startswith(('logq.celery', 'logq.dramatiq')))\n"
+            "assert not bad, bad\n")
+    subprocess.run([sys.executable, "-c", code], env=helpers.child_env(), check=True, timeout=60)
