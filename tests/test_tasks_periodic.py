@@ -53,31 +53,33 @@ def submitted(app: App) -> list[tuple[str, float]]:
 
 def test_competing_schedulers_and_a_restart_fire_each_slot_once(app, tmp_path) -> None:
     app.queue       # (the directory exists before the children open it)
+
+    def ticks() -> list[float]:
+        return [s for name, s in submitted(app) if name == "tick"]
     with helpers.children() as kids:
         a = helpers.Child(CHILD_POOL, str(tmp_path / "a.log"), app.path)
         b = helpers.Child(CHILD_POOL, str(tmp_path / "b.log"), app.path)
         kids += [a, b]
-        helpers.wait_for(lambda: len([s for n, s in submitted(app) if n == "tick"]) >= 5, 60,
-                         "two schedulers to fire a few slots")
+        helpers.wait_for(lambda: len(ticks()) >= 5, 60, "two schedulers to fire a few slots")
         a.kill()                                    # mid-run: maybe holding a claim
         a.wait(30)
         time.sleep(0.5)
         c = helpers.Child(CHILD_POOL, str(tmp_path / "c.log"), app.path)   # a restart
         kids.append(c)
-        n = len(submitted(app))
-        helpers.wait_for(lambda: len(submitted(app)) >= n + 8, 60, "the schedulers to go on")
+        n = len(ticks())
+        helpers.wait_for(lambda: len(ticks()) >= n + 8, 60, "the schedulers to go on")
         b.kill()
         b.wait(30)
         time.sleep(0.6)                             # c alone for a while
         c.kill()
         c.wait(30)
-    ticks = [s for name, s in submitted(app) if name == "tick"]
-    counts = Counter(ticks)
+    fired = ticks()
+    counts = Counter(fired)
     assert [s for s, k in counts.items() if k > 1] == []          # no slot twice
     # catch_up="all" and always a scheduler (or a catch-up): no slot skipped
-    steps = [round((y - x) / 0.2) for x, y in zip(ticks, ticks[1:])]
-    assert ticks == sorted(ticks) and set(steps) == {1}, steps
-    assert len(ticks) >= 13
+    steps = [round((y - x) / 0.2) for x, y in zip(fired, fired[1:])]
+    assert fired == sorted(fired) and set(steps) == {1}, steps
+    assert len(fired) >= 13
 
 
 def test_catch_up_modes(app) -> None:
