@@ -57,6 +57,7 @@ log = logging.getLogger("logq")
 
 _TS = attrgetter("ts_ns")
 _LATENCY_SAMPLES = 20_000      # put -> commit latencies kept for the percentiles
+_COUNTERS_EVERY = 0.2          # with nothing else to commit, the delivery counters this often (s)
 _IDLE_GRACE = 1.0
 _BATCH_SECONDS = 0.02          # adaptive batch size: about this much work per batch...
 _BATCH_MAX = 2000              # ...within 1 and this many messages
@@ -740,16 +741,20 @@ class WorkerPool(Service):
 
     def _maybe_commit(self, c: Consumer, force: bool) -> None:
         o = self.options
+        since = time.monotonic() - self._last_commit
+        # Acks and nacks are committed commit_interval after the last
+        # commit; the group's delivery counters alone only every
+        # _COUNTERS_EVERY (a commit of nothing else after each take would
+        # cost every task a second fsync, and reset the clock that its ack
+        # then waits on).
         if force or len(self._uncommitted) >= o.commit_every or \
-                time.monotonic() - self._last_commit >= o.commit_interval:
+                (since >= o.commit_interval and (self._uncommitted or c._g.ledger.pending())) or \
+                since >= max(o.commit_interval, _COUNTERS_EVERY):
             c.commit()
             now = time.time_ns()
             self._latencies.extend((now - t) / 1e9 for t in self._uncommitted)
-            if self._uncommitted:
-                # (The interval runs from the last commit of acks: a commit
-                # of nothing must not hold back the next ack by a whole one.)
-                self._last_commit = time.monotonic()
             self._uncommitted = []
+            self._last_commit = time.monotonic()
             with self._lock:
                 self._stats.commits += 1
 
