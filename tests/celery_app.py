@@ -18,6 +18,8 @@ RUNS = os.path.join(ROOT, "runs")
 app = Celery("celery_app", broker=f"logq://{ROOT}", backend=f"logq://{ROOT}")
 app.conf.update(
     task_acks_late=True,               # a task is acked when it finished: a killed one runs again
+    task_reject_on_worker_lost=True,   # a pool child killed alone: the task is given back, not failed
+    worker_lost_wait=0.5,              # (how long Celery waits for a dead child's result: 10 s by default)
     worker_prefetch_multiplier=1,
     broker_connection_retry_on_startup=True,
     worker_hijack_root_logger=False,

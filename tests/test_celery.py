@@ -2,8 +2,9 @@
 processes (prefork, 2 children) on the logq transport and result backend:
 a task app, retries, a countdown (run once, not before its time, although
 the lease timeout is shorter than the countdown), a chord (joined by the
-backend's counter: no ``celery.chord_unlock``), priorities, and a worker
-SIGKILLed mid-task (the task runs again on the next worker).
+backend's counter: no ``celery.chord_unlock``), priorities, a worker
+SIGKILLed mid-task (the task runs again on the next worker), and a pool
+child SIGKILLed alone (the task is given back and runs again).
 
 One worker serves the module (Celery starts slowly); the kill test starts
 its own, on a queue of their own."""
@@ -166,10 +167,21 @@ def test_killed_worker_task_runs_again(root, tasks):
     w3 = Worker(root, "w3", "killq", LOGQ_CELERY_VT="3600")
     try:
         assert r.get(timeout=30) == 2           # ran again, on the new worker, and finished
+        runs = tasks.runs("killed")
+        assert len(runs) == 2 and runs[1][0] != first_pid, runs
+        # Now only the pool child running a task dies (as to the OOM killer):
+        # Celery rejects the task with requeue (task_reject_on_worker_lost),
+        # the transport gives its hour-long lease back, and it runs again.
+        r = tasks.slow.apply_async(("child", 30), queue="killq")
+        deadline = time.monotonic() + 30
+        while not tasks.runs("child"):
+            assert time.monotonic() < deadline, "the task never started"
+            time.sleep(0.05)
+        os.kill(tasks.runs("child")[0][0], signal.SIGKILL)
+        assert r.get(timeout=30) == 2
+        assert len(tasks.runs("child")) == 2
     finally:
         w3.kill()
-    runs = tasks.runs("killed")
-    assert len(runs) == 2 and runs[1][0] != first_pid, runs
 
 
 def test_garbage_and_unknown_tasks_go_to_the_dead_letters(root, worker, tasks):
