@@ -87,30 +87,53 @@ def given_up(ranges: Any, first: int, end: int) -> bool:
     return first >= end
 
 
-def preallocate(fd: int, size: int, path: str) -> None:
-    """Reserve ``size`` bytes of real blocks for ``fd`` so that writes through
-    a mapping cannot fault for lack of space: a full disk shows up here, as
-    DiskFullError, instead of as SIGBUS later."""
+def _full(e: OSError, size: int, path: str) -> None:
+    if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        raise DiskFullError(e.errno, f"no space to allocate {size} bytes for {path}: {e.strerror}") from e
+
+
+def preallocate(fd: int, size: int, path: str, start: int = 0) -> None:
+    """Reserve real blocks for bytes ``start``..``size`` of ``fd`` (extending
+    the file if it is shorter) so that writes through a mapping cannot
+    fault for lack of space: a full disk shows up here, as DiskFullError,
+    instead of as SIGBUS later."""
+    if size <= start:
+        return
     try:
-        os.posix_fallocate(fd, 0, size)
+        os.posix_fallocate(fd, start, size - start)
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise DiskFullError(e.errno, f"no space to allocate {size} bytes for {path}: {e.strerror}") from e
+        _full(e, size, path)
         if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):
-            # Filesystems without fallocate: extend with real zeros instead.
-            _write_zeros(fd, size, path)
+            # Filesystems without fallocate: write real zeros instead.
+            _write_zeros(fd, start, size, path)
         else:
             raise
 
 
-def _write_zeros(fd: int, size: int, path: str) -> None:
-    have = os.fstat(fd).st_size
+def extend(fd: int, size: int) -> bool:
+    """Make the file at least ``size`` bytes long without allocating the
+    new bytes (a hole: nothing may be written there before
+    ``preallocate``); whether it is.  Best effort: where the file may not be
+    that long (RLIMIT_FSIZE, a filesystem's limit) it stays as it is, and
+    grows only as its bytes are allocated."""
+    if os.fstat(fd).st_size >= size:
+        return True
+    try:
+        os.ftruncate(fd, size)
+    except OSError as e:
+        if e.errno in (errno.EFBIG, errno.ENOSPC, errno.EDQUOT, errno.EPERM, errno.EINVAL):
+            return False
+        raise
+    return True
+
+
+def _write_zeros(fd: int, start: int, size: int, path: str) -> None:
     chunk = bytes(1 << 20)
+    have = start
     try:
         while have < size:
             n = os.pwrite(fd, chunk[: min(len(chunk), size - have)], have)
             have += n
     except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise DiskFullError(e.errno, f"no space to allocate {size} bytes for {path}: {e.strerror}") from e
+        _full(e, size, path)
         raise

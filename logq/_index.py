@@ -15,6 +15,7 @@ reaches a caller.
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import struct
@@ -554,10 +555,18 @@ class Scratch(_Env):
 
     def _open(self) -> None:
         os.makedirs(self.path, exist_ok=True)
-        if lmdb_file_problem(os.path.join(self.path, "data.mdb")) is not None:
-            raise lmdb.CorruptedError("the data file is damaged")
-        self.env = lmdb.open(self.path, subdir=True, map_size=_INITIAL_MAP, max_dbs=16,
-                             sync=False, metasync=False, readahead=False, meminit=False)
+        # Under a lock: a process that finds the data file while another
+        # one's lmdb.open is still writing its first pages would take it
+        # for a damaged one.
+        fd = os.open(os.path.join(self.path, "open.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            if lmdb_file_problem(os.path.join(self.path, "data.mdb")) is not None:
+                raise lmdb.CorruptedError("the data file is damaged")
+            self.env = lmdb.open(self.path, subdir=True, map_size=_INITIAL_MAP, max_dbs=16,
+                                 sync=False, metasync=False, readahead=False, meminit=False)
+        finally:
+            os.close(fd)
         self.claims = self.env.open_db(b"claims")     # group\0 kind offset -> Claim
         self.cursors = self.env.open_db(b"cursors")   # group\0 level -> next offset to scan
         # group\0 "D" -> no claim's deadline is earlier (i64); group\0 "O" owner

@@ -46,8 +46,8 @@ from typing import Callable
 
 from logq import _codec as C
 from logq import _format as F
-from logq._errors import FormatVersionError, NotAQueueError, QueueInUseError
-from logq._fsutil import fsync_dir, keep_aside, losses, preallocate, quarantine_path, record_loss
+from logq._errors import DiskFullError, FormatVersionError, NotAQueueError, QueueInUseError
+from logq._fsutil import fsync_dir, keep_aside, losses, quarantine_path, record_loss
 from logq._segment import Segment, encode_header
 
 log = logging.getLogger("logq")
@@ -163,6 +163,7 @@ class Log:
         self.exclusive = exclusive
         self.segment_bytes = segment_bytes      # the roll size
         self.preallocate_bytes = _round_up(preallocate_bytes)   # the growth step
+        self.ahead = 0      # bytes the holder keeps allocated after the writer (set by its Queue)
         self.queue_id = init_dir(qdir)
         self.pid = os.getpid()
         self.segments: dict[int, Segment] = {}
@@ -290,13 +291,17 @@ class Log:
         return seg
 
     def _first_size(self, need: int) -> int:
-        """The size a new segment is created with: one growth step (at most
-        segment_bytes), or room for its first record if that is more."""
-        return max(_round_up(F.SEGMENT_HEADER_SIZE + need),
-                   min(self.segment_bytes, self.preallocate_bytes))
+        """The bytes a new segment is created with allocated: one growth
+        step, or as far as the writer is kept ahead (a fast one: see
+        Queue._grow_ahead, so that its pages can be faulted in off the put
+        path from the first record on), at most segment_bytes; or room for
+        its first record if that is more."""
+        ahead = max(self.preallocate_bytes, _round_up(F.SEGMENT_HEADER_SIZE + self.ahead))
+        return max(_round_up(F.SEGMENT_HEADER_SIZE + need), min(self.segment_bytes, ahead))
 
     def _new_segment(self, base: int, need: int) -> Segment:
-        seg = Segment.create(self.dir, base, self._first_size(need))
+        size = self._first_size(need)
+        seg = Segment.create(self.dir, base, size, max(size, self.segment_bytes))
         self.segments[base] = seg
         if not self.bases or self.bases[-1] < base:
             self.bases.append(base)
@@ -420,12 +425,14 @@ class Log:
         return self._new_segment(base, 0)
 
     def _cut_tail(self, seg: Segment, pos: int) -> int:
-        """Drop every byte after ``pos`` and preallocate the space again, so
-        nothing written before the crash can reappear after the tail."""
+        """Drop every byte after ``pos`` (the file keeps its length: a hole
+        after ``pos``), so nothing written before the crash can reappear
+        after the tail."""
         probe = bytes(seg.mm[pos:min(seg.size, pos + (1 << 16))])
         torn = len(probe.rstrip(b"\0"))
         os.ftruncate(seg.fd, pos)
-        preallocate(seg.fd, seg.size, seg.path)
+        os.ftruncate(seg.fd, seg.size)
+        seg.allocated = min(seg.allocated, pos)
         os.fsync(seg.fd)
         if torn:
             # Not damage (a writer died mid-write): the Queue's recovery summary reports it.
@@ -493,7 +500,11 @@ class Log:
                 self.ctl_set(F.CTL_HOLDER, 0)
                 fcntl.flock(self.append_fd, fcntl.LOCK_UN)
                 raise
-        self.end = self.active.size
+        # What another process allocated after the records is not known
+        # here: the first append allocates again from the tail (cheap where
+        # the blocks are there already).
+        self.active.allocated = max(self.active.allocated, self.pos)
+        self.end = self.active.allocated
         self.holding = True
 
     def _upgrade_active(self) -> None:
@@ -563,39 +574,46 @@ class Log:
         any size for a first record), or roll to a new segment when the
         record would pass segment_bytes.  The bytes are allocated before
         the writer may write there (DiskFullError, nothing written, if the
-        disk has no room)."""
+        disk has no room even for this record: a disk with less than a step
+        left is used up to the last block)."""
         if self.pos + need <= self.end:
             return
         want = _round_up(self.pos + need)
         if want <= self.segment_bytes or self.pos == F.SEGMENT_HEADER_SIZE:
-            self.grow_active(max(want, min(self.segment_bytes, self.active.size + self.preallocate_bytes)))
+            step = max(want, min(self.segment_bytes, self.active.allocated + self.preallocate_bytes))
+            try:
+                self.grow_active(step)
+            except DiskFullError:
+                if step == want:
+                    raise
+                self.grow_active(want)
         else:
             self.roll(need)
 
     def grow_ahead(self, ahead: int) -> bool:
         """Keep at least ``ahead`` bytes allocated after the writer (up to
-        segment_bytes): grow the active segment's file by at least one
-        step when less is left.  Whether it grew.  Holder only, under the
-        writer's lock; raises as ``grow_active`` does."""
+        segment_bytes): allocate at least one more step of the active
+        segment when less is left.  Whether it did.  Holder only, under
+        the writer's lock; raises as ``grow_active`` does."""
         seg = self.active
         cap = max(self.segment_bytes, seg.size)
-        if seg.size >= cap or seg.size - self.pos >= min(ahead, cap - self.pos):
+        if seg.allocated >= cap or seg.allocated - self.pos >= min(ahead, cap - self.pos):
             return False
-        self.grow_active(min(cap, max(seg.size + self.preallocate_bytes, _round_up(self.pos + ahead))))
+        self.grow_active(min(cap, max(seg.allocated + self.preallocate_bytes, _round_up(self.pos + ahead))))
         return True
 
     def grow_active(self, size: int) -> None:
-        """Grow the active segment's file to ``size`` bytes (the disk budget
-        asked first) and point the writer at the new mapping.  Holder only,
+        """Allocate the active segment's first ``size`` bytes (the disk
+        budget asked first) and let the writer write there.  Holder only,
         under the writer's lock."""
         seg = self.active
-        if size <= seg.size:
+        if size <= seg.allocated:
             return
         if self.before_alloc is not None:
-            self.before_alloc(size - seg.size)
-        seg.grow(size)
+            self.before_alloc(size - seg.allocated)
+        seg.allocate(size, self.segment_bytes)
         self._point_at(seg)
-        self.end = seg.size
+        self.end = seg.allocated
 
     def roll(self, need: int) -> None:
         """Seal the active segment and start a new one at the next offset,
@@ -608,7 +626,7 @@ class Log:
         seg = self._new_segment(self.next, need)
         self._point_at(seg)
         self.pos = F.SEGMENT_HEADER_SIZE
-        self.end = seg.size
+        self.end = seg.allocated
         self.publish()
 
     def segments_since(self, from_base: int, *, refresh: bool = True) -> list[Segment]:

@@ -392,6 +392,13 @@ class Queue:
                         lg.room(need)
                         if lg.end != end:
                             self._kick.set()    # the writer caught up with the file: grow further ahead
+                        elif lg.end - lg.pos - need < lg.ahead // 2:
+                            # Here, not only on the housekeeper: a writer of big
+                            # batches holds these locks nearly all the time, and
+                            # pages allocated late are faulted in by the writer
+                            # itself instead of ahead of it.
+                            self._grow_to(lg, lg.ahead)
+                            self._kick.set()    # fault the new pages in ahead of the writer
                         first = lg.next
                         lg.pos = encode(lg, first)
                         lg.next = first + count
@@ -753,31 +760,45 @@ class Queue:
                 "fsync_records_counts": list(self._fsync_records_counts)}
 
     def _grow_ahead(self, lg: Log, seg: Any, pos: int) -> tuple[Any, int]:
-        """Grow the active segment's file ahead of the writer, off the put
+        """Allocate the active segment ahead of the writer, off the put
         path: half a growth step ahead when the writer is slow,
         _PREFAULT_AHEAD when it appended half a step or more since the last
         look, so puts seldom stop to allocate and the pages can be faulted
-        in before they are written.  A full disk or budget
-        is left for the put that needs the room to report."""
-        with self._lock, lg.w:
-            if self._log is None or not lg.holding:
-                return seg, pos
-            active, now = lg.active, lg.pos
-            appended = now - pos if active is seg and now > pos else 0
-            step = self.options.preallocate_bytes
-            ahead = step // 2 if appended < step // 2 else max(step, _PREFAULT_AHEAD)
+        in before they are written.  A full disk or budget is left for the
+        put that needs the room to report.  Skipped while a put holds the
+        queue's lock: that put allocates itself when it is less than half
+        ``lg.ahead`` ahead (``_append``), and waiting here would hold up
+        faulting pages in."""
+        # How fast the writer goes is read without the locks (a hint only).
+        active, now = lg.active, lg.pos
+        appended = now - pos if active is seg and now > pos else 0
+        step = self.options.preallocate_bytes
+        lg.ahead = step // 2 if appended < step // 2 else max(step, _PREFAULT_AHEAD)
+        if self._lock.acquire(blocking=False):
             try:
-                lg.grow_ahead(ahead)
-            except (LogqError, _NoRoom):
-                pass
-            return active, now
+                with lg.w:
+                    if self._log is not None and lg.holding:
+                        self._grow_to(lg, lg.ahead)
+            finally:
+                self._lock.release()
+        return active, now
+
+    @staticmethod
+    def _grow_to(lg: Log, ahead: int) -> None:
+        """Allocate the active segment to ``ahead`` bytes after the writer
+        (under the locks), best effort: a full disk or budget is left for
+        the put that needs the room to report."""
+        try:
+            lg.grow_ahead(ahead)
+        except (LogqError, _NoRoom):
+            pass
 
     def _prefault(self, lg: Log, seg: Any, h: Any, at: int) -> tuple[Any, Any, int]:
         """Fault in the active segment's pages up to _PREFAULT_AHEAD bytes
-        ahead of the writer (at most to the end of its file, which grows
-        in steps), on this (housekeeping) thread, so that appends run at
+        ahead of the writer (at most to what is allocated, which grows in
+        steps), on this (housekeeping) thread, so that appends run at
         memory speed instead of stopping for each fresh page.  A segment
-        mapped anew after growing is faulted in again from the writer on.
+        mapped anew is faulted in again from the writer on.
         Each chunk under the segment's remap lock (not the queue's: puts
         go on meanwhile), so its mapping is never replaced under it."""
         while True:
@@ -787,9 +808,12 @@ class Queue:
             with active.remap_lock:
                 if active is not seg or active.h is not h:
                     seg, h, at = active, active.h, lg.pos
-                if h is None or not (at < seg.size and at < lg.pos + _PREFAULT_AHEAD):
+                # Never past what is allocated: faulting a hole in for writing
+                # would allocate it behind the disk budget's back, or SIGBUS.
+                end = seg.allocated
+                if h is None or not (at < end and at < lg.pos + _PREFAULT_AHEAD):
                     return seg, h, at
-                n = min(_PREFAULT_CHUNK, seg.size - at)
+                n = min(_PREFAULT_CHUNK, end - at)
                 if C.prefault(h, at, n) < 0:
                     return seg, h, seg.size      # not supported here: stop trying
                 at += n

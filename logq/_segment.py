@@ -1,14 +1,19 @@
-"""One segment file: created preallocated, mapped, read by offset through a
-sparse index that is built lazily by scanning.
+"""One segment file: created at its full length, mapped whole, read by
+offset through a sparse index that is built lazily by scanning.
 
-A segment file never shrinks while any process may map it (so a mapping
-never reaches past the end of its file).  The writer grows it in steps
-(``preallocate_bytes``, and for a record larger than ``segment_bytes``),
-always with ``posix_fallocate`` before a byte is written there, so a write
-through a mapping never lands in a hole (a full disk is DiskFullError at
-the growth, not SIGBUS at the write).  Readers remap when they find it
-grown.  Only recovery, run while no other process has the queue open,
-truncates.
+A segment file is created at ``segment_bytes`` (its span), but sparse:
+the writer allocates its blocks in steps (``preallocate_bytes``) ahead of
+itself, always with ``posix_fallocate`` before a byte is written there,
+so disk use follows the contents and a write through the mapping never
+lands in a hole (a full disk is DiskFullError at the allocation, not
+SIGBUS at the write).  The span is set once so that nothing is remapped
+as the contents grow, and because the kernel maps pages near the end of
+a file one at a time, where it maps pages far from it in large folios
+(a file grown in small steps costs five times the page faults).  A file
+grows past its span only for a record bigger than ``segment_bytes``;
+readers remap when they find it grown.  A file never shrinks while any
+process may map it; only recovery, run while no other process has the
+queue open, truncates.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from typing import Any
 from logq import _codec as C
 from logq import _format as F
 from logq._errors import FormatVersionError
-from logq._fsutil import fsync_dir, given_up, preallocate
+from logq._fsutil import extend, fsync_dir, given_up, preallocate
 
 log = logging.getLogger("logq")
 
@@ -92,6 +97,9 @@ class Segment:
         # without the Log's lock (the housekeeper faulting pages in ahead
         # of the writer), so nothing uses a mapping being unmapped.
         self.remap_lock = threading.Lock()
+        # The file's first ``allocated`` bytes have blocks (known to the
+        # append lock's holder, which allocated them or found records there).
+        self.allocated = 0
         # Sparse index: sparse[i] is the position of the first intact record
         # whose offset is >= base + i * SPARSE_STRIDE, for the records known
         # so far: [base, known_next), which end at known_pos.
@@ -104,14 +112,16 @@ class Segment:
 
     # -- creation -----------------------------------------------------------
     @classmethod
-    def create(cls, qdir: str, base: int, size: int) -> "Segment":
-        """Create, preallocate and durably publish the segment file (the write
-        of its header and its directory entry are fsynced before it appears
-        under its final name)."""
+    def create(cls, qdir: str, base: int, size: int, span: int = 0) -> "Segment":
+        """Create the segment file ``span`` bytes long (where the file may
+        be: see ``extend``) with its first ``size`` bytes allocated, and
+        durably publish it (its header, its length and its directory entry
+        are fsynced before it appears under its final name)."""
         path = os.path.join(qdir, F.segment_name(base))
         tmp = path + ".tmp"
         fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
         try:
+            extend(fd, max(size, span))
             preallocate(fd, size, path)
             os.pwrite(fd, encode_header(base), 0)
             os.fsync(fd)
@@ -122,17 +132,29 @@ class Segment:
         os.close(fd)
         os.rename(tmp, path)
         fsync_dir(qdir)
-        return cls(path, base)
+        seg = cls(path, base)
+        seg.allocated = size
+        return seg
 
-    def grow(self, size: int) -> None:
-        """Preallocate the file to ``size`` bytes and map all of it.  Files
-        only ever grow while the queue is open; readers remap on demand.
-        Raises DiskFullError (nothing changed) when the disk has no room.
-        Only the append lock's holder grows a file; it remaps in place
-        (mremap keeps the pages mapped so far, so appends do not fault them
-        in again; the ftruncate that mmap.resize does first finds the file
-        at its new size already and changes nothing)."""
-        preallocate(self.fd, size, self.path)
+    def allocate(self, size: int, span: int) -> None:
+        """Allocate the file's first ``size`` bytes (holder only, before it
+        writes there), and make it at least ``span`` long where it may be (a
+        segment of an older logq was only as long as what it had
+        allocated).  Raises DiskFullError (nothing written) when the disk
+        has no room."""
+        if self.size < span:
+            extend(self.fd, span)
+        preallocate(self.fd, size, self.path, self.allocated)
+        self.allocated = max(self.allocated, size)
+        self.grow()
+
+    def grow(self) -> None:
+        """Map all of a file that grew past the mapping (here: a record
+        bigger than the span, or the span of an older logq's file).  The
+        holder remaps in place (mremap keeps the pages mapped so far, so
+        appends do not fault them in again; the ftruncate that mmap.resize
+        does first finds the file at its new size already and changes
+        nothing)."""
         size = os.fstat(self.fd).st_size
         if self.mm is None or size <= self.size:
             self.refresh_size()

@@ -1,20 +1,23 @@
-"""Disk use follows the contents: the active segment's file grows in steps of
-``preallocate_bytes`` ahead of the writer instead of being allocated whole
-at ``segment_bytes``.  What preallocation bought is kept: every byte is
-allocated (posix_fallocate) before it is written through a mapping, so a
-full disk at a growth step is a clean DiskFullError (never SIGBUS: the
-child's exit status says so); readers in other processes follow a file
-that grows under them; a writer SIGKILLed while growing leaves a queue
-that reopens with every reported record."""
+"""Disk use follows the contents: a segment file is ``segment_bytes`` long
+but sparse, and the writer allocates its blocks in steps of
+``preallocate_bytes`` ahead of itself instead of all at once.  What
+preallocation bought is kept: every byte is allocated (posix_fallocate)
+before it is written through a mapping, so a full disk at a growth step is
+a clean DiskFullError (never SIGBUS: the child's exit status says so, on a
+real filesystem that fills up); readers in other processes follow; a writer
+SIGKILLed while allocating leaves a queue that reopens with every reported
+record."""
 
 from __future__ import annotations
 
 import os
 import random
 import signal
+import subprocess
+import sys
 import time
 
-from helpers import Child, children, count_lines, read_report, run_child, wait_for
+from helpers import Child, child_env, children, count_lines, read_report, wait_for
 
 import logq
 
@@ -31,6 +34,16 @@ def disk_bytes(path: str) -> int:
 
 
 def segment_sizes(path: str) -> list[int]:
+    """The bytes allocated to each segment file, oldest first."""
+    return [os.stat(os.path.join(path, n)).st_blocks * 512 for n in sorted(os.listdir(path))
+            if n.endswith(".log")]
+
+
+# A sparse file's blocks may include a block of extent metadata (ext4).
+SLACK = 8 << 10
+
+
+def segment_lengths(path: str) -> list[int]:
     return [os.path.getsize(os.path.join(path, n)) for n in sorted(os.listdir(path)) if n.endswith(".log")]
 
 
@@ -54,18 +67,19 @@ def test_file_grows_in_steps_up_to_segment_bytes(tmp_path):
     qdir = str(tmp_path / "q")
     step = 64 << 10
     with logq.open(qdir, fsync="never", segment_bytes=1 * MiB, preallocate_bytes=step) as q:
-        assert segment_sizes(qdir) == [step]
+        assert segment_sizes(qdir) == [step] and segment_lengths(qdir) == [1 * MiB]
         payloads = [os.urandom(1000) for _ in range(3000)]     # about 3 segments
         for p in payloads:
             q.put(p)
             (size,) = segment_sizes(qdir)[-1:]
             # allocated ahead of the writer, never far beyond it
-            assert size <= 1 * MiB
+            assert size <= 1 * MiB + SLACK
         q.flush()
         sizes = segment_sizes(qdir)
         assert len(sizes) >= 3
-        assert all(s <= 1 * MiB for s in sizes)
+        assert all(s <= 1 * MiB + SLACK for s in sizes)
         assert all(s >= 1 * MiB - 1100 for s in sizes[:-1])  # sealed: rolled only when full
+        assert all(n == 1 * MiB for n in segment_lengths(qdir))  # sparse, never remapped
         assert disk_bytes(qdir) <= sum(sizes) + 2 * MiB
     with logq.open(qdir) as q:
         assert [q.read(o) for o in range(len(payloads))] == payloads
@@ -112,18 +126,21 @@ def test_max_bytes_counts_what_is_allocated(tmp_path):
 
 
 FULL_CHILD = r"""
-import os, resource, signal, sys
+import os, signal, sys
 import logq
-signal.signal(signal.SIGXFSZ, signal.SIG_IGN)      # get EFBIG, not the signal
 qdir, mode = sys.argv[1], sys.argv[2]
 step = 256 << 10
-# One segment of 64 MiB (the default) grown 256 KiB at a time: the limit
-# (no file may pass 1 MiB) is met at a growth step inside the segment, not
-# at a roll.
-with logq.open(qdir, preallocate_bytes=step):
-    pass
-resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+# One segment of 64 MiB (the default), sparse, allocated 256 KiB at a time,
+# on a small tmpfs that a ballast file fills to about 2 MiB: the disk fills
+# at an allocation step inside the segment, not at a roll.
 q = logq.open(qdir, fsync=mode, preallocate_bytes=step)
+q.put(b"first")
+q.flush()
+st = os.statvfs(qdir)
+ballast = os.path.join(os.path.dirname(qdir), "ballast")
+fd = os.open(ballast, os.O_WRONLY | os.O_CREAT)
+os.posix_fallocate(fd, 0, st.f_bavail * st.f_frsize - (2 << 20))
+os.close(fd)
 stored = []
 try:
     for i in range(100_000):
@@ -144,24 +161,34 @@ for attempt in range(3):                            # refused again, nothing wri
         raise SystemExit("a put_many past the limit was taken")
 assert q.next_offset == before
 q.flush()
-resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+os.unlink(ballast)
 assert q.put(b"after") == before                     # space again: works again
 q.close()
+with logq.open(qdir) as q:
+    assert len(q) == len(stored) + 2 and q.read(before) == b"after" and q.read(0) == b"first"
+    assert all(q.read(o) == b"m%d-" % i + bytes(300) for i, o in enumerate(stored))
 print("ok", len(stored), flush=True)
 """
 
 
 def test_full_disk_at_a_growth_step(tmp_path):
+    """On a real filesystem that fills up (a 24 MiB tmpfs, mounted in a
+    private mount namespace of the child: ``unshare`` as root, or with a
+    user namespace otherwise)."""
     for mode in ("always", "never"):
-        qdir = str(tmp_path / f"q-{mode}")
-        rc, out = run_child(FULL_CHILD, str(tmp_path / f"out-{mode}"), qdir, mode, timeout=120)
-        assert rc == 0, out                     # not -SIGBUS: no write into an unallocated page
-        stored = int(out.split("ok ")[1].split()[0])
-        with logq.open(qdir) as q:
-            assert len(q) == stored + 1
-            assert q.read(stored) == b"after"
-            assert q.read(0) == b"m0-" + bytes(300)
-            assert q.read(stored - 1) == b"m%d-" % (stored - 1) + bytes(300)
+        mnt = tmp_path / f"fs-{mode}"
+        mnt.mkdir()
+        qdir = str(mnt / "q")
+        script = tmp_path / f"child-{mode}.py"
+        script.write_text(FULL_CHILD)
+        shell = (f"mount -t tmpfs -o size=24m tmpfs {mnt} && cd {os.path.dirname(__file__)} && "
+                 f"exec {sys.executable} {script} {qdir} {mode}")
+        user = [] if os.geteuid() == 0 else ["-r"]
+        proc = subprocess.run(["unshare", "-m", *user, "sh", "-c", shell], capture_output=True,
+                              text=True, timeout=120, env=child_env())
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out        # not -SIGBUS: no write into an unallocated page
+        assert "full after" in out and int(out.split("ok ")[1].split()[0]) > 1000, out
 
 
 READER_CHILD = r"""
@@ -246,4 +273,4 @@ def test_sigkill_while_growing_then_reopen(tmp_path):
             off = q.put(b"reopened-%d" % run)
             assert q.read(off) == b"reopened-%d" % run
     for size in segment_sizes(qdir):
-        assert size <= 1 << 20
+        assert size <= (1 << 20) + SLACK
