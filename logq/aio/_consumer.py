@@ -58,15 +58,17 @@ class _Gate:
                 except QueueClosedError as e:
                     self._fail(e)
                     return
-                if not self._serve() or not self.waiters:
-                    continue
+                if not self._serve():
+                    continue            # (no waiter is left: the loop ends)
                 sleep = _IDLE_LOOK
                 try:
                     due = self.group.next_due()
                 except QueueClosedError:
                     due = None      # (the next claim raises it to the waiters)
                 if due is not None:
-                    sleep = min(sleep, max(0.0, (due - time.time_ns()) / 1e9))
+                    # (at least 1 ms: a due time that passed while nothing
+                    # was claimable must not turn this loop into a spin)
+                    sleep = min(sleep, max(0.001, (due - time.time_ns()) / 1e9))
                 try:
                     await self.aq._tail.changed(tail, sleep)
                 except QueueClosedError as e:
@@ -77,13 +79,15 @@ class _Gate:
 
     def _serve(self) -> bool:
         """Claim for the waiters in order, until nothing is left (True) or
-        none waits (False)."""
+        none waits (False).  Waiters done already (timed out, cancelled)
+        leave here: their done-callbacks run only once the pump yields."""
         for fut, (c, n, single) in list(self.waiters.items()):
             if fut.done():
+                self.waiters.pop(fut, None)
                 continue
             try:
                 got = _claim(c, n, single)
-            except BaseException as e:
+            except Exception as e:
                 self.waiters.pop(fut, None)
                 fut.set_exception(e)
                 continue
