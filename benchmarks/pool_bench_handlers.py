@@ -37,3 +37,12 @@ def sleep_10ms_result(task: tuple[int, bytes]) -> int:
     """The baseline's sleeping handler: sleep 10 ms, return the task's id."""
     time.sleep(SLEEP)
     return task[0]
+
+
+def mpq_produce(q: Any, payloads: list[bytes], n: int, chunk: int) -> None:
+    """The multiprocessing.Queue peer's producer (its own process): put
+    (id, payload) pairs for ids 0..n-1, ``chunk`` of them per put (a list),
+    then None."""
+    for start in range(0, n, chunk):
+        q.put([(i, payloads[i % len(payloads)]) for i in range(start, min(n, start + chunk))])
+    q.put(None)

@@ -331,6 +331,36 @@ def _baseline(qdir: str, n: int, workers: int, fn: Any) -> dict[str, Any] | None
         shutil.rmtree(path, ignore_errors=True)
 
 
+def _baseline_mpq(n: int, workers: int, payloads: list[bytes]) -> dict[str, Any]:
+    """The peer issue 15 names: a multiprocessing.Pool fed the same 100 B
+    payloads from a multiprocessing.Queue, no durability at all.  A producer
+    process puts (id, payload) pairs, BASE_CHUNK per put; this process
+    takes them off the queue and imap_unordered's them to the Pool (chunks
+    of BASE_CHUNK / workers), counting the ids that come back.  Timed from
+    the producer's start to the last result (the Pool warm first)."""
+    ctx = multiprocessing.get_context("forkserver" if "forkserver" in
+                                      multiprocessing.get_all_start_methods() else "spawn")
+    q = ctx.Queue(maxsize=64)
+    with ctx.Pool(workers) as mp:
+        assert mp.map(PH.noop_result, [(-1, b"")] * (workers * 2), chunksize=1) == [-1] * (workers * 2)
+        producer = ctx.Process(target=PH.mpq_produce, args=(q, payloads, n, BASE_CHUNK))
+
+        def tasks() -> Any:
+            while True:
+                chunk = q.get()
+                if chunk is None:
+                    return
+                yield from chunk
+        t = time.perf_counter()
+        producer.start()
+        seen = sum(1 for _ in mp.imap_unordered(PH.noop_result, tasks(),
+                                                chunksize=max(1, BASE_CHUNK // workers)))
+        secs = time.perf_counter() - t
+        producer.join(30)
+    assert seen == n and producer.exitcode == 0, (seen, producer.exitcode)
+    return {"secs": secs, "rate": n / secs, "n": n}
+
+
 def _not_measured(note: Any) -> None:
     note("persist-queue is not installed (pip install persist-queue): the pool's baseline "
          "(multiprocessing.Pool + SQLiteAckQueue) was not measured")
@@ -447,6 +477,7 @@ def test_pool_noop(benchmark, qdir, prefilled, payloads, report, note, floor_fda
 
     H.Rounds(benchmark, rounds=len(plan), setup=setup, work=work, check=check, teardown=_teardown)
 
+    mpq = _baseline_mpq(n, NOOP_WORKERS, payloads)
     b = base[0]
     if b is None:
         _not_measured(note)
@@ -470,6 +501,13 @@ def test_pool_noop(benchmark, qdir, prefilled, payloads, report, note, floor_fda
                     f"{best['processed_at']:.2f}s ({n / best['processed_at']:,.0f}/s), all durable at "
                     f"{best['durable_at']:.2f}s; put->commit latency of the last 20,000 commits: p50 "
                     f"{st.latency_p50 * 1e3:,.0f} ms, p99 {st.latency_p99 * 1e3:,.0f} ms {lat}{extra}")
+    best, med, _ = _summary([r for r in results if r["mode"] == "producer"], n)
+    report(f"WorkerPool no-op, {NOOP_WORKERS} workers, producer in another process, vs "
+           f"multiprocessing.Pool({NOOP_WORKERS}) fed by a multiprocessing.Queue", best["rate"], "msgs/s",
+           "mp.Pool + mp.Queue (no durability)", mpq["rate"], median=med, target=(">=", 1e6),
+           ratio_target=(">=", 3.0),
+           note=f"the peer: {mpq['n']:,} (id, payload) pairs put by a producer process, "
+                f"{BASE_CHUNK} per put, imap_unordered to the Pool; logq's figure is durable commits")
     # pool.stats() keeps the latencies of the last 20,000 commits: the end of
     # a run shows its tail only.  The snapshots taken while the producer was
     # putting (after its first half second) show the steady state.
