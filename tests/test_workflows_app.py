@@ -94,6 +94,14 @@ def three(ctx, seconds):
     return out
 
 
+@workflow(app, name="three_run", checkpoint="run")
+def three_run(ctx, seconds):
+    """``three`` with its steps checkpointed per run (the lease table)."""
+    out = [ctx.step(slow_effect, ctx.id, f"s{k}", seconds) for k in range(3)]
+    ctx.sleep(0.05)     # a park: the run's settlement makes its steps durable
+    return out + [ctx.step(slow_effect, ctx.id, "s3", seconds)]
+
+
 @workflow(app, name="onboard")
 def onboard(ctx, user):
     acct = ctx.step(effect, ctx.id, f"account-{user}")

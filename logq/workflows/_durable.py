@@ -16,15 +16,19 @@ so that after a crash it resumes from its last completed step.
 a replay of the function from the top: ``ctx.step`` returns the recorded
 result of a step that completed, and runs (then records) the first one
 that did not.  ``ctx.sleep`` and ``ctx.wait_event`` *park* the workflow:
-the run puts the next run as a message delayed to the wake-up time (the
-deadline; "never" without one), and returns, so no worker is held.  The
-workflow record names its *current* run; only that run may record steps
-and only its settlement moves the workflow on (to its next run, or to its
-end), in the transaction that settles it (a settle hook).  Any other run
-(a resume put by an attempt killed before it settled, a second start of
-the same id) finds it is not current and does nothing.  A run's worker
-killed mid-run: the same message is delivered again (at once, to any
-worker of any pool) and replays.
+the run puts the next run *parked* (``_joins``: due "never") and returns,
+so no worker is held.  The workflow record names its *current* run; only
+that run may record steps and only its settlement moves the workflow on,
+in the transaction that settles it (a settle hook): to its next run, made
+current and released there for the wake-up time (at once if the awaited
+event came meanwhile; a wait without a deadline stays parked until
+``send_event`` releases it), or to its end.  So a next run never starts
+before it is current.  Any other run (a second start of the same id, a
+run released after its workflow was cancelled) finds it is not current
+and does nothing.  A run's worker killed mid-run: the same message is
+delivered again (at once, to any worker of any pool) and replays; the
+parked next run it may have put stays parked, never released (a record
+in the schedule, nothing runs).
 
 **Promises.**
 * A step whose record committed never runs again for that workflow; the
@@ -36,9 +40,14 @@ worker of any pool) and replays.
   fails the workflow with NonDeterminismError (loudly, nothing recorded).
 * A step that raised is recorded too: the workflow sees StepFailed (with
   the remote type and message) on the first run and on every replay.
-* Records are in the LMDB index (fsynced per transaction: each step costs
-  one commit); a parking run flushes its resume message to disk before it
-  returns, so a power cut cannot lose a parked workflow.
+* Records are in the LMDB index, fsynced per transaction: with
+  ``checkpoint="step"`` (the default) each step costs one commit before it
+  returns; with ``checkpoint="run"`` step records wait in the lease table
+  (which survives the death of processes, not of the machine) and are
+  copied to the index by the settlement of their run (its park or its
+  end): the promises above hold for kills, and after a power cut the steps
+  since the last park run again.  A parking run flushes its next run to
+  disk before it returns, so a power cut cannot lose a parked workflow.
 * ``start`` with a ``workflow_id`` that exists returns the first one
   (whatever its arguments); ``send_event`` stores the event durably: a
   wait that comes later takes it (oldest first), one that is parked on it
@@ -170,6 +179,11 @@ class Flows:
         self.store = app._store()
         self.idx = self.store.idx
         self.db = open_db(self.idx, b"wf.flow", txn)
+        # Steps checkpointed per run (checkpoint="run") wait in the lease
+        # table; opened here, never inside an index transaction (a writer of
+        # the lease table may wait for the index: lock order).
+        self.scratch = self.store.scratch
+        self.sdb = self.scratch.open_db(b"wf.steps") if txn is None else None
 
     # -- reads ------------------------------------------------------------------------
     def flow(self, wid: str, txn: Any = None) -> dict[str, Any] | None:
@@ -178,10 +192,22 @@ class Flows:
         return None if raw is None else json.loads(raw)
 
     def steps(self, wid: str) -> dict[int, tuple[dict[str, Any], bytes]]:
+        """Step records: the index's, and those of the current run still in
+        the lease table (checkpoint="run")."""
+        prefix = b"S" + wid.encode() + b"\0"
+
         def fn(txn: Any) -> dict[int, tuple[dict[str, Any], bytes]]:
-            return {_U32.unpack(k[-4:])[0]: _unpack_step(v)
-                    for k, v in _prefix_items(txn, self.db, b"S" + wid.encode() + b"\0")}
-        return self.idx.read(fn)
+            return {_U32.unpack(k[-4:])[0]: _unpack_step(v) for k, v in _prefix_items(txn, self.db, prefix)}
+        out = self._pending(prefix)
+        out.update(self.idx.read(fn))
+        return out
+
+    def _pending(self, prefix: bytes) -> dict[int, tuple[dict[str, Any], bytes]]:
+        if self.sdb is None:
+            return {}
+        sdb = self.sdb
+        return self.scratch.read(lambda vt: {_U32.unpack(k[-4:])[0]: _unpack_step(v)
+                                             for k, v in _prefix_items(vt, sdb, prefix)})
 
     def status(self, wid: str) -> WorkflowStatus:
         f = self.flow(wid)
@@ -209,6 +235,20 @@ class Flows:
         q._bump_written()
         return out
 
+    def sweep(self, wid: str) -> None:
+        """Delete the lease table's step records of ``wid`` that the index
+        holds (a run's settlement copied them)."""
+        if self.sdb is None:
+            return
+        prefix = b"S" + wid.encode() + b"\0"
+        pending = self._pending(prefix)
+        if not pending:
+            return
+        held = self.idx.read(lambda txn: [k for k in pending if txn.get(_sk(wid, k), db=self.db) is not None])
+        if held:
+            sdb = self.sdb
+            self.scratch.write(lambda vt: [vt.delete(_sk(wid, k), db=sdb) for k in held])
+
     def start(self, wf: "Workflow", wid: str, args: tuple[Any, ...], kwargs: dict[str, Any],
               parent: tuple[str, str] | None = None) -> bool:
         """Create workflow ``wid`` and release its first run, unless it
@@ -221,7 +261,7 @@ class Flows:
         now = time.time_ns()
         rec = {"name": wf.name, "state": RUNNING, "current": tid, "waiting": None, "until": 0,
                "ser": ser.name, "created": now / 1e9, "finished": None, "parent": parent,
-               "error": None, "parked": False}
+               "error": None, "parked": False, "ck": wf.checkpoint}
 
         def fn(txn: Any) -> bool:
             # (A run whose workflow exists is released anyway: it drains, not current.)
@@ -235,11 +275,26 @@ class Flows:
         return self._write(fn)
 
     def record(self, wid: str, run: str, k: int, header: dict[str, Any], payload: bytes,
-               overwrite: bool = False) -> tuple[dict[str, Any], bytes]:
+               overwrite: bool = False, durable: bool = True) -> tuple[dict[str, Any], bytes]:
         """Record step ``k`` (one transaction), if ``run`` is still current;
         the record that stands (one written meanwhile wins, unless
-        ``overwrite``).  Raises _NotCurrent."""
+        ``overwrite``).  Not ``durable``: in the lease table (it survives the
+        death of processes, not of the machine), copied to the index by the
+        settlement of the run.  Raises _NotCurrent."""
         key = _sk(wid, k)
+        if not durable and self.sdb is not None:
+            f = self.flow(wid)
+            if f is None or f["current"] != run or f["state"] != RUNNING:
+                raise _NotCurrent(wid)
+            sdb = self.sdb
+
+            def put(vt: Any) -> tuple[dict[str, Any], bytes]:
+                raw = vt.get(key, db=sdb)
+                if raw is not None:
+                    return _unpack_step(bytes(raw))
+                vt.put(key, _pack_step(header, payload), db=sdb)
+                return header, payload
+            return self.scratch.write(put)
 
         def fn(txn: Any) -> tuple[dict[str, Any], bytes]:
             f = self.flow(wid, txn)
@@ -306,8 +361,8 @@ class Flows:
                 raise TaskNotFound(f"no workflow {wid!r} in {self.app.path}")
             if f["state"] in FINAL:
                 return False
-            if f.get("parked") and f.get("waiting") is not None:
-                release(txn, self.idx, f["current"])
+            if f.get("parked"):
+                release(txn, self.idx, f["current"])     # it drains: the workflow is final
             self._end(txn, wid, f, CANCELLED, None, {"type": "WorkflowCancelled", "message": "cancelled"})
             return True
         return self._write(fn)
@@ -324,22 +379,31 @@ class Flows:
         f = self.flow(wid, txn)
         if f is None or f["current"] != task_id or f["state"] in FINAL:
             return
+        if f.get("ck") == "run":
+            # The run's steps, from the lease table: durable with its ack.
+            for k, (h, payload) in self._pending(b"S" + wid.encode() + b"\0").items():
+                if txn.get(_sk(wid, k), db=self.db) is None:
+                    txn.put(_sk(wid, k), _pack_step(h, payload), db=self.db)
         if out.state != S.SUCCEEDED:
             e = out.error() or {}
             self._end(txn, wid, f, FAILED, None, {"type": e.get("type", ""), "message": e.get("message", "")})
             return
         info = self.app._serializer(out.serializer).loads(out.payload)
         if "park" in info:
-            f.update(current=info["park"], waiting=info.get("wait"), until=info.get("until", 0),
-                     parked=True)
-            txn.put(_fk(b"T", info["park"]), wid.encode(), db=self.db)
-            w = info.get("wait")
-            if w is not None:
-                prefix = b"E" + wid.encode() + b"\0" + w.encode() + b"\0"
-                for _k, _v in _prefix_items(txn, self.db, prefix):
-                    release(txn, self.idx, info["park"])     # it came meanwhile
-                    f["waiting"] = None
-                    break
+            # The next run was put parked: it becomes due here, once it is
+            # current (at the wake-up time; at once if the event it waits
+            # for came meanwhile; a wait without a deadline stays parked
+            # until send_event releases it).
+            park, w, until = info["park"], info.get("wait"), info.get("until", 0)
+            f.update(current=park, waiting=w, until=until, parked=True)
+            txn.put(_fk(b"T", park), wid.encode(), db=self.db)
+            came = w is not None and any(True for _ in _prefix_items(
+                txn, self.db, b"E" + wid.encode() + b"\0" + w.encode() + b"\0"))
+            if came:
+                release(txn, self.idx, park)
+                f["waiting"] = None
+            elif until:
+                release(txn, self.idx, park, until + 1_000_000)     # (a ms late: not before it)
             txn.put(_fk(b"F", wid), json.dumps(f).encode(), db=self.db)
         elif "done" in info:
             ser = self.app._serializer(f["ser"])
@@ -407,7 +471,8 @@ class WorkflowContext:
                 header, payload = {"name": n, "ok": True}, dumps(self._ser, value, f"the result of step {n}")
             except Exception as e:
                 header, payload = {"name": n, "ok": False}, json.dumps(_err(e)).encode()
-            rec = self.flows.record(self.id, self.run, k, header, payload)
+            rec = self.flows.record(self.id, self.run, k, header, payload,
+                                    durable=self.wf.checkpoint == "step")
             self._rec[k] = rec
         header, payload = rec
         if not header.get("ok"):
@@ -425,8 +490,7 @@ class WorkflowContext:
             self._rec[k] = rec
         until = rec[0]["until"]
         if time.time_ns() < until:
-            # (a millisecond late: float seconds must not wake it before ``until``)
-            raise _Park(self.wf._put_run(self.id, until / 1e9 + 0.001, flush=True), None, until)
+            raise _Park(self.wf._put_run(self.id, NEVER, flush=True), None, until)
 
     def wait_event(self, name: str, timeout: float | None = None) -> Any:
         """The value of event ``name`` sent to this workflow
@@ -444,8 +508,7 @@ class WorkflowContext:
             got = self.flows.take_event(self.id, self.run, k, header, name,
                                         bool(until) and time.time_ns() >= until)
             if got is None:
-                raise _Park(self.wf._put_run(self.id, until / 1e9 + 0.001 if until else NEVER, flush=True),
-                            name, until)
+                raise _Park(self.wf._put_run(self.id, NEVER, flush=True), name, until)
             self._rec[k] = got
             header, payload = got
         if header.get("timeout"):
@@ -480,8 +543,12 @@ class WorkflowContext:
 class Workflow:
     """A registered workflow function: ``start(*args, workflow_id=)``."""
 
-    def __init__(self, app: Any, fn: Callable[..., Any], name: str, serializer: str) -> None:
+    def __init__(self, app: Any, fn: Callable[..., Any], name: str, serializer: str,
+                 checkpoint: str = "step") -> None:
+        if checkpoint not in ("step", "run"):
+            raise ValueError(f"checkpoint must be 'step' or 'run', not {checkpoint!r}")
         self.app, self.fn, self.name, self.serializer = app, fn, name, serializer
+        self.checkpoint = checkpoint
         self.__doc__ = fn.__doc__
 
     def flows(self) -> Flows:
@@ -514,6 +581,8 @@ class Workflow:
         f = flows.flow(wid)
         if f is None or f["current"] != run or f["state"] != RUNNING:
             return {"noop": 1}
+        if f.get("ck") == "run":
+            flows.sweep(wid)
         raw = flows.idx.get(_fk(b"A", wid), flows.db)
         ser = self.app._serializer(f["ser"])
         args, kwargs = ser.loads(raw)
@@ -536,13 +605,19 @@ class Workflow:
         return f"<logq workflow {self.name}>"
 
 
-def workflow(app: Any, *, name: str | None = None, serializer: str = "json") -> Callable[..., Workflow]:
+def workflow(app: Any, *, name: str | None = None, serializer: str = "json",
+             checkpoint: str = "step") -> Callable[..., Workflow]:
     """Register a durable workflow on ``app``: ``@workflow(app)``.  Its
     runs are tasks of the app named after it (run by any worker of the
-    app's pools)."""
+    app's pools).  ``checkpoint``: "step" (each step's record is one
+    fsynced index transaction before the step returns) or "run" (step
+    records wait in the lease table, which survives the death of
+    processes but not of the machine, and become durable with the
+    settlement of their run, at its next park or its end: after a power
+    cut, the steps since then run again)."""
     def register(fn: Callable[..., Any]) -> Workflow:
         n = name or f"{fn.__module__}.{fn.__qualname__}"
-        wf = Workflow(app, fn, n, serializer)
+        wf = Workflow(app, fn, n, serializer, checkpoint)
 
         def run(wid: str) -> dict[str, Any]:
             return wf._run(wid)
