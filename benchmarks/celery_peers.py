@@ -67,6 +67,8 @@ def make_app(broker: str, backend: str, acks_late: bool = False) -> Celery:
     app.conf.update(broker_connection_retry_on_startup=True, worker_hijack_root_logger=False,
                     task_serializer="json", result_serializer="json", accept_content=["json"],
                     task_acks_late=acks_late)
+    if os.environ.get("LOGQ_CP_EVENT_LOOP") == "0" and broker.startswith("logq:"):
+        app.conf.broker_transport_options = {"event_loop": False}
     app.task(name="noop")(noop)
     app.task(name="work")(work)
     return app

@@ -49,10 +49,18 @@ nowhere.  Fanout exchanges are not supported, so Celery's remote control
 (``celery inspect``/``control``), gossip and mingle are off with this
 broker.
 
+Celery's event loop: the transport is asynchronous for kombu's hub
+(``register_with_event_loop``): a watcher thread sleeps on the consumed
+queues and signals an eventfd the loop watches; the loop then delivers
+what is ready without blocking.  Outside an event loop (a kombu consumer
+of its own, or ``event_loop=False``) ``drain_events`` blocks on the queue
+itself.
+
 Transport options (``broker_transport_options``): ``visibility_timeout``,
 ``max_attempts``, ``commit_interval``, ``fsync`` (the queue's policy, for
-queues this process creates), ``polling_interval`` (the longest nap while
-the worker's prefetch is full, 0.02 s).
+queues this process creates), ``event_loop`` (True: offer Celery its event
+loop), ``polling_interval`` (the blocking loop's longest nap while the
+worker's prefetch is full, 0.02 s).
 """
 
 from __future__ import annotations
@@ -79,6 +87,8 @@ _DEFAULTS: dict[str, Any] = {"visibility_timeout": 3600.0, "max_attempts": 5,
                              "commit_interval": 0.02, "fsync": "batch"}
 _BLOCK_SLICE = 1.0      # a drain without timeout looks around this often (s)
 _SEVERAL_SLICE = 0.05   # waiting on one of several queues, at most this long at a time
+_LOOKS_PER_WAKE = 64    # deliveries per event-loop wake before yielding to the loop's other work
+_WATCH_SLICE = 0.5      # the watcher looks around (reaped leases, other processes' nacks) this often
 _tags = itertools.count(1)
 
 
@@ -118,10 +128,12 @@ class QoS(virtual.QoS):
     def ack(self, delivery_tag: Any) -> None:
         self.channel._settle(delivery_tag, "ack")
         super().ack(delivery_tag)
+        self.channel._slot_freed()
 
     def reject(self, delivery_tag: Any, requeue: bool = False) -> None:
         self.channel._settle(delivery_tag, "give_back" if requeue else "bury")
         super().ack(delivery_tag)      # (kombu's own reject would put a copy back)
+        self.channel._slot_freed()
 
     def restore_unacked(self) -> list[Any]:
         """Give back every message this channel holds unacked (a channel
@@ -321,6 +333,12 @@ class Channel(virtual.Channel):
         return delivered
 
     # -- settling -------------------------------------------------------------------
+    def _slot_freed(self) -> None:
+        """A prefetch slot is free: an event loop (if any) delivers again."""
+        wake = getattr(self.connection, "_wake", None)
+        if wake is not None:
+            wake.signal()
+
     def _settle(self, tag: str, how: str) -> None:
         """Ack (or give back) the logq delivery behind kombu ``tag``; a tag
         already settled does nothing."""
@@ -353,7 +371,45 @@ class Transport(virtual.Transport):
     driver_name = "logq"
     polling_interval = 0.02
     implements = virtual.Transport.implements.extend(
-        asynchronous=False, exchange_type=frozenset(["direct"]))
+        asynchronous=True, exchange_type=frozenset(["direct"]))
+    _wake: "_Wake | None" = None
+
+    def __init__(self, client: Any, **kwargs: Any) -> None:
+        super().__init__(client, **kwargs)
+        if not client.transport_options.get("event_loop", True):
+            # Celery then runs its blocking loop (drain_events) and billiard's plain pool.
+            self.implements = virtual.Transport.implements.extend(
+                asynchronous=False, exchange_type=frozenset(["direct"]))
+
+    # -- Celery's event loop (kombu's hub) ----------------------------------------------
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        """Deliver from the worker's event loop: a watcher thread sleeps on
+        the consumed queues (a futex wait: a put by any process, a poke, or
+        the next due time wakes it) and signals an eventfd the loop
+        watches; the loop then delivers what is ready without blocking
+        (each look is one claim transaction).  An ack or reject that frees
+        a prefetch slot signals it too."""
+        if self._wake is None:
+            self._wake = _Wake(self)
+        loop.add_reader(self._wake.fd, self._on_wake)
+
+    def _on_wake(self) -> None:
+        wake = self._wake
+        if wake is None:
+            return
+        wake.clear()
+        for _ in range(_LOOKS_PER_WAKE):
+            try:
+                self.cycle.get(self._deliver, timeout=0)  # type: ignore[union-attr]
+            except Empty:
+                return
+        wake.signal()       # (more may be ready: after the loop's other work)
+
+    def close_connection(self, connection: Any) -> None:
+        wake, self._wake = self._wake, None
+        if wake is not None:
+            wake.stop()
+        super().close_connection(connection)
 
     def drain_events(self, connection: Any, timeout: float | None = None, **kwargs: Any) -> None:
         """Deliver the next message(s) of any channel; socket.timeout after
@@ -383,3 +439,67 @@ class Transport(virtual.Transport):
     def driver_version(self) -> str:
         import logq
         return logq.__version__
+
+
+class _Wake:
+    """An eventfd that Celery's event loop watches, and the thread that
+    signals it when a consumed queue may have something: it snapshots the
+    queue's tail, signals (so the loop looks after the snapshot: nothing
+    put before it is missed), then sleeps until a put past the snapshot,
+    a poke, the group's next due time or ``_WATCH_SLICE``."""
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="logq-kombu-watch", daemon=True)
+        self._thread.start()
+
+    def signal(self) -> None:
+        try:
+            os.eventfd_write(self.fd, 1)
+        except (BlockingIOError, OSError):
+            pass        # (already signalled to the limit, or closed)
+
+    def clear(self) -> None:
+        try:
+            os.eventfd_read(self.fd)
+        except (BlockingIOError, OSError):
+            pass
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._watch_once()
+            except Exception:   # (a queue closing at exit): look again shortly
+                if self._stop.wait(0.05):
+                    return
+
+    def _watch_once(self) -> None:
+        queues = [(ch, q) for ch in list(self.transport.channels or [])
+                  for q in list(getattr(ch, "_active_queues", []))]
+        if not queues:
+            self._stop.wait(0.05)
+            return
+        slice_s = _WATCH_SLICE if len(queues) == 1 else _SEVERAL_SLICE
+        for ch, name in queues:
+            c = ch._consumer(name)
+            q = c.queue
+            seen = q.next_offset
+            self.signal()
+            wait = slice_s
+            due = c._g.next_due()
+            if due is not None:
+                wait = min(wait, max(0.0, (due - time.time_ns()) / 1e9))
+            if wait > 0:
+                q.wait(seen, wait)
+            if self._stop.is_set():
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
