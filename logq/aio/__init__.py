@@ -176,6 +176,8 @@ class Queue:
                 and delay is None and deliver_at is None and not self._closed):
             off = self.sync._put_nowait(data)
             if off >= 0:
+                if self._tail._listeners:
+                    self._tail.nudge()
                 return off
         self._in_executor += 1
         try:

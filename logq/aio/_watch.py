@@ -89,6 +89,12 @@ class _Watcher:
                 with self._cond:
                     self._target = None     # the thread stops after its current sleep
 
+    def nudge(self) -> None:
+        """The word moved by this loop's own doing (a put here): answer the
+        waiters now, without the round trip through the thread."""
+        for fut in list(self._listeners):
+            _resolve(fut)
+
     def _on_signal(self) -> None:
         try:
             if self._rfd == self._wfd:
