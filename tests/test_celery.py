@@ -239,3 +239,25 @@ def test_purge_and_size(root, tasks):
         with pytest.raises(q.Empty):
             q.get(timeout=0.2)
         q.close()
+
+
+def test_event_loop_wake_fd(monkeypatch):
+    """The fd Celery's event loop watches: readable once signalled, not
+    after it is cleared; an eventfd, or a pipe where there is none."""
+    import select
+    from types import SimpleNamespace
+
+    from logq.celery._transport import _Wake
+    for pipe in (False, True):
+        if pipe:
+            monkeypatch.delattr(os, "eventfd", raising=False)
+        w = _Wake(SimpleNamespace(channels=[]))     # (nothing consumed: the watcher only naps)
+        try:
+            assert select.select([w.fd], [], [], 0)[0] == []
+            w.signal()
+            w.signal()
+            assert select.select([w.fd], [], [], 1)[0] == [w.fd]
+            w.clear()
+            assert select.select([w.fd], [], [], 0)[0] == []
+        finally:
+            w.stop()

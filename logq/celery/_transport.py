@@ -450,21 +450,27 @@ class _Wake:
 
     def __init__(self, transport: Transport) -> None:
         self.transport = transport
-        self.fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        if hasattr(os, "eventfd"):
+            self.fd = self._wfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        else:   # (Python 3.9, or not Linux: a pipe does the same)
+            self.fd, self._wfd = os.pipe()
+            os.set_blocking(self.fd, False)
+            os.set_blocking(self._wfd, False)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._watch, name="logq-kombu-watch", daemon=True)
         self._thread.start()
 
     def signal(self) -> None:
         try:
-            os.eventfd_write(self.fd, 1)
-        except (BlockingIOError, OSError):
+            os.write(self._wfd, (1).to_bytes(8, "little"))   # (an eventfd adds the 8-byte count)
+        except OSError:
             pass        # (already signalled to the limit, or closed)
 
     def clear(self) -> None:
         try:
-            os.eventfd_read(self.fd)
-        except (BlockingIOError, OSError):
+            while os.read(self.fd, 4096) and self._wfd != self.fd:
+                pass    # (a pipe: read until empty; an eventfd: one read resets it)
+        except OSError:
             pass
 
     def _watch(self) -> None:
@@ -499,7 +505,8 @@ class _Wake:
     def stop(self) -> None:
         self._stop.set()
         self._thread.join(5)
-        try:
-            os.close(self.fd)
-        except OSError:
-            pass
+        for fd in {self.fd, self._wfd}:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
