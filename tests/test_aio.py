@@ -189,6 +189,46 @@ def test_cancelled_waiters_leave_nothing_for_other_processes(tmp_path) -> None:
     run(main())
 
 
+AIO_HOLDER = r"""
+import asyncio, sys, logq.aio
+async def main():
+    async with logq.aio.open(sys.argv[1]) as q:
+        async with q.consumer("g", prefetch=1) as c:
+            ms = [await c.get(timeout=30) for _ in range(5)]
+            print("holding", *[m.offset for m in ms], flush=True)
+            await asyncio.sleep(3600)
+asyncio.run(main())
+"""
+
+
+def test_sigkilled_aio_consumer_messages_reach_an_awaiting_one(tmp_path) -> None:
+    """A consumer process on logq.aio is SIGKILLed holding 5 messages: this
+    process's awaiting gets receive them (the dead owner's leases are
+    reaped at the pump's look-around), each as a second attempt."""
+    qdir = str(tmp_path / "q")
+    with logq.open(qdir) as q:
+        q.put_many([b"k-%d" % i for i in range(5)])
+
+    async def main():
+        async with logq.aio.open(qdir) as q:
+            async with q.consumer("g") as c:
+                with helpers.children() as kids:
+                    kids.append(helpers.Child(AIO_HOLDER, str(tmp_path / "h.log"), qdir))
+                    await asyncio.to_thread(helpers.wait_for, lambda: "holding" in kids[0].output(),
+                                            30, "the child to hold 5 messages")
+                    assert kids[0].output().split()[1:6] == ["0", "1", "2", "3", "4"]
+                    getters = [asyncio.create_task(c.get(timeout=30)) for _ in range(5)]
+                    await asyncio.sleep(0.2)
+                    assert not any(g.done() for g in getters)       # leased to the child
+                    kids[0].kill()
+                    ms = await asyncio.gather(*getters)
+                assert sorted((m.offset, m.attempt) for m in ms) == [(i, 2) for i in range(5)]
+                await c.ack_many(ms)
+    run(main())
+    st = sync_stats(qdir, "g")
+    assert st["acked"] == 5 and st["in_flight"] == 0
+
+
 def test_process_acks_nacks_with_backoff_and_gives_back_on_cancel(tmp_path) -> None:
     qdir = str(tmp_path / "q")
 
