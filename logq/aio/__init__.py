@@ -22,8 +22,8 @@ for one append):
   process holds the append lock, the record fits the active segment, the
   policy is not "always" and no put of this queue is in the executor);
   ``get``/``get_many``/``async for`` attempts (a claim: one transaction of
-  the lease table, no fsync; delivering a delayed message schedules it in
-  the index); ``ack``, ``ack_many``, ``nack`` and ``extend`` (memory and the
+  the lease table, no fsync, with an index write inside when it schedules
+  a delayed message or reaps the leases of a dead consumer); ``ack``, ``ack_many``, ``nack`` and ``extend`` (memory and the
   lease table) unless the ack or nack makes the group commit
   (``commit_every``); ``next_offset``; reading ``Message`` fields;
 * on the queue's own single-thread executor, in call order: opening and
@@ -55,6 +55,7 @@ once, their attempt not counted).  ``Message.process()``: see there.
 through the same kind of thread on the WRITTEN word (``written_changed``
 here).
 """
+
 from __future__ import annotations
 
 import asyncio
