@@ -60,7 +60,10 @@ def test_competing_schedulers_and_a_restart_fire_each_slot_once(app, tmp_path) -
         a = helpers.Child(CHILD_POOL, str(tmp_path / "a.log"), app.path)
         b = helpers.Child(CHILD_POOL, str(tmp_path / "b.log"), app.path)
         kids += [a, b]
-        helpers.wait_for(lambda: len(ticks()) >= 5, 60, "two schedulers to fire a few slots")
+        try:
+            helpers.wait_for(lambda: len(ticks()) >= 5, 60, "two schedulers to fire a few slots")
+        except helpers.Hang as e:
+            raise helpers.Hang(f"{e}; fired {ticks()}\na:\n{a.output()}\nb:\n{b.output()}") from None
         a.kill()                                    # mid-run: maybe holding a claim
         a.wait(30)
         time.sleep(0.5)
