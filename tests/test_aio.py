@@ -119,6 +119,40 @@ def test_a_waiting_get_wakes_on_a_put_from_another_process(tmp_path, monkeypatch
     assert woke < 30
 
 
+def test_a_put_between_the_look_and_the_sleep_is_not_missed(tmp_path, monkeypatch) -> None:
+    """The race a wake-up design must not lose: a put (here by another
+    Queue object, as another process would) lands after the pump found
+    nothing and before it sleeps.  The sleep is on the tail read before
+    the look, so it ends at once (the look-around is pushed out of reach)."""
+    from logq.aio import _consumer as AC
+    monkeypatch.setattr(AC, "_IDLE_LOOK", 120.0)
+    # Pokes off (the producer's hand-back of the append lock pokes the
+    # word, and a poke would also end the sleep): only the tail counts.
+    monkeypatch.setattr(logq.aio.C, "native_enabled", lambda: False)
+    qdir = str(tmp_path / "q")
+    other = logq.open(qdir)
+    serve = AC._Gate._serve
+    raced = []
+
+    def serve_then_put(self):
+        left = serve(self)
+        if left and not raced:
+            raced.append(other.put(b"between"))
+        return left
+    monkeypatch.setattr(AC._Gate, "_serve", serve_then_put)
+
+    async def main():
+        async with logq.aio.open(qdir) as q:
+            async with q.consumer("g") as c:
+                m = await c.get(timeout=30)
+                assert (m.offset, m.data) == (0, b"between") and raced == [0]
+                await c.ack(m)
+    try:
+        run(main())
+    finally:
+        other.close()
+
+
 def test_cancelled_get_leaves_no_lease(tmp_path) -> None:
     """A get cancelled while waiting takes nothing; one cancelled after the
     pump handed it a message (before it resumed) gives that message back:
