@@ -214,8 +214,9 @@ class Gate:
                 continue
             b = c._take(n, left, payloads)
             if len(b):
-                if not self.held and not self._limited(b):
-                    return b            # nothing limited in it, nothing held: as it came
+                if not self._limited(b):
+                    return b            # nothing limited in it: as it came (no order to keep
+                                        # with what is held: an unlimited task has no key)
                 self._hold(c, b)
                 continue
             if end is not None and time.monotonic() >= end:
