@@ -13,6 +13,10 @@ Run them with ``logq worker module:app`` (or ``app.pool().run()``); operate
 them with ``logq tasks PATH list|show|cancel|retry|purge``.  States and
 their transitions: ``logq.tasks._state``; where each fact is kept and how
 a state is derived from them: ``logq.tasks._store``.
+Flow control (``concurrency``, ``rate_limit``, ``serialize_by``): where the
+pool dispatches, ``logq.tasks._flow``; periodic tasks (``@app.periodic``),
+each slot submitted once by a scheduler in every pool:
+``logq.tasks._periodic``.
 """
 
 from logq._errors import (ResultTooLargeError, SerializationError, TaskCancelled, TaskError,
