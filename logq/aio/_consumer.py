@@ -127,12 +127,11 @@ class Message:
     ``sync``).  Settle it through the consumer that delivered it, or with
     ``process()``."""
 
-    __slots__ = ("sync", "_c", "_done")
+    __slots__ = ("sync", "_c")
 
     def __init__(self, m: _SyncMessage, c: "Consumer") -> None:
         self.sync = m
         self._c = c
-        self._done = False          # settled through the aio consumer
 
     offset = property(lambda self: self.sync.offset)
     data = property(lambda self: self.sync.data)
@@ -151,7 +150,7 @@ class Message:
         counted) if it ends with a BaseException that is not an Exception,
         such as CancelledError or KeyboardInterrupt.  The exception is
         re-raised, never swallowed.  A message already settled inside the
-        block (``c.ack/nack/give_back`` of this consumer) is left alone."""
+        block (by any consumer of its group here) is left alone."""
         return _Processing(self)
 
     def __repr__(self) -> str:
@@ -169,8 +168,8 @@ class _Processing:
 
     async def __aexit__(self, et: Any, e: Any, tb: Any) -> bool:
         m = self.m
-        if m._done:
-            return False
+        if m._c._ledger.out.get(m.sync.offset) is not m.sync:
+            return False        # settled inside the block (no longer out with this process)
         c = m._c
         if et is None:
             await c.ack(m)
@@ -185,7 +184,6 @@ class _Processing:
         else:
             # Cancelled or interrupted: not the message's fault.  Not awaited
             # (a second cancel must not leave it out).
-            m._done = True
             c._aq._background(c.sync.give_back, [m.sync])
         return False
 
@@ -202,6 +200,9 @@ class Consumer:
         self.options = c.options
         self._gate = gate
         self._g = c._g
+        self._ledger = c._g.ledger
+        self._buffered = c._g.from_buffer     # get()'s fast path: claimed already
+        self._ack = c.ack
         self._commit_every = c.options.commit_every
         self._closed = False
 
@@ -211,6 +212,9 @@ class Consumer:
         ``timeout`` seconds (None: until one comes), then raises
         logq.Empty.  Waiting gets of a group are served in order."""
         if not self._gate.waiters and not self._closed:
+            got = self._buffered(1, True)
+            if got:
+                return Message(got[0], self)
             try:
                 return Message(self.sync.get(timeout=0), self)
             except Empty:
@@ -252,6 +256,9 @@ class Consumer:
         """Messages as ``get()`` returns them, forever (until the consumer
         closes: QueueClosedError)."""
         if not self._gate.waiters and not self._closed:
+            got = self._buffered(1, True)
+            if got:
+                return Message(got[0], self)
             try:
                 return Message(self.sync.get(timeout=0), self)
             except Empty:
@@ -268,23 +275,21 @@ class Consumer:
     async def ack(self, m: Message) -> None:
         """``logq.Consumer.ack``: never delivered to this group again once
         committed."""
-        sm = _unwrap(m)
-        if self._commits(1):
-            await self._aq._run(self.sync.ack, sm)
+        # (the hot path: _unwrap and _commits inlined)
+        sm = m.sync if type(m) is Message else _unwrap(m)
+        led = self._ledger
+        if led.pending() + 1 >= self._commit_every:
+            await self._aq._run(self._ack, sm)
         else:
-            self.sync.ack(sm)
-        m._done = True
+            self._ack(sm)
 
     async def ack_many(self, ms: Iterable[Message]) -> None:
         """Ack every message (all or, on an error, none)."""
-        ms = list(ms)
         sms = [_unwrap(m) for m in ms]
         if self._commits(len(sms)):
             await self._aq._run(self.sync.ack_many, sms)
         else:
             self.sync.ack_many(sms)
-        for m in ms:
-            m._done = True
 
     async def nack(self, m: Message, delay: float | None = None, error: str | None = None) -> None:
         """``logq.Consumer.nack``: delivered again ``delay`` seconds from now
@@ -295,15 +300,11 @@ class Consumer:
             await self._aq._run(self.sync.nack, sm, delay, error)
         else:
             self.sync.nack(sm, delay, error)
-        m._done = True
 
     async def give_back(self, ms: Iterable[Message]) -> None:
         """Return messages unprocessed: delivered again at once, the attempt
         not counted."""
-        ms = list(ms)
         await self._aq._run(self.sync.give_back, [_unwrap(m) for m in ms])
-        for m in ms:
-            m._done = True
 
     async def extend(self, m: Message, seconds: float) -> None:
         """Keep ``m`` leased at least ``seconds`` from now (NotDeliveredError
