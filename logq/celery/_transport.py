@@ -337,7 +337,8 @@ class Channel(virtual.Channel):
         """A prefetch slot is free: an event loop (if any) delivers again."""
         wake = getattr(self.connection, "_wake", None)
         if wake is not None:
-            wake.signal()
+            wake.room.set()     # (a watcher waiting for room looks again)
+            wake.signal()       # (the loop delivers into the free slot now)
 
     def _settle(self, tag: str, how: str) -> None:
         """Ack (or give back) the logq delivery behind kombu ``tag``; a tag
@@ -457,6 +458,7 @@ class _Wake:
             os.set_blocking(self.fd, False)
             os.set_blocking(self._wfd, False)
         self._stop = threading.Event()
+        self.room = threading.Event()     # set when an ack frees a prefetch slot
         self._thread = threading.Thread(target=self._watch, name="logq-kombu-watch", daemon=True)
         self._thread.start()
 
@@ -482,11 +484,19 @@ class _Wake:
                     return
 
     def _watch_once(self) -> None:
-        queues = [(ch, q) for ch in list(self.transport.channels or [])
-                  for q in list(getattr(ch, "_active_queues", []))]
-        if not queues:
+        channels = [ch for ch in list(self.transport.channels or []) if getattr(ch, "_active_queues", None)]
+        if not channels:
             self._stop.wait(0.05)
             return
+        if not any(ch.qos.can_consume() for ch in channels):
+            # Every prefetch slot is taken: puts do not matter until an ack
+            # frees one (which sets ``room``); no wake per put meanwhile.
+            self.room.wait(_WATCH_SLICE)
+            self.room.clear()
+            self.signal()
+            return
+        self.room.clear()
+        queues = [(ch, q) for ch in channels for q in list(ch._active_queues)]
         slice_s = _WATCH_SLICE if len(queues) == 1 else _SEVERAL_SLICE
         for ch, name in queues:
             c = ch._consumer(name)
@@ -504,6 +514,7 @@ class _Wake:
 
     def stop(self) -> None:
         self._stop.set()
+        self.room.set()
         self._thread.join(5)
         for fd in {self.fd, self._wfd}:
             try:
