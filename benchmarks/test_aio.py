@@ -33,7 +33,7 @@ import logq
 import logq.aio
 
 SIZE = 100
-ROUNDS = 3
+ROUNDS = 5
 WAKE_ROUNDS = 60
 IDLE_SECONDS = 3.0
 IDLE_WAITERS = 1000
