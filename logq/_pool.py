@@ -752,7 +752,8 @@ class WorkerPool(Service):
                 since >= max(o.commit_interval, _COUNTERS_EVERY):
             c.commit()
             now = time.time_ns()
-            self._latencies.extend((now - t) / 1e9 for t in self._uncommitted)
+            # Only what the deque keeps: a commit of many acks would compute most in vain.
+            self._latencies.extend([(now - t) / 1e9 for t in self._uncommitted[-_LATENCY_SAMPLES:]])
             self._uncommitted = []
             self._last_commit = time.monotonic()
             with self._lock:
