@@ -61,10 +61,10 @@ class _Watcher:
             return
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
-        self._listeners.add(fut)
         with self._cond:
             if self._stopped:
                 raise QueueClosedError("the queue is closed")
+            self._listeners.add(fut)
             if self._target is None or seen > self._target:
                 # (The tail only grows: a waiter that saw less is answered
                 # by the look below.)
