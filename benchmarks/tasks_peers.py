@@ -499,7 +499,8 @@ def run_logq(n: int, workers: int = WORKERS) -> float:
     times ``n`` submissions until every result is stored and checks them
     all.  In tasks/s; a wrong or missing result raises."""
     d = tempfile.mkdtemp(prefix="logq-tasks-")
-    env = dict(os.environ, LOGQ_BENCH_TASKS_Q=os.path.join(d, "q"), PYTHONPATH=d)
+    env = dict(os.environ, LOGQ_BENCH_TASKS_Q=os.path.join(d, "q"))
+    env["PYTHONPATH"] = os.pathsep.join([d, ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     with open(os.path.join(d, "logq_bench_tasks.py"), "w") as f:
         f.write(_LOGQ_APP)
     log = open(os.path.join(d, "worker.log"), "wb")

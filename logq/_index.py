@@ -232,7 +232,14 @@ class _Env:
             dbs = self.__dict__.setdefault("_named", {})
             db = dbs.get(name)
             if db is None:
-                db = dbs[name] = self.env.open_db(name)
+                # In a transaction of our own: py-lmdb's open_db without one
+                # waits for the write lock holding the GIL, so it deadlocks
+                # with another thread of this process in a write transaction
+                # (the housekeeper's checkpoint, a commit); begin() waits
+                # without the GIL.
+                with self.env.begin(write=True) as txn:
+                    db = self.env.open_db(name, txn=txn)
+                dbs[name] = db
             return db
 
     def read(self, fn: Callable[[Any], T]) -> T:

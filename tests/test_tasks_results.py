@@ -234,3 +234,31 @@ def test_stat_and_metrics_count_tasks_by_name_and_state(app, tmp_path) -> None:
     assert m[("logq_tasks", (("name", "add"), ("state", "queued")))] == 2
     assert m[("logq_tasks", (("name", "bad"), ("state", "failed")))] == 1
     assert m[("logq_tasks", (("name", "add"), ("state", "running")))] == 0
+
+
+# A Store opened (its index databases created) while another thread of the
+# process holds a write transaction: py-lmdb's open_db without a
+# transaction of its own waited for the write lock holding the GIL, and
+# the holder never got the GIL back (a producer's first result() hung so
+# while its queue's housekeeper wrote a checkpoint).
+OPEN_DURING_WRITE = r"""
+import sys, threading, time, logq
+from logq.tasks._store import Store
+q = logq.open(sys.argv[1])
+held = threading.Event()
+def hold(txn):
+    held.set()
+    time.sleep(0.5)         # (releases the GIL, holding the write lock)
+t = threading.Thread(target=lambda: q._index.write(hold))
+t.start()
+held.wait()
+s = Store(q)
+t.join()
+s.close(); q.close()
+print("ok", flush=True)
+"""
+
+
+def test_store_opens_while_another_thread_writes(tmp_path) -> None:
+    rc, out = helpers.run_child(OPEN_DURING_WRITE, str(tmp_path / "open.log"), str(tmp_path / "q"), timeout=60)
+    assert rc == 0 and "ok" in out, out

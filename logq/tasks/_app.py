@@ -14,6 +14,7 @@ task by its id, also after restarts.
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -30,6 +31,11 @@ from logq.tasks._store import GROUP_NAME, Store, TaskStatus
 # result() sleeps at most this long before it looks at a task's whole status
 # (a backstop: commits wake it, in any process).
 _WAIT_SLICE = 0.25
+
+# This process's pid, kept fresh across forks (a queue opened before a fork
+# is the parent's: the child opens its own).
+_PID = [os.getpid()]
+os.register_at_fork(after_in_child=lambda: _PID.__setitem__(0, os.getpid()))
 
 
 @dataclass(frozen=True)
@@ -109,7 +115,7 @@ class Task:
             found = self.app._store().load(off)
             if found is not None:
                 return TaskHandle(self.app, found[0].task_id(off))
-        return TaskHandle(self.app, make_id(off, nonce))
+        return TaskHandle(self.app, make_id(off, nonce), known=True)
 
     def __repr__(self) -> str:
         return f"<logq task {self.name}>"
@@ -130,9 +136,10 @@ class Signature:
 class TaskHandle:
     """A submitted task, by id: usable from any process on the queue."""
 
-    def __init__(self, app: "App", task_id: str) -> None:
+    def __init__(self, app: "App", task_id: str, known: bool = False) -> None:
         self.app = app
         self.id = task_id
+        self._known = known     # just submitted or looked up here: result() need not check it exists
 
     def status(self) -> TaskStatus:
         """Its state now (see TaskStatus); raises TaskNotFound."""
@@ -182,16 +189,17 @@ class TaskHandle:
         store = self.app._store()
         q = self.app.queue
         limit = None if timeout is None else time.monotonic() + timeout
-        woke = False
+        woke = self._known      # (a handle of a task known to exist skips the first whole status)
         while True:
             seen = q._written()     # before looking: a commit after this look wakes the wait
             out = store.recorded(self.id)
             if out is not None and out.state in S.FINAL:
                 return self._final(out)
             if not woke:
-                # The first look, and each slice that passed without a
-                # wake: the whole status (an unknown or expired id raises
-                # TaskNotFound; a dead letter without an outcome is failed).
+                # The first look (unless the handle is known), and each
+                # slice that passed without a wake: the whole status (an
+                # unknown or expired id raises TaskNotFound; a dead letter
+                # without an outcome is failed).
                 st = store.status(self.id)
                 if st.state == S.FAILED:
                     e = st.error or {}
@@ -326,15 +334,20 @@ class App:
     # -- the queue --------------------------------------------------------------------
     @property
     def queue(self) -> Queue:
-        import os
+        q = self._q
+        if q is not None and self._pid == _PID[0]:
+            return q        # the hot path (hooks ask for it per task): no lock, no system call
         with self._lock:
-            if self._q is None or self._pid != os.getpid():
+            if self._q is None or self._pid != _PID[0]:
                 self._q = Queue(self.path, **self.queue_options)
                 self._st = None
-                self._pid = os.getpid()
+                self._pid = _PID[0]
             return self._q
 
     def _store(self) -> Store:
+        st = self._st
+        if st is not None and self._q is not None and self._pid == _PID[0]:
+            return st
         q = self.queue
         with self._lock:
             if self._st is None:
@@ -353,7 +366,7 @@ class App:
     def get(self, task_id: str) -> TaskHandle:
         """The handle of a task by id (raises TaskNotFound if unknown)."""
         self._store().status(task_id)
-        return TaskHandle(self, task_id)
+        return TaskHandle(self, task_id, known=True)
 
     def cancel(self, task_id: str) -> bool:
         self._extend()

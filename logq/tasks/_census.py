@@ -72,13 +72,18 @@ class Tally:
         h[bisect_left(bounds, seconds)] += 1
         h[-1] += seconds
 
-    def settled(self, name: str, event: str, started_ns: int, finished_ns: int) -> None:
-        """An attempt's outcome, recorded."""
+    def settled(self, name: str, event: str, started_ns: int, finished_ns: int,
+                wait_ns: int | None = None) -> None:
+        """An attempt's outcome, recorded (``wait_ns``: how long its task
+        waited to start, for a first attempt)."""
         kind = _EVENT_COUNTER.get(event)
         if kind is not None:
-            self.count(name, kind)
+            k = (name, kind)
+            self.counts[k] = self.counts.get(k, 0) + 1
         if started_ns and finished_ns >= started_ns:
             self.observe(name, "runtime", (finished_ns - started_ns) / 1e9)
+        if wait_ns is not None:
+            self.observe(name, "wait", max(0, wait_ns) / 1e9)
 
     def __bool__(self) -> bool:
         return bool(self.counts or self.hists)

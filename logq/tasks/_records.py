@@ -37,11 +37,11 @@ transaction that commits that settlement::
 from __future__ import annotations
 
 import json
-import os
 import pickle
 import struct
+from random import getrandbits as _getrandbits
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from logq._errors import SerializationError
 from logq.tasks._state import STATES
@@ -85,7 +85,10 @@ def dumps(ser: Serializer, obj: Any, what: str) -> bytes:
 
 # -- task records ------------------------------------------------------------------
 def new_nonce() -> int:
-    return int.from_bytes(os.urandom(4), "little")
+    # (random's generator, not os.urandom: a system call per submission
+    # showed in profiles.  A nonce only tells a record from another put at
+    # the same offset after a cut; random reseeds in a forked child.)
+    return _getrandbits(32)
 
 
 def encode_task(nonce: int, name: str, ser: str, args: bytes, origin: str = "") -> bytes:
@@ -95,8 +98,7 @@ def encode_task(nonce: int, name: str, ser: str, args: bytes, origin: str = "") 
     return _HEAD.pack(MAGIC, nonce, len(n), len(s), len(o)) + n + s + o + args
 
 
-@dataclass(frozen=True)
-class TaskRecord:
+class TaskRecord(NamedTuple):
     nonce: int
     name: str
     serializer: str
@@ -141,8 +143,10 @@ def parse_id(task_id: Any) -> tuple[int, int] | None:
 
 
 # -- outcome records ---------------------------------------------------------------
-@dataclass(frozen=True)
-class Outcome:
+class Outcome(NamedTuple):
+    # (A NamedTuple, not a frozen dataclass: one is made per task in the
+    # pool and per result read, and a frozen dataclass's __init__ showed
+    # in profiles.)
     state: str
     attempts: int
     submitted_ns: int

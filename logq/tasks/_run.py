@@ -267,9 +267,7 @@ class Settler:
                 if store.record(txn, tid, event, out):
                     for h in app.settle_hooks:
                         h(txn, tid, event, out)
-                    tally.settled(name, event, started, finished)
-                    if waits and tid in waits:
-                        tally.observe(name, "wait", max(0, waits[tid]) / 1e9)
+                    tally.settled(name, event, started, finished, waits.get(tid) if waits else None)
             if tally:
                 tally.apply(txn, store.counters)
             if purge:
