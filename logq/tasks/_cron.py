@@ -451,7 +451,7 @@ class Cron(Schedule):
         if local.fold:
             # `at` is in the second pass of a repeated hour: the first pass of
             # the local times after it (up to the repeat's end) came before it
-            shift = local.replace(fold=0).utcoffset() - local.utcoffset()
+            shift = local.replace(fold=0).utcoffset() - local.utcoffset()  # type: ignore[operator]  # (aware: never None)
             if shift > timedelta(0):
                 wall += shift
         try:
@@ -495,7 +495,7 @@ def schedule(cron: str | None = None, *, every: timedelta | None = None, origin:
         return Cron(cron, tz)
     if tz is not None:
         raise ValueError("tz= applies to cron expressions; every= counts absolute time")
-    return Every(every, origin)
+    return Every(every, origin)  # type: ignore[arg-type]  # (not None: checked above)
 
 
 __all__ = ["CATCH_UP_MODES", "DEFAULT_CATCH_UP_LIMIT", "DEFAULT_GRACE", "EPOCH", "UTC", "Cron",

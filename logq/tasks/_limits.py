@@ -53,7 +53,7 @@ class Rate:
         return self.count / self.per
 
 
-def parse_rate(text: str) -> Rate:
+def parse_rate(text: str | Rate) -> Rate:
     """``"N/s"``, ``"N/m"``, ``"N/h"`` or ``"N/d"`` (also ``sec``, ``min``,
     ``hour``, ``day``; N a positive number, ``"0.5/s"`` allowed) as a
     :class:`Rate`.  Anything else is a ``ValueError`` saying what is accepted."""
@@ -308,8 +308,8 @@ def pick_next(candidates: Sequence[Candidate], limits: Mapping[str, Limits], sta
             b = buckets.get(c.name)
             if b is None:
                 saved = st.buckets.get(c.name)
-                b = (TokenBucket.from_state(lim.rate.per_second, lim.burst, saved) if saved is not None
-                     else TokenBucket(lim.rate.per_second, lim.burst))
+                b = (TokenBucket.from_state(lim.rate.per_second, lim.burst, saved) if saved is not None  # type: ignore[union-attr]  # (a Rate since __post_init__)
+                     else TokenBucket(lim.rate.per_second, lim.burst))  # type: ignore[union-attr]
                 buckets[c.name] = b
             w = b.take(now)
             if w > 0:

@@ -179,7 +179,7 @@ class Scheduler:
             self._done(p.task.name, ns)
         if due.skipped_after is not None:
             log.info("logq tasks: periodic %s: slots after %s and before %s skipped (catch_up=%r)",
-                     p.task.name, due.skipped_after.isoformat(), due.skipped_until.isoformat()  # type: ignore[union-attr]
+                     p.task.name, due.skipped_after.isoformat(), due.skipped_until.isoformat()
                      if due.skipped_until else "now", p.catch_up)
         return due.next_slot.timestamp()
 

@@ -25,7 +25,7 @@ from logq.tasks._app import TaskHandle
 from logq.tasks._records import Outcome, dumps, encode_task, make_id, new_nonce
 from logq.tasks._store import TaskStatus
 from logq.workflows import _graph as G
-from logq.workflows._joins import (ALLOW, DONE, INPUT_MARK, NEVER, NONE, _U32, _WAIT, Joins, _k)
+from logq.workflows._joins import (ALL, ALLOW, DONE, INPUT_MARK, NEVER, NONE, _U32, _WAIT, Joins, _k)
 from logq.workflows._plugin import joins_of
 
 
@@ -40,7 +40,7 @@ def _app_of(nodes: list[G.Node]) -> Any:
     return next(iter(apps.values()))
 
 
-def _record(n: G.Node) -> tuple[bytes, int, str]:
+def _record(n: G.Node) -> tuple[bytes, int, int]:
     t = n.sig.task
     app = t.app
     ser = app._serializer(t.options.serializer)
@@ -196,7 +196,7 @@ class GroupHandle(GraphHandle):
             out.append(h.result(left))
         return out
 
-    def result(self, timeout: float | None = None) -> list[Any]:  # type: ignore[override]
+    def result(self, timeout: float | None = None) -> list[Any]:
         return self.results(timeout)
 
 
@@ -257,7 +257,7 @@ def depends_on(sig: Any, parents: Iterable[Any], *, allow_failure: bool = False,
         ids.append(tid)
     if not ids:
         raise G.GraphError("depends_on needs at least one parent")
-    mode = G.ALL if pass_results else NONE
+    mode = ALL if pass_results else NONE
     node = G.Node(sig, list(dict.fromkeys(ids)), mode, allow_failure, sig.task.name)
     handlers = [G.error_handler(link_error)] if link_error is not None else []
     return submit([node], "after", None, handlers).tasks[0]
