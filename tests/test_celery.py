@@ -33,13 +33,13 @@ class Worker:
     """A ``celery worker`` in its own session (SIGKILL of the group takes
     the pool's children too), logging to a file."""
 
-    def __init__(self, root: str, name: str, queue: str = "celery", **env: str) -> None:
+    def __init__(self, root: str, name: str, queue: str = "celery", *extra: str, **env: str) -> None:
         self.log_path = os.path.join(root, f"{name}.log")
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "celery", "-A", "celery_app", "worker", "-c", "2", "-P", "prefork",
              "-n", f"{name}@%h", "-Q", queue, "--without-gossip", "--without-mingle", "--without-heartbeat",
-             "-l", "info"],
+             "-l", "info", *extra],
             env=helpers.child_env(LOGQ_CELERY_ROOT=root, **env), cwd=root, stdout=self.log,
             stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + START_TIMEOUT
@@ -143,6 +143,39 @@ def test_chord_joins_through_the_backend_counter(worker, tasks):
     r = chord(tasks.add.s(i, i) for i in range(10))(tasks.total.s())
     assert r.get(timeout=30) == sum(2 * i for i in range(10))
     assert "chord_unlock" not in worker.text()      # no polling task was ever scheduled
+
+
+def test_warm_shutdown_gives_back_what_it_reserved(root, tasks):
+    """A warm shutdown (SIGTERM to the main process) finishes the running
+    task and gives back the tasks it had reserved: delivered again at once,
+    their attempt not counted (the delivery tag says which delivery)."""
+    from kombu import Connection
+    w = Worker(root, "w4", "warmq", "-c", "1", "--prefetch-multiplier", "4")
+    try:
+        r = tasks.slow.apply_async(("warm", 2), queue="warmq")
+        later = [tasks.add.apply_async((i, i), queue="warmq") for i in range(3)]
+        deadline = time.monotonic() + 30
+        while not tasks.runs("warm") or w.text().count("received") < 4:
+            assert time.monotonic() < deadline, "the worker did not reserve the tasks"
+            time.sleep(0.05)
+    finally:
+        w.stop()
+    assert r.get(timeout=10) == 1                   # the running task finished first
+    with Connection(f"logq://{root}") as conn:
+        q = conn.SimpleQueue("warmq")
+        got = [q.get(timeout=5) for _ in range(3)]
+        attempts = [int(m.delivery_tag.split(".")[1]) for m in got]
+        ids = sorted(m.headers["id"] for m in got)
+        for m in got:
+            m.ack()
+        q.close()
+    assert ids == sorted(h.id for h in later)
+    # Delivered before (each was "received" by w4), and still their first
+    # counted attempt: given back, not failed (a release at exit would count).
+    assert attempts == [1, 1, 1], attempts
+    with logq.open(os.path.join(root, "warmq")) as lq:
+        g = lq.stats()["groups"]["kombu"]
+    assert g["dead_letters"] == 0
 
 
 def test_priorities_higher_first(root, tasks):
