@@ -6,7 +6,6 @@ The app is tests/task_app.py."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 

@@ -36,6 +36,8 @@ from logq.tasks._records import Outcome, decode_task, dumps, error_json, state_o
 _MARK_AFTER = 0.05      # a task running this long gets a marker (s)
 _LOOK = 0.02            # the watchdog looks this often (s)
 _local = threading.local()
+# The state an attempt's outcome leads to from running (next_state, looked up once).
+_AFTER_RUNNING = {e: S.next_state(S.RUNNING, e) for e in (S.SUCCEED, S.FAIL, S.GIVE_UP)}
 
 
 class TaskContext:
@@ -257,18 +259,21 @@ class Settler:
         store, app = self.store, self.app
 
         def write(txn: Any) -> None:
-            tally = Tally()     # the operators' counters, added to once per transaction
+            counted = []    # for the operators' counters, added to once per transaction
+            hooks = app.settle_hooks
             for event, tid, payload, started, finished, ser, name, attempt, sub in entries:
                 final = event != S.FAIL
                 ttl = app._ttl(name)
-                out = Outcome(S.next_state(S.RUNNING, event), attempt, sub, started,
-                              finished if final else 0,
+                state = _AFTER_RUNNING.get(event) or S.next_state(S.RUNNING, event)
+                out = Outcome(state, attempt, sub, started, finished if final else 0,
                               finished + int(ttl * 1e9) if final and ttl else 0, ser, name, payload)
                 if store.record(txn, tid, event, out):
-                    for h in app.settle_hooks:
+                    for h in hooks:
                         h(txn, tid, event, out)
-                    tally.settled(name, event, started, finished, waits.get(tid) if waits else None)
-            if tally:
+                    counted.append((name, event, started, finished, waits.get(tid) if waits else None))
+            if counted:
+                tally = Tally()
+                tally.settled_all(counted)
                 tally.apply(txn, store.counters)
             if purge:
                 store.purge_expired(txn, time.time_ns())

@@ -102,7 +102,7 @@ class Store:
         current = state_of(raw) if raw is not None else S.RUNNING
         if current not in S.FINAL:
             current = S.RUNNING     # a recorded failure was an earlier attempt
-        new = S.next_state(current, event)
+        new = S.TRANSITIONS.get((current, event)) or S.next_state(current, event)
         if new == current and current in S.FINAL:
             return False
         txn.put(key, out.pack(), db=self.outcome)
