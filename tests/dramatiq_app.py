@@ -68,3 +68,10 @@ def slow(token, seconds):
     if n == 1:
         time.sleep(seconds)
     return n
+
+
+@dramatiq.actor(store_results=True, max_retries=0, queue_name="warmq")
+def nap(token, seconds):
+    mark(token)
+    time.sleep(seconds)
+    return seconds

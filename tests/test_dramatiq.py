@@ -32,11 +32,11 @@ class Worker:
     """``dramatiq dramatiq_app`` with one process of 2 threads, in its own
     session (a SIGKILL of the group takes every process of it)."""
 
-    def __init__(self, root: str, name: str, queue: str = "default") -> None:
+    def __init__(self, root: str, name: str, queue: str = "default", threads: int = 2) -> None:
         self.log_path = os.path.join(root, f"{name}.log")
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "dramatiq", "dramatiq_app", "--processes", "1", "--threads", "2",
+            [sys.executable, "-m", "dramatiq", "dramatiq_app", "--processes", "1", "--threads", str(threads),
              "--queues", queue],
             env=helpers.child_env(LOGQ_DRAMATIQ_ROOT=root), cwd=root, stdout=self.log,
             stderr=subprocess.STDOUT, start_new_session=True)
@@ -154,3 +154,30 @@ def test_killed_worker_message_runs_again(app):
         w3.kill()
     runs = app.runs("killed")
     assert len(runs) == 2 and runs[1][0] != first_pid, runs
+
+
+def test_stopping_worker_gives_back_its_prefetched_messages(app):
+    """SIGTERM to a worker: the message it runs finishes, the ones it
+    prefetched are given back (requeue): delivered again at once, their
+    attempt not counted (a release at exit would count one)."""
+    w = Worker(app.ROOT, "w5", "warmq", threads=1)         # (prefetch: 2 messages)
+    try:
+        first = app.nap.send("warm", 2)
+        rest = [app.nap.send(f"warm{i}", 0) for i in range(2)]
+        qdir = app.broker.queues["warmq"]
+        deadline = time.monotonic() + 30
+        while True:
+            with logq.open(qdir) as q:
+                out = q.stats()["groups"].get("dramatiq", {}).get("in_flight", 0)
+            if app.runs("warm") and out >= 2:
+                break                   # one running, one prefetched
+            assert time.monotonic() < deadline, "the worker did not prefetch"
+            time.sleep(0.05)
+    finally:
+        w.stop()
+    assert first.get_result(block=True, timeout=10_000) == 2
+    with logq.open(qdir) as q, q.consumer("dramatiq") as c:
+        got = c.get_many(10, timeout=2)
+        c.give_back(got)
+    assert len(got) == 2 and all(m.attempt == 1 for m in got), [(m.offset, m.attempt) for m in got]
+    assert {app.dramatiq.Message.decode(m.data).message_id for m in got} == {m.message_id for m in rest}
