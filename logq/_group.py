@@ -585,8 +585,11 @@ class _Group:
                 if (lvl != _ALL and prio != lvl) or o in skip:
                     continue
                 key = None
-                if a & 0xFFFF:
-                    assert metas is not None
+                # (metas is None when no record of the chunk has a deliver-at
+                # or a key: a put_many batch's head has a meta, its count, and
+                # nothing to decode here.  This per-record path runs for a
+                # plain chunk when a schedule entry lies ahead of the cursor.)
+                if a & 0xFFFF and metas is not None:
                     due, key = F.decode_meta(a >> 24, metas[i])
                     if due is not None and due > wall:
                         delayed.append((due, o))

@@ -254,3 +254,22 @@ def test_dag_and_cycle_refused(pool) -> None:
     with pytest.raises(GraphError, match="not a node"):
         DAG().add("a", W.noop.s(), after=["nope"]).delay()
     assert pool.queue.next_offset == before        # nothing was put
+
+
+def test_scan_past_a_batch_with_a_release_ahead(tmp_path) -> None:
+    """A parked record released before the group's scan reached it puts a
+    schedule entry ahead of the cursor; the scan then goes record by record,
+    and a put_many batch's head (whose meta is only its count) in a chunk of
+    plain records asserted there (the pool died).  Regression test."""
+    import logq
+    from logq.workflows._joins import NEVER, release
+    q = logq.open(str(tmp_path / "q"))
+    try:
+        c = q.consumer("tasks", prefetch=1)
+        q.put_many([b"a", b"b", b"c"])
+        off = q.put(b"parked", deliver_at=NEVER)
+        q._index.write(lambda txn: release(txn, q._index, f"{off}-00000000", time.time_ns() + 10**9))
+        got = [c.get(timeout=5).offset for _ in range(4)]
+        assert got == [0, 1, 2, 3]
+    finally:
+        q.close()
