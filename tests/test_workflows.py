@@ -273,3 +273,43 @@ def test_scan_past_a_batch_with_a_release_ahead(tmp_path) -> None:
         assert got == [0, 1, 2, 3]
     finally:
         q.close()
+
+
+def test_graph_building_is_pure_and_refuses_cycles() -> None:
+    """_graph without a queue: chain/group/chord composition modes, and
+    random DAGs put parents first, or are refused when they have a cycle."""
+    from logq.workflows import _graph as G
+    from logq.workflows._joins import ALL, FIRST, NONE
+    nodes, exits = G.build(chain(W.add.s(1, 2), group([W.double.s(), W.double.s()]), W.total.s()))
+    assert [(n.label, n.parents, n.mode) for n in nodes] == [
+        ("add", [], NONE), ("double", [0], FIRST), ("double", [0], FIRST), ("total", [1, 2], ALL)]
+    assert exits == [3]
+    nodes, _ = G.build(chord([W.double.s(i) for i in range(3)], W.total.s()).c, allow_failure=True)
+    assert nodes[-1].parents == [0, 1, 2] and nodes[-1].mode == ALL and nodes[-1].allow_failure
+    assert not any(n.allow_failure for n in nodes[:-1])
+    with pytest.raises(G.GraphError):
+        G.build("not a task")
+    rnd = random.Random(helpers.SEED)
+    for _ in range(300):
+        k = rnd.randint(1, 9)
+        named = {f"n{i}": (W.noop.s(), [f"n{j}" for j in range(k) if j != i and rnd.random() < 0.25],
+                           False, rnd.random() < 0.5) for i in range(k)}
+        # A cycle exists iff no order puts every node after its parents.
+        done: set[str] = set()
+        progress = True
+        while progress:
+            progress = False
+            for name, (_s, after, _a, _p) in named.items():
+                if name not in done and all(a in done for a in after):
+                    done.add(name)
+                    progress = True
+        if len(done) < k:
+            with pytest.raises(GraphError, match="cycle"):
+                G.order(named)
+            continue
+        ns, at = G.order(named)
+        for name, (_s, after, _a, pr) in named.items():
+            n = ns[at[name]]
+            assert sorted(n.parents) == sorted(at[a] for a in set(after))
+            assert all(p < at[name] for p in n.parents)
+            assert n.mode == ((FIRST if len(n.parents) == 1 else ALL) if pr and n.parents else NONE)
