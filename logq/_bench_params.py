@@ -13,7 +13,8 @@ from typing import Any, Callable
 
 import logq
 
-WORKLOADS = ("produce", "consume", "e2e", "pool")
+WORKLOADS = ("produce", "consume", "e2e", "pool", "tasks")
+QUEUE_WORKLOADS = WORKLOADS[:4]  # what `logq bench` runs unless told (tasks: --workload tasks, or all)
 PEER_PHASE_SECONDS = 3.0         # a peer's produce (or consume) phase stops after this long
 STALL_SECONDS = 120.0            # a run that makes no progress this long is abandoned
 
@@ -67,6 +68,8 @@ class Params:
     def effective_commit_interval(self) -> float:
         if self.commit_interval is not None:
             return self.commit_interval
+        if self.workload == "tasks":
+            return 0.005        # App.pool's
         return logq.PoolOptions().commit_interval if self.workload == "pool" else \
             logq.GroupOptions().commit_interval
 
@@ -143,6 +146,9 @@ def grid(base: Params, workloads: list[str], sweeps: list[tuple[str, list[Any]]]
     names = [n for n, _ in sweeps]
     if len(set(names)) != len(names):
         raise ValueError(f"--sweep {names[0]} given twice")
+    if "tasks" in workloads and "pool" not in workloads:
+        # (the tasks row is read beside the raw pool's no-op rate of the same run)
+        workloads = [w2 for w in workloads for w2 in (["pool", w] if w == "tasks" else [w])]
     out = []
     for w in workloads:
         for combo in itertools.product(*[vals for _, vals in sweeps]):

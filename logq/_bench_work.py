@@ -454,9 +454,14 @@ def run_one(p: Params, base: str, floors: Floors, ctx: Any | None = None,
     ctx = ctx or _context()
     qdir = tempfile.mkdtemp(prefix=f"{p.workload}-", dir=base)
     try:
-        out = _run_pool(p, qdir, ctx, progress) if p.workload == "pool" else \
-            _run_children(p, qdir, ctx, progress)
-        check = _verify(qdir, p, out)
+        if p.workload == "tasks":
+            from logq import _bench_tasks     # (imports logq.tasks: only for this workload)
+            out = _bench_tasks.run(p, qdir, ctx, progress)
+            check = _bench_tasks.verify(qdir, out)
+        else:
+            out = _run_pool(p, qdir, ctx, progress) if p.workload == "pool" else \
+                _run_children(p, qdir, ctx, progress)
+            check = _verify(qdir, p, out)
     finally:
         shutil.rmtree(qdir, ignore_errors=True)
     secs = max(out["t1"] - out["t0"], 1e-9)

@@ -15,6 +15,11 @@ Workloads (``Params.workload``):
   ack durable.
 * ``pool``: producers feed a ``WorkerPool`` of ``workers`` processes
   running :func:`noop`; latency as for ``e2e`` (the pool's own samples).
+* ``tasks``: ``logq.tasks`` end to end (``_bench_tasks``): a producer
+  process submits ``messages`` no-op tasks and reads every result; the pool
+  runs them on ``workers`` processes.  Read beside the raw ``pool`` rate of
+  the same settings, which the grid adds, as its floor.  Not run unless
+  asked (``--workload tasks``, or ``all``).
 
 Every producer and consumer is a process of its own (started with
 forkserver where there is one, spawn elsewhere) that opens the queue,
@@ -74,7 +79,8 @@ from typing import Any, Callable
 import logq
 from logq._bench_floors import (FLOOR_MAX_RECORDS, FLOOR_MIN_RECORDS, SYNC_ROUNDS, Floors, PayloadFloors,
                                 floor_fdatasync, floor_joined, floor_slices, floor_write, measure_floors)
-from logq._bench_params import (PEER_PHASE_SECONDS, STALL_SECONDS, SWEEPABLE, WORKLOADS, BenchError, Params,
+from logq._bench_params import (PEER_PHASE_SECONDS, QUEUE_WORKLOADS, STALL_SECONDS, SWEEPABLE, WORKLOADS,
+                                BenchError, Params,
                                 grid, parse_float, parse_fsync, parse_int, parse_size, parse_sweep)
 from logq._bench_peers import PEERS, parse_peers, run_peer
 from logq._bench_procs import _context, _in_child
@@ -84,7 +90,7 @@ from logq._bench_work import GROUP, noop, run_one
 
 __all__ = [
     "format_table",
-    "run", "Params", "grid", "WORKLOADS", "SWEEPABLE", "parse_size", "parse_int", "parse_float",
+    "run", "Params", "grid", "WORKLOADS", "QUEUE_WORKLOADS", "SWEEPABLE", "parse_size", "parse_int", "parse_float",
     "parse_fsync", "parse_sweep", "BenchError", "GROUP", "PEER_PHASE_SECONDS", "STALL_SECONDS",
     "floor_write", "floor_joined", "floor_fdatasync", "floor_slices", "measure_floors", "Floors",
     "PayloadFloors", "FLOOR_MAX_RECORDS", "FLOOR_MIN_RECORDS", "SYNC_ROUNDS",
@@ -128,6 +134,7 @@ def run(params: list[Params], *, sweeps: list[tuple[str, list[Any]]] | None = No
         for i, p in enumerate(params):
             label = _label(p, swept)
             report.results.append(run_one(p, base, floors, ctx, lambda f: say(i, total, label, f), label))
+        _tasks_beside_pool(report.results)
         k = len(params)
         for p in peer_points:
             for name in compare or []:
@@ -145,6 +152,19 @@ def run(params: list[Params], *, sweeps: list[tuple[str, list[Any]]] | None = No
         return report
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def _tasks_beside_pool(results: list[RunResult]) -> None:
+    """A ``tasks`` row's floor: the raw ``pool`` row of the same settings in
+    this run (the no-op WorkerPool rate its tasks are built on)."""
+    for r in results:
+        if r.workload != "tasks":
+            continue
+        pool = next((x for x in results if x.workload == "pool" and
+                     asdict(x.params) == dict(asdict(r.params), workload="pool")), None)
+        if pool is not None and pool.msgs_per_s:
+            r.floor, r.floor_msgs_per_s = "raw WorkerPool no-op, this run", pool.msgs_per_s
+            r.ratio = r.msgs_per_s / pool.msgs_per_s
 
 
 def _meta(base: str) -> dict[str, Any]:

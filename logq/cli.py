@@ -563,8 +563,9 @@ def main(argv: list[str] | None = None) -> int:
                        description="Run logq's workloads over a grid of settings on temporary queues, beside "
                        "this machine's floors measured in the same run (os.write per record, joined writes, "
                        "fdatasync, an mmap slice loop), so every figure also reads as a ratio.")
-    b.add_argument("--workload", type=typed(workloads), default=list(lb.WORKLOADS), metavar="W[,W...]",
-                   help=f"which workloads: {', '.join(lb.WORKLOADS)}, or all (default: all)")
+    b.add_argument("--workload", type=typed(workloads), default=list(lb.QUEUE_WORKLOADS), metavar="W[,W...]",
+                   help=f"which workloads: {', '.join(lb.WORKLOADS)}, or all (default: "
+                        f"{','.join(lb.QUEUE_WORKLOADS)}; tasks adds a pool run to read it beside)")
     b.add_argument("--messages", type=typed(lb.parse_int), default=d.messages, metavar="N",
                    help=f"messages per run (default {d.messages})")
     b.add_argument("--duration", type=typed(lb.parse_float), default=None, metavar="SECONDS",

@@ -261,3 +261,17 @@ print("ok", flush=True)
 def test_store_opens_while_another_thread_writes(tmp_path) -> None:
     rc, out = helpers.run_child(OPEN_DURING_WRITE, str(tmp_path / "open.log"), str(tmp_path / "q"), timeout=60)
     assert rc == 0 and "ok" in out, out
+
+
+def test_bench_tasks_workload_beside_the_raw_pool(tmp_path) -> None:
+    out = subprocess.run([sys.executable, "-m", "logq", "bench", "--workload", "tasks", "--messages", "300",
+                          "--dir", str(tmp_path), "--json"], env=helpers.child_env(), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads(out.stdout)["results"]
+    assert [r["workload"] for r in rows] == ["pool", "tasks"]
+    pool, tasks = rows
+    assert pool["check"] == "ok" and tasks["check"] == "ok", rows
+    assert tasks["messages_consumed"] == 300 and tasks["msgs_per_s"] > 0
+    assert tasks["floor"] == "raw WorkerPool no-op, this run"
+    assert tasks["floor_msgs_per_s"] == pool["msgs_per_s"]
