@@ -524,6 +524,23 @@ def run_logq(n: int, workers: int = WORKERS) -> float:
         shutil.rmtree(d, ignore_errors=True)
 
 
+def run_raw_pool(n: int, workers: int = WORKERS) -> float:
+    """The raw WorkerPool's no-op rate with the same workers, in msgs/s:
+    ``logq bench --workload pool`` (producers in other processes; until the
+    last ack is committed).  What logq's tasks are built on."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    out = subprocess.run([sys.executable, "-m", "logq", "bench", "--workload", "pool", "--messages", str(n),
+                          "--workers", str(workers), "--json"], env=env, capture_output=True, text=True,
+                         timeout=600)
+    if out.returncode != 0:
+        raise RuntimeError(f"logq bench --workload pool failed: {out.stderr[-3000:]}")
+    (row,) = json.loads(out.stdout)["results"]
+    if row["check"] != "ok":
+        raise RuntimeError(f"logq bench --workload pool: {row['check']}")
+    return float(row["msgs_per_s"])
+
+
 def logq_ready() -> bool:
     """Whether logq's tasks layer is there to be measured."""
     try:
