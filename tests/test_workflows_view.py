@@ -113,13 +113,11 @@ def test_graph_html_in_a_headless_browser(done, tmp_path) -> None:
     browser = ["chromium", "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
                "--no-first-run", f"--user-data-dir={tmp_path / 'profile'}"]
     shot = str(tmp_path / "shot.png")
-    subprocess.run(browser + ["--window-size=1000,400", f"--screenshot={shot}", f"file://{page}"],
-                   capture_output=True, timeout=120)
+    dom = subprocess.run(browser + ["--window-size=1000,400", f"--screenshot={shot}", "--dump-dom",
+                                    f"file://{page}"], capture_output=True, text=True, timeout=120).stdout
     w, hgt, raw = _png_pixels(shot)
     assert (w, hgt) == (1000, 400)
     assert len(set(raw)) > 20                       # not one flat colour: something was drawn
-    dom = subprocess.run(browser + ["--dump-dom", f"file://{page}"], capture_output=True, text=True,
-                         timeout=120).stdout
     for name in ("extract", "transform", "audit", "report", "publish"):
         assert f">{name}</text>" in dom
     assert dom.count('data-state="failed"') == 2 and dom.count('data-state="succeeded"') == 3
