@@ -121,3 +121,21 @@ def test_graph_html_in_a_headless_browser(done, tmp_path) -> None:
     for name in ("extract", "transform", "audit", "report", "publish"):
         assert f">{name}</text>" in dom
     assert dom.count('data-state="failed"') == 2 and dom.count('data-state="succeeded"') == 3
+
+
+def test_purge_forgets_finished_workflows(done) -> None:
+    """Last (it empties the shared queue's workflow records): finished
+    graphs and durable workflows are forgotten; the waiting chain is kept."""
+    from logq.tasks import TaskNotFound
+    from logq.workflows import get_workflow, handle, purge
+    path, h, w, waiting = done
+    a = W.app
+    a.path = path
+    assert purge(a, older_than=3600) == 0           # too recent
+    assert purge(a) == 2
+    with pytest.raises(TaskNotFound):
+        handle(a, h.id)
+    with pytest.raises(TaskNotFound):
+        get_workflow(a, w.id)
+    assert handle(a, waiting.id).tasks[0].id == waiting.tasks[0].id
+    assert logq_cli("tasks", path, "graph", h.id).returncode == 2

@@ -31,8 +31,9 @@ from logq.workflows._durable import (NonDeterminismError, StepFailed, Workflow, 
                                      WorkflowContext, WorkflowError, WorkflowFailed, WorkflowHandle,
                                      WorkflowStatus, get_workflow, send_event, workflow)
 from logq.workflows._graph import GraphError
+from logq.workflows._purge import purge
 
 __all__ = ["chain", "group", "chord", "depends_on", "DAG", "GraphHandle", "GroupHandle", "handle",
            "GraphError", "workflow", "Workflow", "WorkflowContext", "WorkflowHandle", "WorkflowStatus",
            "send_event", "get_workflow", "WorkflowError", "NonDeterminismError", "StepFailed",
-           "WorkflowFailed", "WorkflowCancelled"]
+           "WorkflowFailed", "WorkflowCancelled", "purge"]
