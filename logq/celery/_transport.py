@@ -66,8 +66,6 @@ worker's prefetch is full, 0.02 s).
 from __future__ import annotations
 
 import itertools
-import json
-import logging
 import os
 import socket
 import threading
@@ -77,10 +75,10 @@ from queue import Empty
 from typing import Any
 
 from kombu.transport import virtual
+from kombu.utils.json import dumps, loads
 
 from logq._named import bury, open_queue, queue_dir
 
-log = logging.getLogger("logq")
 
 GROUP = "kombu"
 _DEFAULTS: dict[str, Any] = {"visibility_timeout": 3600.0, "max_attempts": 5,
@@ -177,14 +175,23 @@ class Channel(virtual.Channel):
     def _queue(self, name: str) -> Any:
         return open_queue(queue_dir(self.root, name), fsync=self.fsync)
 
+    @staticmethod
+    def _usable(c: Any) -> bool:
+        return c is not None and not c._closed and not c._g.closed and c._g.q._log is not None
+
     def _consumer(self, name: str) -> Any:
+        """This channel's consumer of queue ``name`` (again after its queue
+        was closed, or in a forked child)."""
         c = self._consumers_by_queue.get(name)
-        if c is None or c._closed or c._g.closed or c._g.q._log is None:
-            with self._lock:
-                c = self._queue(name).consumer(
-                    GROUP, visibility_timeout=float(self.visibility_timeout),
-                    max_attempts=int(self.max_attempts), commit_interval=float(self.commit_interval))
-                self._consumers_by_queue[name] = c
+        if not self._usable(c):
+            with self._lock:        # (the event loop's watcher asks too)
+                c = self._consumers_by_queue.get(name)
+                if not self._usable(c):
+                    c = self._queue(name).consumer(
+                        GROUP, visibility_timeout=float(self.visibility_timeout),
+                        max_attempts=int(self.max_attempts),
+                        commit_interval=float(self.commit_interval))
+                    self._consumers_by_queue[name] = c
         return c
 
     def _new_queue(self, queue: str, **kwargs: Any) -> None:
@@ -218,7 +225,7 @@ class Channel(virtual.Channel):
     def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
         at = eta_seconds(message.get("headers"))
         prio = self._get_message_priority(message)
-        data = json.dumps(message).encode()
+        data = dumps(message).encode()      # (kombu's JSON, as its Redis transport: datetimes, UUIDs)
         if at is not None and at > time.time():
             self._queue(queue).put(data, priority=prio, deliver_at=at)
         elif prio:
@@ -250,7 +257,7 @@ class Channel(virtual.Channel):
         """The kombu payload of logq message ``m``, with a delivery tag of
         this delivery (a redelivery gets a new one).  ValueError if ``m``
         is not one."""
-        raw = json.loads(m.data)
+        raw = loads(m.data)
         if not isinstance(raw, dict) or not isinstance(raw.get("properties", {}), dict):
             raise ValueError("a JSON value that is not a kombu message")
         props = raw.setdefault("properties", {})
