@@ -14,8 +14,8 @@ import pytest
 
 import helpers
 import test_workflows_app as W
-from logq.workflows import (NonDeterminismError, WorkflowError, WorkflowFailed, get_workflow,
-                            send_event)
+from logq.workflows import (NonDeterminismError, WorkflowCancelled, WorkflowError, WorkflowFailed,
+                            get_workflow, send_event)
 from test_workflows import _kill_worker, _pid_alive
 
 
@@ -168,3 +168,17 @@ def test_nondeterminism_failure_and_children(shared, tmp_path) -> None:
     assert get_workflow(wapp, f"{par.id}/0").result(timeout=5) == ["s0", "s1", "s2"]
     assert get_workflow(wapp, f"{par.id}/1").status().state == "succeeded"
     assert issubclass(NonDeterminismError, WorkflowError)
+
+
+def test_cancel_a_waiting_workflow(shared) -> None:
+    wapp, _p = shared
+    w = W.waiter.start(None)                       # waits without a deadline
+    helpers.wait_for(lambda: w.status().state == "waiting", 30, "the wait")
+    run = w.status().current
+    assert w.cancel() is True and w.cancel() is False
+    with pytest.raises(WorkflowCancelled):
+        w.result(timeout=5)
+    assert w.send_event("go", 1) is False
+    # Its parked run was released to drain: it ran as not current, did nothing.
+    helpers.wait_for(lambda: wapp._store().status(run).state == "succeeded", 30, "the run to drain")
+    assert w.status().state == "cancelled" and w.status().steps == 1
