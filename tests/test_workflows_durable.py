@@ -182,3 +182,11 @@ def test_cancel_a_waiting_workflow(shared) -> None:
     # Its parked run was released to drain: it ran as not current, did nothing.
     helpers.wait_for(lambda: wapp._store().status(run).state == "succeeded", 30, "the run to drain")
     assert w.status().state == "cancelled" and w.status().steps == 1
+
+
+def test_start_many_one_transaction_idempotent(shared) -> None:
+    wapp, _p = shared
+    ws = W.three.start_many([(0.0,)] * 5 + [(0.0,)], workflow_ids=[f"many-{i}" for i in range(5)] + ["many-0"])
+    assert [w.id for w in ws][-1] == "many-0"
+    assert [w.result(timeout=30) for w in ws] == [["s0", "s1", "s2"]] * 6
+    assert sum(1 for e in effects(wapp) if e[0] == "many-0") == 3          # started once

@@ -253,26 +253,45 @@ class Flows:
               parent: tuple[str, str] | None = None) -> bool:
         """Create workflow ``wid`` and release its first run, unless it
         exists: whether it was created."""
-        if self.flow(wid) is not None:
-            return False
-        ser = self.app._serializer(wf.serializer)
-        body = dumps(ser, [list(args), dict(kwargs)], f"the arguments of workflow {wf.name}")
-        tid = wf._put_run(wid, NEVER)
-        now = time.time_ns()
-        rec = {"name": wf.name, "state": RUNNING, "current": tid, "waiting": None, "until": 0,
-               "ser": ser.name, "created": now / 1e9, "finished": None, "parent": parent,
-               "error": None, "parked": False, "ck": wf.checkpoint}
+        return self.start_many(wf, [(wid, args, kwargs)], parent)[0]
 
-        def fn(txn: Any) -> bool:
-            # (A run whose workflow exists is released anyway: it drains, not current.)
-            release(txn, self.idx, tid, now)
-            if txn.get(_fk(b"F", wid), db=self.db) is not None:
-                return False
-            txn.put(_fk(b"F", wid), json.dumps(rec).encode(), db=self.db)
-            txn.put(_fk(b"A", wid), body, db=self.db)
-            txn.put(_fk(b"T", tid), wid.encode(), db=self.db)
-            return True
-        return self._write(fn)
+    def start_many(self, wf: "Workflow", items: list[tuple[str, tuple[Any, ...], dict[str, Any]]],
+                   parent: tuple[str, str] | None = None) -> list[bool]:
+        """``start`` of each (id, args, kwargs), in one index transaction
+        (after one put each of their first runs, parked)."""
+        ser = self.app._serializer(wf.serializer)
+        todo = []
+        for wid, args, kwargs in items:
+            if self.flow(wid) is not None:
+                todo.append(None)
+                continue
+            body = dumps(ser, [list(args), dict(kwargs)], f"the arguments of workflow {wf.name}")
+            todo.append((wid, body, wf._put_run(wid, NEVER)))
+        now = time.time_ns()
+        base = {"name": wf.name, "state": RUNNING, "waiting": None, "until": 0, "ser": ser.name,
+                "created": now / 1e9, "finished": None, "parent": parent, "error": None,
+                "parked": False, "ck": wf.checkpoint}
+
+        def fn(txn: Any) -> list[bool]:
+            out = []
+            for t in todo:
+                if t is None:
+                    out.append(False)
+                    continue
+                wid, body, tid = t
+                # (A run whose workflow exists is released anyway: it drains, not current.)
+                release(txn, self.idx, tid, now)
+                if txn.get(_fk(b"F", wid), db=self.db) is not None:
+                    out.append(False)
+                    continue
+                txn.put(_fk(b"F", wid), json.dumps(dict(base, current=tid)).encode(), db=self.db)
+                txn.put(_fk(b"A", wid), body, db=self.db)
+                txn.put(_fk(b"T", tid), wid.encode(), db=self.db)
+                out.append(True)
+            return out
+        if all(t is None for t in todo):
+            return [False] * len(todo)
+        return self._write(fn)  # type: ignore[no-any-return]
 
     def record(self, wid: str, run: str, k: int, header: dict[str, Any], payload: bytes,
                overwrite: bool = False, durable: bool = True) -> tuple[dict[str, Any], bytes]:
@@ -561,6 +580,19 @@ class Workflow:
         wid = workflow_id or f"{self.name}-{os.urandom(6).hex()}"
         self.flows().start(self, wid, args, kwargs)
         return WorkflowHandle(self.app, wid)
+
+    def start_many(self, calls: Any, workflow_ids: list[str] | None = None) -> list["WorkflowHandle"]:
+        """Start one workflow per item of ``calls`` (each a tuple of
+        positional arguments), in one index transaction: cheaper than a
+        ``start`` each.  ``workflow_ids``: their idempotency keys, as for
+        ``start``."""
+        calls = [tuple(c) for c in calls]
+        ids = list(workflow_ids) if workflow_ids is not None else \
+            [f"{self.name}-{os.urandom(6).hex()}" for _ in calls]
+        if len(ids) != len(calls):
+            raise ValueError(f"{len(calls)} calls but {len(ids)} workflow ids")
+        self.flows().start_many(self, [(w, c, {}) for w, c in zip(ids, calls)])
+        return [WorkflowHandle(self.app, w) for w in ids]
 
     def _put_run(self, wid: str, deliver_at: float, flush: bool = False) -> str:
         """Put a run of workflow ``wid`` due at ``deliver_at``; its task id."""
