@@ -34,6 +34,7 @@ import time
 from bisect import bisect_left
 from typing import Any
 
+from logq._errors import OffsetError
 from logq._index import GROUP, G_WATERMARK
 from logq._leases import Retry
 from logq._settled import _be, _is_settled
@@ -169,7 +170,11 @@ def census(store: Any, limit: int = 1_000_000) -> dict[str, Any]:
     off, truncated = start, False
     from logq import _format as F
     while True:
-        at, payloads, _ts, attrs, metas = q._fetch(off, _SCAN_CHUNK)
+        try:
+            at, payloads, _ts, attrs, metas = q._fetch(off, _SCAN_CHUNK)
+        except OffsetError:                 # retention moved the first offset past it
+            off = max(off + 1, q.first_offset)
+            continue
         if not payloads:
             break
         for i, data in enumerate(payloads):
