@@ -170,6 +170,8 @@ def html(v: View) -> str:
         label = n["label"] if len(n["label"]) <= 24 else n["label"][:23] + "…"
         parts.append(f'<g class="node" data-id="{e(n["id"])}" data-state="{e(n["state"])}">'
                      f'<title>{e(n["label"])} ({e(n["state"])}) {e(n["id"])}</title>'
+                     # (white under the tint: an edge that skips a layer passes behind)
+                     f'<rect x="{x}" y="{y}" width="{bw}" height="{bh}" rx="6" fill="#fff"/>'
                      f'<rect x="{x}" y="{y}" width="{bw}" height="{bh}" rx="6" fill="{c}" '
                      f'fill-opacity="0.15" stroke="{c}" stroke-width="2"/>'
                      f'<text x="{x + 8}" y="{y + 14}" fill="#111">{e(label)}</text>'
