@@ -715,10 +715,17 @@ class Queue:
                 if figures != published and time.monotonic() - published_at >= _STATUS_EVERY:
                     published, published_at = figures, time.monotonic()
                     _status.publish(self.path, "queue", str(os.getpid()), self._status_fields())
-                if lg.holding and (lg.wanted() or lg.next == last_next):
-                    with self._lock, lg.w:
-                        if self._log is not None and lg.holding and (lg.wanted() or lg.next == last_next):
-                            lg.release()
+                # Not waiting for the queue's lock: a put holds it, so this
+                # process is not idle, and a put yields the append lock itself
+                # when another process wants it.
+                if lg.holding and (lg.wanted() or lg.next == last_next) and \
+                        self._lock.acquire(blocking=False):
+                    try:
+                        with lg.w:
+                            if self._log is not None and lg.holding and (lg.wanted() or lg.next == last_next):
+                                lg.release()
+                    finally:
+                        self._lock.release()
                 last_next = lg.next
                 if lg.holding:
                     grown_from = self._grow_ahead(lg, *grown_from)
