@@ -267,7 +267,7 @@ class Gate:
         if self._sc is None:
             from logq._index import open_scratch
             self._sc = open_scratch(c.queue.path, may_reset=False)
-            self._db = self._sc.env.open_db(b"tasks.flow")
+            self._db = self._sc.open_db(b"tasks.flow")   # not env.open_db: see _Env.open_db
             self._owner = c._g.owner
             self._path = c.queue.path
 

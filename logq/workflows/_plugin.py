@@ -26,20 +26,21 @@ def open_db(idx: Any, name: bytes, txn: Any = None) -> Any:
 
 def joins_of(app: Any, txn: Any = None) -> Any:
     """The Joins of ``app``'s current store (made again after a reopen)."""
-    from logq.workflows._joins import Joins
     store = app._store()
     j = app.__dict__.get("_wf_joins")
     if j is None or j.store is not store:
+        # Imported here, not per settled task (this runs in the pool's commit).
+        from logq.workflows._joins import Joins
         j = Joins(app, txn)
         app.__dict__["_wf_joins"] = j
     return j
 
 
 def flows_of(app: Any, txn: Any = None) -> Any:
-    from logq.workflows._durable import Flows
     store = app._store()
     f = app.__dict__.get("_wf_flows")
     if f is None or f.store is not store:
+        from logq.workflows._durable import Flows
         f = Flows(app, txn)
         app.__dict__["_wf_flows"] = f
     return f
