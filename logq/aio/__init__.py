@@ -93,7 +93,7 @@ class _Opening(Generic[T]):
 
     async def __aenter__(self) -> T:
         self._obj = await self._make()
-        return self._obj  # type: ignore[no-any-return]
+        return self._obj
 
     async def __aexit__(self, *exc: Any) -> None:
         await self._obj.close()

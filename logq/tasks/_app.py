@@ -182,7 +182,7 @@ class TaskHandle:
         except StopIteration as done:
             return done.value
 
-    def _looks(self, timeout: float | None) -> Generator[tuple[int, float], bool, Any]:
+    def _looks(self, timeout: float | None) -> Generator[tuple[int, float], bool | None, Any]:
         """What ``result`` does between its sleeps: each look yields (the
         WRITTEN count it read before looking, seconds to sleep on it) and is
         sent whether the count moved; it returns the value or raises."""

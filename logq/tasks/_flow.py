@@ -460,7 +460,7 @@ class Gate:
         waits = []      # (what to remember once the transaction is done: it may run twice)
         for cd in cands:
             if cd.key is not None and cd.id not in self.waiting and cd.id not in started:
-                vt.put(b"w" + cd.key + _OWNER.pack(cd.id), me, db=db)  # type: ignore[arg-type]
+                vt.put(b"w" + cd.key + _OWNER.pack(cd.id), me, db=db)  # type: ignore[operator]  # (this pool's keys are bytes)
                 waits.append(cd.id)
         for name, state in pick.state.buckets.items():
             if state != st.buckets.get(name):

@@ -193,7 +193,7 @@ class Store:
         rec, ts, deliver_at = found
         attempts = out.attempts if out is not None else 0
         error = out.error() if out is not None else None
-        base = dict(id=task_id, name=rec.name, submitted=_s(ts) if out is None else _s(out.submitted_ns))
+        base: dict[str, Any] = dict(id=task_id, name=rec.name, submitted=_s(ts) if out is None else _s(out.submitted_ns))
         if base["submitted"] is None:
             base["submitted"] = _s(ts)
         if dead is not None:

@@ -260,7 +260,7 @@ class Flows:
         """``start`` of each (id, args, kwargs), in one index transaction
         (after one put each of their first runs, parked)."""
         ser = self.app._serializer(wf.serializer)
-        todo = []
+        todo: list[tuple[str, bytes, str] | None] = []
         for wid, args, kwargs in items:
             if self.flow(wid) is not None:
                 todo.append(None)
@@ -291,7 +291,7 @@ class Flows:
             return out
         if all(t is None for t in todo):
             return [False] * len(todo)
-        return self._write(fn)  # type: ignore[no-any-return]
+        return self._write(fn)
 
     def record(self, wid: str, run: str, k: int, header: dict[str, Any], payload: bytes,
                overwrite: bool = False, durable: bool = True) -> tuple[dict[str, Any], bytes]:

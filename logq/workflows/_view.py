@@ -47,7 +47,7 @@ def nodes(app: Any, wid: str) -> View:
     store = j.store
     marks = store.markers()
     at = {t: i for i, t in enumerate(ids)}
-    out = []
+    out: list[dict[str, Any]] = []
     for i, tid in enumerate(ids):
         node = j.node(tid) or {}
         try:
