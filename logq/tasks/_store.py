@@ -220,7 +220,7 @@ class Store:
         later = due is not None and due > now
         state = S.pending_state(due_later=later, failed_before=out is not None)
         return TaskStatus(state=state, attempts=attempts, error=error,
-                          due=_s(due) if later else None, **base)
+                          due=_s(due) if later else None, **base)  # type: ignore[arg-type]
 
     def _from_outcome(self, task_id: str, out: Outcome) -> TaskStatus:
         return TaskStatus(id=task_id, name=out.name, state=out.state, attempts=out.attempts,

@@ -57,7 +57,7 @@ def _tasks(args: argparse.Namespace, base: Callable[[argparse.Namespace], int]) 
                 if wid is None or code:
                     return code
                 print()
-            print(_view.text(_view.nodes(app, wid)))
+            print(_view.text(_view.nodes(app, wid)))  # type: ignore[arg-type]
             return 0
         if wid is None:
             raise TaskNotFound(f"{args.id!r} is neither a workflow nor a task of one")

@@ -495,7 +495,7 @@ class WorkflowContext:
             self._rec[k] = rec
         header, payload = rec
         if not header.get("ok"):
-            e = json.loads(payload)
+            e = json.loads(payload)  # type: ignore[misc]
             raise StepFailed(n, e.get("type", ""), e.get("message", ""))
         return self._ser.loads(payload)
 

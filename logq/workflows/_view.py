@@ -70,7 +70,7 @@ def nodes(app: Any, wid: str) -> View:
 def _durable(app: Any, wid: str, flows: Any) -> View:
     st = flows.status(wid)      # raises TaskNotFound
     steps = flows.steps(wid)
-    out = []
+    out: list[dict[str, Any]] = []
     for k in sorted(steps):
         h, _p = steps[k]
         state = "succeeded" if h.get("ok", True) and h.get("done", True) else "failed"
