@@ -579,3 +579,47 @@ def model_child_main(config_json: str) -> None:
     os.write(fd, b"ready\n")
     while True:
         time.sleep(1)
+
+
+class Daemon:
+    """A long-running command (a Celery or Dramatiq worker) in its own
+    session, so that a SIGKILL of its process group takes its children too,
+    logging to ``log_path``; started when its log says ``ready`` (or
+    AssertionError with the log's tail after ``timeout`` s)."""
+
+    def __init__(self, argv: list[str], log_path: str, ready: str, *, env: dict[str, str],
+                 cwd: str, timeout: float = 60.0) -> None:
+        self.log_path = log_path
+        self.log = open(log_path, "wb")
+        self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while ready not in self.text():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError(f"{argv[2:4]} did not start:\n{self.text()[-3000:]}")
+            time.sleep(0.05)
+
+    def text(self) -> str:
+        with open(self.log_path, "rb") as f:
+            return f.read().decode(errors="replace")
+
+    def kill(self) -> None:
+        """SIGKILL to every process of its session."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+        self.log.close()
+
+    def stop(self) -> None:
+        """SIGTERM to the main process only (its own warm shutdown); SIGKILL
+        after 20 s."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGTERM)
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self.log.close()

@@ -29,37 +29,16 @@ import logq  # noqa: E402
 START_TIMEOUT = 60.0
 
 
-class Worker:
-    """A ``celery worker`` in its own session (SIGKILL of the group takes
-    the pool's children too), logging to a file."""
+class Worker(helpers.Daemon):
+    """A ``celery worker`` (prefork, 2 children) in its own session."""
 
     def __init__(self, root: str, name: str, queue: str = "celery", *extra: str, **env: str) -> None:
-        self.log_path = os.path.join(root, f"{name}.log")
-        self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
+        super().__init__(
             [sys.executable, "-m", "celery", "-A", "celery_app", "worker", "-c", "2", "-P", "prefork",
              "-n", f"{name}@%h", "-Q", queue, "--without-gossip", "--without-mingle", "--without-heartbeat",
              "-l", "info", *extra],
-            env=helpers.child_env(LOGQ_CELERY_ROOT=root, **env), cwd=root, stdout=self.log,
-            stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + START_TIMEOUT
-        while b" ready." not in self.text().encode():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"celery worker did not start:\n{self.text()[-3000:]}")
-            time.sleep(0.05)
-
-    def text(self) -> str:
-        with open(self.log_path, "rb") as f:
-            return f.read().decode(errors="replace")
-
-    def kill(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
-        self.log.close()
+            os.path.join(root, f"{name}.log"), " ready.",
+            env=helpers.child_env(LOGQ_CELERY_ROOT=root, **env), cwd=root, timeout=START_TIMEOUT)
 
     def terminate_group(self, timeout: float = 30) -> float:
         """SIGTERM to every process of the worker (as systemd's default
@@ -75,16 +54,8 @@ class Worker:
         self.log.close()
         return time.monotonic() - t0
 
-    def stop(self) -> None:
-        """Warm shutdown: SIGTERM to the main process only (a SIGTERM to
-        the pool's children as well can hang billiard's pool at exit)."""
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self.log.close()
+    # stop(): a warm shutdown, SIGTERM to the main process only (a SIGTERM
+    # to the pool's children as well can hang billiard's pool at exit).
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +66,10 @@ def root(tmp_path_factory):
     importlib.reload(celery_app)        # (the app reads its root at import)
     yield d
     os.environ.pop("LOGQ_CELERY_ROOT", None)
+    # The queues this process opened to submit and to read results (the
+    # later tests of the session count what is left open).
+    from logq._named import close_under
+    close_under(d)
 
 
 @pytest.fixture(scope="module")

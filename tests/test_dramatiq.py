@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import importlib
 import os
-import signal
-import subprocess
 import sys
 import time
 
@@ -28,45 +26,15 @@ import logq  # noqa: E402
 START_TIMEOUT = 60.0
 
 
-class Worker:
-    """``dramatiq dramatiq_app`` with one process of 2 threads, in its own
-    session (a SIGKILL of the group takes every process of it)."""
+class Worker(helpers.Daemon):
+    """``dramatiq dramatiq_app`` with one process of 2 threads, in its own session."""
 
     def __init__(self, root: str, name: str, queue: str = "default", threads: int = 2) -> None:
-        self.log_path = os.path.join(root, f"{name}.log")
-        self.log = open(self.log_path, "wb")
-        self.proc = subprocess.Popen(
+        super().__init__(
             [sys.executable, "-m", "dramatiq", "dramatiq_app", "--processes", "1", "--threads", str(threads),
              "--queues", queue],
-            env=helpers.child_env(LOGQ_DRAMATIQ_ROOT=root), cwd=root, stdout=self.log,
-            stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + START_TIMEOUT
-        while "is ready for action" not in self.text():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise AssertionError(f"dramatiq worker did not start:\n{self.text()[-3000:]}")
-            time.sleep(0.05)
-
-    def text(self) -> str:
-        with open(self.log_path, "rb") as f:
-            return f.read().decode(errors="replace")
-
-    def kill(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.proc.wait()
-        self.log.close()
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        self.log.close()
+            os.path.join(root, f"{name}.log"), "is ready for action",
+            env=helpers.child_env(LOGQ_DRAMATIQ_ROOT=root), cwd=root, timeout=START_TIMEOUT)
 
 
 @pytest.fixture(scope="module")
