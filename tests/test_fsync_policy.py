@@ -9,6 +9,7 @@ from __future__ import annotations
 import time
 
 import logq
+from logq import _format as F
 from helpers import wait_for
 
 
@@ -30,7 +31,15 @@ def test_batch_fsyncs_after_fsync_bytes_without_waiting_for_the_interval(tmp_pat
         q.put(b"small")
         time.sleep(0.2)
         assert q.stats()["durable_next_offset"] == 0, "fsynced long before fsync_interval"
+        # The put that brings the unsynced bytes to fsync_bytes triggers an
+        # fsync of what was put by then (the puts after it may wait for the
+        # next fsync_bytes or the interval: they are not waited for here).
+        offsets, unsynced, crossing = [], 5 + F.RECORD_HEADER_SIZE, None
         for _ in range(20):
-            q.put(b"y" * 4096)
-        wait_for(lambda: q.stats()["durable_next_offset"] == q.next_offset, 10,
+            offsets.append(q.put(b"y" * 4096))
+            unsynced += 4096 + F.RECORD_HEADER_SIZE
+            if crossing is None and unsynced >= 1 << 16:
+                crossing = offsets[-1]
+        assert crossing is not None
+        wait_for(lambda: q.stats()["durable_next_offset"] > crossing, 10,
                  "fsync_bytes to trigger an fsync")
