@@ -43,7 +43,8 @@ from logq._batch import Batch
 from logq._errors import NotDeliveredError, OffsetError, QueueClosedError
 from logq._index import (G_ACKED, G_DEAD, G_DELIVERED, G_REDELIVERED, G_WATERMARK, GROUP,
                          K_PRIORITIES, _prefixed, open_scratch)
-from logq._leases import (Claim, Delivery, Lease, Ledger, Retry, after_failure, level_order, runs)
+from logq._leases import (Claim, Delivery, Lease, Ledger, Retry, Settlement, after_failure, level_order,
+                          runs)
 from logq._queue import MAX_PRIORITY, Queue, _check_int, _check_seconds
 from logq._settled import (_DEAD, _ERROR_MAX, _I64, _I64_MAX, _SCHED, _U64, _Skips, _be,
                            _is_settled, _settle)
@@ -736,6 +737,7 @@ class _Group:
                     check += [(o, lease.single) for o in range(a, b)]
             settled = _merge_runs(settled + [(a, b) for a, b, _lease in s.runs])
         acked = s.count()
+        acks_durable = False
         try:
             def fn(txn: Any) -> None:
                 g = list(GROUP.unpack(txn.get(p[:-1], db=idx.groups)))
@@ -759,16 +761,24 @@ class _Group:
                 txn.put(p[:-1], GROUP.pack(*g), db=idx.groups)
             if s.acks or s.runs or delivered or ack_writes:
                 idx.write(fn)
+            acks_durable = True
             if s.nacks:
                 self._fail([(d.offset, d.attempt, d.due, due) for d, due, _e in s.nacks], wall,
                            "nacked", {d.offset: e for d, _due, e in s.nacks}, nack_writes)
         except BaseException:
             with self.lock:
-                self.ledger.restore(s)
-                self.ack_writes[:0] = ack_writes
+                if acks_durable:
+                    # The acks, the counters and the acks' write hooks are
+                    # committed: only the nacks go back (run again, the acks'
+                    # hooks would record their outcomes twice).
+                    self.ledger.restore(Settlement([], s.nacks, []))
+                    self.ledger.settled(Settlement(s.acks, [], s.runs))
+                else:
+                    self.ledger.restore(s)
+                    self.ack_writes[:0] = ack_writes
+                    self.delivered += delivered
+                    self.redelivered += redelivered
                 self.nack_writes[:0] = nack_writes
-                self.delivered += delivered
-                self.redelivered += redelivered
             raise
         with self.lock:
             done = self.ledger.settled(s)

@@ -64,31 +64,36 @@ def lmdb_file_problem(path: str) -> str | None:
     """Why the LMDB data file at ``path`` cannot be opened safely, or None.
 
     Checks the two meta pages and that the file holds every page the newer
-    one claims; that is what LMDB would touch first and fault on."""
+    one claims; that is what LMDB would touch first and fault on.  The
+    file's size is read after its meta pages: a process committing to it
+    meanwhile writes its pages before the meta page that claims them, so a
+    live file never looks truncated."""
     try:
-        size = os.path.getsize(path)
         with open(path, "rb") as f:
             head = f.read(8192)
+            psize = struct.unpack_from("<I", head, 40)[0] if len(head) >= 160 else 0
+            metas = []
+            if psize and not (psize < 512 or psize > 65536 or psize & (psize - 1)):
+                for page in (0, 1):
+                    at = page * psize
+                    if at + 160 <= len(head):
+                        metas.append(head[at:at + 160])
+                    else:
+                        f.seek(at)
+                        metas.append(f.read(160))
+            size = os.fstat(f.fileno()).st_size
     except FileNotFoundError:
         return None
     if size == 0:
         return "empty file"
     if len(head) < 160:
         return f"file of {size} bytes is shorter than a meta page"
-    psize = struct.unpack_from("<I", head, 40)[0]
     if psize < 512 or psize > 65536 or psize & (psize - 1):
         return f"implausible page size {psize}"
     best = None
-    for page in (0, 1):
-        at = page * psize
-        if at + 160 > size:
+    for page, meta in enumerate(metas):
+        if len(meta) < 160:
             return "second meta page missing"
-        if at >= len(head):
-            with open(path, "rb") as f:
-                f.seek(at)
-                meta = f.read(160)
-        else:
-            meta = head[at:at + 160]
         magic, version = _LMDB_META.unpack_from(meta, 16)
         if magic != _LMDB_MAGIC:
             return f"bad magic in meta page {page}"

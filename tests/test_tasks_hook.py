@@ -100,3 +100,41 @@ def test_sigkill_never_separates_a_hook_from_its_settlement(tmp_path) -> None:
                 if any(t == "ack" for t, _a in ms):
                     assert off in settled, f"offset {off}: hook written, ack not durable"
         assert len(settled) > 20 and any(t == "nack" for ms in marks.values() for t, _a in ms)
+
+
+def test_a_failing_nack_hook_does_not_run_the_committed_acks_hooks_again(tmp_path):
+    """A commit writes its acks (with their hooks) in one transaction and
+    its nacks in another.  When the nacks' transaction fails (here: its
+    hook raises once), the acks are durable already: the retried commit
+    writes the nacks only, and each ack's hook ran in exactly one committed
+    transaction (the tasks layer's settle hooks count on it)."""
+    with logq.open(str(tmp_path / "q")) as q:
+        q.put_many([b"a", b"b", b"c"])
+        db = q._index.open_db(b"test.hook")
+        c = q.consumer("g", commit_every=1000, commit_interval=60)
+        m1, m2, m3 = c.get_many(3, timeout=5)
+
+        def count(txn, key):
+            n = int(txn.get(key, db=db) or b"0")
+            txn.put(key, str(n + 1).encode(), db=db)
+
+        fails = [True]
+
+        def nack_hook(txn):
+            if fails.pop() if fails else False:
+                raise RuntimeError("the nack's write fails once")
+            count(txn, b"nack")
+        c.ack(m1, write=lambda txn: count(txn, b"ack1"))
+        c.ack(m3, write=lambda txn: count(txn, b"ack3"))
+        c.nack(m2, error="x", write=nack_hook)
+        try:
+            c.commit()
+        except RuntimeError:
+            pass
+        else:
+            raise AssertionError("the failing nack hook did not fail the commit")
+        c.commit()
+        got = q._index.read(lambda txn: {k: txn.get(k, db=db) for k in (b"ack1", b"ack3", b"nack")})
+        assert got == {b"ack1": b"1", b"ack3": b"1", b"nack": b"1"}, got
+        assert q.stats()["groups"]["g"]["acked"] == 2
+        c.close()

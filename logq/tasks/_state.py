@@ -29,7 +29,11 @@ Events::
 Final states absorb what arrives late: a worker that finishes a task
 cancelled while it ran records nothing (``succeed``/``fail``/``give_up``
 in ``cancelled`` stay ``cancelled``), and ``cancel`` of a finished task
-changes nothing.  Those pairs are *ignored*; every other pair not in the
+changes nothing.  Delivery is at least once, so a task may also run again
+after it finished (its message delivered again when a pool died before its
+ack was committed, or twice at once after a lease ran out): the first final
+outcome stands, and a second attempt's ``succeed``/``fail``/``give_up``/
+``lost`` in ``succeeded`` or ``failed`` is recorded as nothing.  Those pairs are *ignored*; every other pair not in the
 table is *illegal* (:class:`InvalidTransition`): it would mean a bug.
 
 Where each state comes from (``_store.derive``): the final states from the
@@ -72,7 +76,7 @@ TRANSITIONS: dict[tuple[str, str], str] = {
 # Late news about a finished task: recorded as nothing.
 IGNORED = frozenset(
     [(CANCELLED, e) for e in (SUCCEED, FAIL, GIVE_UP, LOST, CANCEL)]
-    + [(SUCCEEDED, CANCEL), (FAILED, CANCEL)])
+    + [(final, e) for final in (SUCCEEDED, FAILED) for e in (SUCCEED, FAIL, GIVE_UP, LOST, CANCEL)])
 
 
 class InvalidTransition(TaskError):
