@@ -569,10 +569,12 @@ class Scratch(_Env):
         os.makedirs(self.path, exist_ok=True)
         # Under a lock: a process that finds the data file while another
         # one's lmdb.open is still writing its first pages would take it
-        # for a damaged one.
+        # for a damaged one.  A POSIX record lock (lockf), not flock: a
+        # child forked meanwhile by another thread does not inherit it (a
+        # flock would stay held by the child's copy of the descriptor).
         fd = os.open(os.path.join(self.path, "open.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
+            fcntl.lockf(fd, fcntl.LOCK_EX)
             if lmdb_file_problem(os.path.join(self.path, "data.mdb")) is not None:
                 raise lmdb.CorruptedError("the data file is damaged")
             self.env = lmdb.open(self.path, subdir=True, map_size=_INITIAL_MAP, max_dbs=16,
