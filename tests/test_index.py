@@ -57,3 +57,52 @@ def test_stats_say_when_the_index_was_rebuilt(tmp_path):
     with logq.open(qdir) as q:
         assert q.stats()["index_rebuilt"] is True
         assert q.read(0) == b"x"
+
+
+OPEN_SCRATCH = r"""
+import sys
+from logq._index import open_scratch
+sc = open_scratch(sys.argv[1], may_reset=False)
+print("opened", flush=True)
+"""
+
+
+def test_a_child_forked_while_the_lease_table_opens_does_not_hold_it(tmp_path, monkeypatch):
+    """The lease table is probed and opened under a lock.  A child forked
+    (by any thread) while this process holds that lock must not keep it:
+    here the fork happens inside the locked section, the child lives on
+    for a minute, and another process must still open the table."""
+    import signal
+    import time
+
+    import lmdb
+
+    import helpers
+    from logq import _index
+
+    qdir = str(tmp_path / "q")
+    with logq.open(qdir):
+        pass
+    _index.reset_scratch(qdir)
+    kids: list[int] = []
+    real_open = lmdb.open
+
+    def forking_open(*a, **kw):
+        pid = os.fork()
+        if pid == 0:                     # the child keeps every descriptor it inherited
+            time.sleep(60)
+            os._exit(0)
+        kids.append(pid)
+        return real_open(*a, **kw)
+    monkeypatch.setattr(_index.lmdb, "open", forking_open)
+    try:
+        sc = _index.Scratch(qdir, may_reset=False)
+        assert kids, "the open did not go through lmdb.open"
+        monkeypatch.setattr(_index.lmdb, "open", real_open)
+        rc, out = helpers.run_child(OPEN_SCRATCH, str(tmp_path / "child.log"), qdir, timeout=30)
+        assert rc == 0 and "opened" in out, out
+        sc.env.close()
+    finally:
+        for pid in kids:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
