@@ -16,6 +16,7 @@ Commit order, in one place (``_sync_to``):
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -718,14 +719,10 @@ class Queue:
                 # Not waiting for the queue's lock: a put holds it, so this
                 # process is not idle, and a put yields the append lock itself
                 # when another process wants it.
-                if lg.holding and (lg.wanted() or lg.next == last_next) and \
-                        self._lock.acquire(blocking=False):
-                    try:
-                        with lg.w:
-                            if self._log is not None and lg.holding and (lg.wanted() or lg.next == last_next):
-                                lg.release()
-                    finally:
-                        self._lock.release()
+                if lg.holding and (lg.wanted() or lg.next == last_next):
+                    with self._if_free(lg) as free:
+                        if free and lg.holding and (lg.wanted() or lg.next == last_next):
+                            lg.release()
                 last_next = lg.next
                 if lg.holding:
                     grown_from = self._grow_ahead(lg, *grown_from)
@@ -781,14 +778,25 @@ class Queue:
         appended = now - pos if active is seg and now > pos else 0
         step = self.options.preallocate_bytes
         lg.ahead = step // 2 if appended < step // 2 else max(step, _PREFAULT_AHEAD)
-        if self._lock.acquire(blocking=False):
-            try:
-                with lg.w:
-                    if self._log is not None and lg.holding:
-                        self._grow_to(lg, lg.ahead)
-            finally:
-                self._lock.release()
+        with self._if_free(lg) as free:
+            if free and lg.holding:
+                self._grow_to(lg, lg.ahead)
         return active, now
+
+    @contextlib.contextmanager
+    def _if_free(self, lg: Log) -> Iterator[bool]:
+        """The housekeeper's way in: the queue's lock and the writer's, if
+        the queue's is free now and the log still open; yields whether
+        they are held.  (A put holds the queue's lock: this process is not
+        idle then, and waiting for it would hold up faulting pages in.)"""
+        if not self._lock.acquire(blocking=False):
+            yield False
+            return
+        try:
+            with lg.w:
+                yield self._log is not None
+        finally:
+            self._lock.release()
 
     @staticmethod
     def _grow_to(lg: Log, ahead: int) -> None:

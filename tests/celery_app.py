@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import time
 
+import helpers
 import logq.celery  # noqa: F401  (registers the logq:// transport with kombu)
 from celery import Celery
 
@@ -32,24 +33,12 @@ app.conf.update(
 
 
 def mark(token: str) -> int:
-    """Record one run of ``token``; how many runs so far (this one included)."""
-    os.makedirs(RUNS, exist_ok=True)
-    path = os.path.join(RUNS, token)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, f"{os.getpid()} {time.time():.6f}\n".encode())
-    finally:
-        os.close(fd)
-    with open(path) as f:
-        return len(f.read().splitlines())
+    """Record one run of ``token``; how many so far (this one included)."""
+    return helpers.mark_run(RUNS, token)
 
 
 def runs(token: str) -> list[tuple[int, float]]:
-    try:
-        with open(os.path.join(RUNS, token)) as f:
-            return [(int(p), float(t)) for p, t in (line.split() for line in f if line.strip())]
-    except FileNotFoundError:
-        return []
+    return helpers.runs_of(RUNS, token)
 
 
 @app.task

@@ -11,6 +11,7 @@ import time
 import dramatiq
 from dramatiq.results import Results
 
+import helpers
 from logq.dramatiq import LogqBroker, LogqResultBackend
 
 ROOT = os.environ.get("LOGQ_DRAMATIQ_ROOT", "/nonexistent")
@@ -24,23 +25,11 @@ dramatiq.set_broker(broker)
 
 def mark(token: str) -> int:
     """Record one run of ``token``; how many so far (this one included)."""
-    os.makedirs(RUNS, exist_ok=True)
-    path = os.path.join(RUNS, token)
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    try:
-        os.write(fd, f"{os.getpid()} {time.time():.6f}\n".encode())
-    finally:
-        os.close(fd)
-    with open(path) as f:
-        return len(f.read().splitlines())
+    return helpers.mark_run(RUNS, token)
 
 
 def runs(token: str) -> list[tuple[int, float]]:
-    try:
-        with open(os.path.join(RUNS, token)) as f:
-            return [(int(p), float(t)) for p, t in (line.split() for line in f if line.strip())]
-    except FileNotFoundError:
-        return []
+    return helpers.runs_of(RUNS, token)
 
 
 @dramatiq.actor(store_results=True, max_retries=0)

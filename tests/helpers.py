@@ -623,3 +623,26 @@ class Daemon:
             except subprocess.TimeoutExpired:
                 self.kill()
         self.log.close()
+
+
+def mark_run(runs_dir: str, token: str) -> int:
+    """Record one run of ``token`` under ``runs_dir`` (a line: pid, time),
+    from any process; how many runs so far (this one included)."""
+    os.makedirs(runs_dir, exist_ok=True)
+    path = os.path.join(runs_dir, token)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, f"{os.getpid()} {time.time():.6f}\n".encode())
+    finally:
+        os.close(fd)
+    with open(path) as f:
+        return len(f.read().splitlines())
+
+
+def runs_of(runs_dir: str, token: str) -> list[tuple[int, float]]:
+    """The runs ``mark_run`` recorded for ``token``: (pid, time) each."""
+    try:
+        with open(os.path.join(runs_dir, token)) as f:
+            return [(int(p), float(t)) for p, t in (line.split() for line in f if line.strip())]
+    except FileNotFoundError:
+        return []

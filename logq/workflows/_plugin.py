@@ -11,6 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from logq.tasks._app import App
+from logq.workflows._durable import Flows
+from logq.workflows._joins import Joins
 
 
 def open_db(idx: Any, name: bytes, txn: Any = None) -> Any:
@@ -24,26 +26,23 @@ def open_db(idx: Any, name: bytes, txn: Any = None) -> Any:
     return db
 
 
+def _per_store(app: Any, attr: str, make: Any, txn: Any) -> Any:
+    """``app``'s ``make(app, txn)`` object for its current store, kept in
+    ``attr`` (made again after a reopen)."""
+    obj = app.__dict__.get(attr)
+    if obj is None or obj.store is not app._store():
+        obj = app.__dict__[attr] = make(app, txn)
+    return obj
+
+
 def joins_of(app: Any, txn: Any = None) -> Any:
-    """The Joins of ``app``'s current store (made again after a reopen)."""
-    store = app._store()
-    j = app.__dict__.get("_wf_joins")
-    if j is None or j.store is not store:
-        # Imported here, not per settled task (this runs in the pool's commit).
-        from logq.workflows._joins import Joins
-        j = Joins(app, txn)
-        app.__dict__["_wf_joins"] = j
-    return j
+    """The Joins of ``app``'s current store."""
+    return _per_store(app, "_wf_joins", Joins, txn)
 
 
 def flows_of(app: Any, txn: Any = None) -> Any:
-    store = app._store()
-    f = app.__dict__.get("_wf_flows")
-    if f is None or f.store is not store:
-        from logq.workflows._durable import Flows
-        f = Flows(app, txn)
-        app.__dict__["_wf_flows"] = f
-    return f
+    """The Flows (durable workflows) of ``app``'s current store."""
+    return _per_store(app, "_wf_flows", Flows, txn)
 
 
 def install(app: Any) -> None:
