@@ -13,7 +13,8 @@ from logq._errors import (CorruptionError, DiskFullError, Empty, ForwardConfigEr
                           ForwarderBusyError, FormatVersionError, LogqError,
                           MessageTooLargeError, NotAQueueError, NotDeliveredError, OffsetError,
                           QueueClosedError, QueueFullError, QueueInUseError, RecordLostError)
-from logq._queue import FSYNC_POLICIES, MAX_PRIORITY, ON_FULL, Options, Queue, open
+from logq._options import FSYNC_POLICIES, MAX_PRIORITY, ON_FULL, Options
+from logq._queue import Queue, open
 from logq._consumer import Batch, Consumer, DeadLetter, GroupOptions, Message, reset_group
 from logq._check import Report, repair, verify
 from logq._pool import PoolOptions, PoolStats, WorkerPool

@@ -51,7 +51,8 @@ from logq import _format as F
 from logq._errors import NotAQueueError
 from logq._fsutil import fsync_dir, given_up, keep_aside, losses, record_loss
 from logq._index import K_CHECKPOINT, lmdb_file_problem, open_index, quarantine_index
-from logq._log import Log, _data_end, _read_meta, quarantine_bytes, scan_tail
+from logq._log import Log, _read_meta
+from logq._scan import _data_end, quarantine_bytes, scan_tail
 from logq._segment import Segment, encode_header
 
 log = logging.getLogger("logq")

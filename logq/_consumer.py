@@ -19,7 +19,8 @@ from logq._batch import Batch
 from logq._errors import Empty, NotDeliveredError, OffsetError, QueueClosedError
 from logq._group import DeadLetter, GroupOptions, Message, _check_name, _Group
 from logq._index import _prefixed, open_scratch
-from logq._queue import Queue, _check_number
+from logq._options import _check_number
+from logq._queue import Queue
 from logq._settled import _DEAD, _be
 
 __all__ = ["Batch", "Consumer", "DeadLetter", "GroupOptions", "Message", "reset_group"]

@@ -45,7 +45,8 @@ from logq._index import (G_ACKED, G_DEAD, G_DELIVERED, G_REDELIVERED, G_WATERMAR
                          K_PRIORITIES, _prefixed, open_scratch)
 from logq._leases import (Claim, Delivery, Lease, Ledger, Retry, Settlement, after_failure, level_order,
                           runs)
-from logq._queue import MAX_PRIORITY, Queue, _check_int, _check_seconds
+from logq._options import MAX_PRIORITY, _check_int, _check_seconds
+from logq._queue import Queue
 from logq._settled import (_DEAD, _ERROR_MAX, _I64, _I64_MAX, _SCHED, _U64, _Skips, _be,
                            _is_settled, _settle)
 

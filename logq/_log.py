@@ -1,5 +1,5 @@
 """The log: a directory of segments, the append lock shared by every process
-that has the queue open, the active segment, rolling and recovery.
+that has the queue open, the active segment, rolling (recovery: ``_recover``).
 
 Who may write
 -------------
@@ -11,23 +11,6 @@ milliseconds when idle (``Queue``'s housekeeper), publishes the tail and
 lets go.  A holder that dies holding the lock leaves its pid in the HOLDER
 word: the next holder validates what the dead one wrote past the published
 tail, keeps the intact records and zeroes the torn one.
-
-Who recovers
-------------
-Recovery runs only in a process that opens the queue while no other process
-has it open (``open.lock`` is held shared by every open queue).  It scans the
-newest segment from the last durable checkpoint, keeps every intact record,
-skips damaged ones when intact records follow, and cuts the file at the end
-of the last intact record (freeing, then preallocating again, everything
-after it, so that no stale bytes survive past the tail).  Above the
-checkpoint a batch is kept only whole (its head's count of records follows
-intact; ``scan_tail``): a torn batch is cut or given up, never returned in
-part.  The checkpoint's position is trusted only once the record before it
-is found intact there: if the records it vouches for are gone, recovery
-scans the segment from its start and the log ends after the last intact
-record (so new puts follow it).  Rolling does not fsync the sealed segment,
-so after a machine restart (a new kernel boot id) the sealed segments since
-the checkpoint are validated too.
 """
 
 from __future__ import annotations
@@ -41,29 +24,17 @@ import os
 import time
 import uuid
 from array import array
-from dataclasses import dataclass, field
 from typing import Callable
 
 from logq import _codec as C
 from logq import _format as F
 from logq._errors import DiskFullError, FormatVersionError, NotAQueueError, QueueInUseError
-from logq._fsutil import fsync_dir, keep_aside, losses, quarantine_path, record_loss
+from logq._fsutil import fsync_dir, losses
+from logq._scan import _PAGE, _torn_extent, scan_tail
 from logq._segment import Segment, encode_header
 
 log = logging.getLogger("logq")
 
-_PAGE = 4096
-
-
-@dataclass
-class Recovery:
-    """What opening the queue found and did."""
-    clean: bool = True                # the last shutdown was clean
-    scanned_bytes: int = 0
-    truncated_bytes: int = 0          # torn bytes cut from the tail
-    lost: list[tuple[int, int]] = field(default_factory=list)  # [first, end) offsets
-    damaged_bases: list[int] = field(default_factory=list)    # sealed segments repaired
-    durable_lost: int = 0             # records below the checkpoint that are gone
 
 
 def _round_up(n: int, to: int = _PAGE) -> int:
@@ -299,7 +270,7 @@ class Log:
         ahead = max(self.preallocate_bytes, _round_up(F.SEGMENT_HEADER_SIZE + self.ahead))
         return max(_round_up(F.SEGMENT_HEADER_SIZE + need), min(self.segment_bytes, ahead))
 
-    def _new_segment(self, base: int, need: int) -> Segment:
+    def new_segment(self, base: int, need: int) -> Segment:
         size = self._first_size(need)
         seg = Segment.create(self.dir, base, size, max(size, self.segment_bytes))
         self.segments[base] = seg
@@ -307,140 +278,7 @@ class Log:
             self.bases.append(base)
         return seg
 
-    # -- recovery (alone only) ---------------------------------------------
-    def recover(self, checkpoint: tuple[int, int, int] | None, clean: bool) -> Recovery:
-        """Find the tail of the log and make it safe to append after."""
-        assert self.alone
-        rep = Recovery(clean=clean)
-        for name in os.listdir(self.dir):
-            if name.endswith(F.SEGMENT_SUFFIX + ".tmp"):
-                os.unlink(os.path.join(self.dir, name))
-        if not self.bases:
-            rep.clean = True
-            start = checkpoint[2] if checkpoint else 0
-            self._set_active(self._new_segment(start, 0), F.SEGMENT_HEADER_SIZE, start)
-            return rep
-        base = self.bases[-1]
-        if not clean and self.rebooted:
-            self._validate_sealed(checkpoint, rep)
-        seg = self.segment(base)
-        if seg.size < F.SEGMENT_HEADER_SIZE:
-            seg = self._rebuild_short(seg, rep)
-        pos, nxt = F.SEGMENT_HEADER_SIZE, base
-        # Records below the checkpoint were durable, so written whole.
-        durable = checkpoint[2] if checkpoint else 0
-        # The quick open after a clean shutdown needs the checkpoint's
-        # position confirmed: from anywhere else, a zeroed range (given up
-        # by repair) would read as the end of the log.
-        trusted = False
-        if checkpoint and checkpoint[0] == base and checkpoint[2] >= base:
-            if F.SEGMENT_HEADER_SIZE <= checkpoint[1] <= seg.size and \
-                    ends_at(seg, checkpoint[1], checkpoint[2]):
-                pos, nxt = checkpoint[1], checkpoint[2]
-                trusted = True
-            else:
-                # The records it vouches for are gone (zeroed, cut): starting
-                # there would put new records behind a hole.
-                log.error("segment %s: the durable checkpoint (offset %d at position %d) does not "
-                          "follow an intact record; scanning the segment from its start",
-                          seg.path, checkpoint[2], checkpoint[1])
-        if clean and trusted and C.scan(seg.h, pos, seg.size, nxt, 1)[2] == F.SCAN_END:
-            self._set_active(seg, pos, nxt)
-            return rep
-        rep.clean = False
-        seg.reset_index()   # any stored one may describe records about to be cut
-        start = pos
-        pos, nxt, lost = scan_tail(seg, pos, nxt, durable=durable)
-        rep.scanned_bytes += pos - start
-        for a, b, at, found in lost:
-            # Damage with intact records after it (the tail has none): keep
-            # the bytes aside and record the loss, as after a restart.
-            if found > at:
-                self._quarantine_bytes(seg, at, found, (a, b), "did not hold intact records")
-            seg.lose(a, b, at, "found by recovery")
-            rep.lost.append((a, b))
-        if checkpoint and checkpoint[2] > nxt:
-            rep.durable_lost = checkpoint[2] - nxt
-            log.error("queue %s: %d record(s) below the durable checkpoint (offset %d) are gone; "
-                      "the log now ends at offset %d", self.dir, rep.durable_lost, checkpoint[2], nxt)
-        rep.truncated_bytes = self._cut_tail(seg, pos)
-        # (a file shorter than segment_bytes grows when a record needs it: room())
-        if seg.header_problem:
-            os.pwrite(seg.fd, encode_header(base), 0)
-            os.fsync(seg.fd)
-            seg.header_problem = None
-        self._set_active(seg, pos, nxt)
-        return rep
-
-    def _validate_sealed(self, checkpoint: tuple[int, int, int] | None, rep: Recovery) -> None:
-        """After a restart: the sealed segments written since the last
-        checkpoint may never have reached the disk whole (rolling does not
-        fsync).  Scan them; where records are missing, or a batch is not
-        whole, keep the bytes in quarantine and zero them, so that no reader
-        later takes part of a torn batch for data."""
-        first = checkpoint[0] if checkpoint else self.bases[0]
-        for i, base in enumerate(self.bases[:-1]):
-            if base < first:
-                continue
-            limit, seg = self.bases[i + 1], self.segment(base)
-            if seg.h is None:
-                continue
-            pos, nxt = F.SEGMENT_HEADER_SIZE, base
-            if checkpoint and checkpoint[0] == base and ends_at(seg, checkpoint[1], checkpoint[2]):
-                pos, nxt = checkpoint[1], checkpoint[2]
-            end, _, lost = scan_tail(seg, pos, nxt, limit=limit,
-                                     durable=checkpoint[2] if checkpoint else 0)
-            rep.scanned_bytes += end - pos
-            for first_lost, end_lost, at, found in lost:
-                stop = found if found >= 0 else _data_end(seg, at)
-                if stop > at:
-                    self._quarantine_bytes(seg, at, stop, (first_lost, end_lost),
-                                           "did not hold whole records after a restart")
-                seg.lose(first_lost, end_lost, at, "not on disk after a restart")
-                rep.lost.append((first_lost, end_lost))
-            if lost:
-                rep.damaged_bases.append(base)
-            seg.reset_index()
-
-    def _quarantine_bytes(self, seg: Segment, start: int, end: int, offsets: tuple[int, int],
-                          reason: str) -> None:
-        """Keep seg's bytes [start, end) in quarantine/, record the offsets
-        they held as given up, then zero them."""
-        dest = quarantine_bytes(self.dir, seg, start, end, offsets, reason)
-        log.error("segment %s: bytes %d..%d (offsets %d..%d) %s; kept in %s and zeroed",
-                  seg.path, start, end, offsets[0], offsets[1] - 1, reason, dest)
-
-    def _rebuild_short(self, seg: Segment, rep: Recovery) -> Segment:
-        """The newest segment is too short to hold its header (a torn
-        creation or a truncated file): keep its bytes aside, start it anew."""
-        base = seg.base
-        dest = quarantine_path(self.dir, F.segment_name(base))
-        self.segments.pop(base).close()
-        os.rename(seg.path, dest)
-        fsync_dir(os.path.dirname(dest))
-        log.error("segment %s is too short (%d bytes) to be a segment: moved to %s",
-                  seg.path, seg.size, dest)
-        rep.clean = False
-        self.bases.remove(base)
-        return self._new_segment(base, 0)
-
-    def _cut_tail(self, seg: Segment, pos: int) -> int:
-        """Drop every byte after ``pos`` (the file keeps its length: a hole
-        after ``pos``), so nothing written before the crash can reappear
-        after the tail."""
-        probe = bytes(seg.mm[pos:min(seg.size, pos + (1 << 16))])
-        torn = len(probe.rstrip(b"\0"))
-        os.ftruncate(seg.fd, pos)
-        os.ftruncate(seg.fd, seg.size)
-        seg.allocated = min(seg.allocated, pos)
-        os.fsync(seg.fd)
-        if torn:
-            # Not damage (a writer died mid-write): the Queue's recovery summary reports it.
-            log.debug("segment %s: cut a torn tail at position %d (%d non-zero bytes after it)",
-                        seg.path, pos, torn)
-        return torn
-
-    def _set_active(self, seg: Segment, pos: int, nxt: int) -> None:
+    def set_active(self, seg: Segment, pos: int, nxt: int) -> None:
         self._point_at(seg)
         self.pos = pos
         self.next = nxt
@@ -623,7 +461,7 @@ class Log:
         segment written since the last checkpoint."""
         if self.before_alloc is not None:
             self.before_alloc(self._first_size(need))
-        seg = self._new_segment(self.next, need)
+        seg = self.new_segment(self.next, need)
         self._point_at(seg)
         self.pos = F.SEGMENT_HEADER_SIZE
         self.end = seg.allocated
@@ -776,131 +614,6 @@ class Log:
         self._fds = []
 
 
-def scan_tail(seg: Segment, pos: int, nxt: int, *, limit: int | None = None,
-              resync: bool = True, durable: int = 0) -> tuple[int, int, list[tuple[int, int, int, int]]]:
-    """Scan a segment from a known record boundary: to its end (the newest
-    segment), or up to offset ``limit`` (a sealed one, whose next segment
-    starts there).
-
-    Returns (position after the last intact record of the log, next offset,
-    lost ranges as (first offset, end offset, position of the damage,
-    position of the intact record after it or -1)).  With ``resync``, a bad
-    record followed later by an intact record with a higher offset is damage
-    in the middle (its offsets are lost, the scan goes on); with nothing
-    intact after it, it is the tail, or (before ``limit``) the loss of the
-    rest.
-
-    ``durable``: every record below this offset was durable, so written
-    whole (the index's checkpoint vouches for it).  Below it, damage loses
-    only the records it touches: resynchronisation may land inside a batch
-    (on a CONT record).  From it on, a batch belongs to the log only whole
-    (the format's rule, ``_format``): a BATCH head whose count of CONT
-    records does not follow intact is a torn batch, where the scan stops as
-    at damage (``F.TORN_BATCH``), and resynchronisation lands only on a
-    record that begins a batch or stands alone."""
-    lost: list[tuple[int, int, int, int]] = []
-    while True:
-        room = (1 << 62) if limit is None else limit - nxt
-        n, stop, status = _scan_whole(seg, pos, nxt, room, durable)
-        pos, nxt = stop, nxt + n
-        if n == room or not resync or stop >= seg.size and limit is None:
-            return pos, nxt, lost
-        most = limit - 1 if limit is not None else nxt + (seg.size - stop) // F.RECORD_HEADER_SIZE
-        # A torn batch's head is intact: look past it.
-        start = stop + 1 if status == F.TORN_BATCH else stop
-        found = -1
-        if nxt < durable:
-            found = C.find_next(seg.h, start, seg.size, nxt, min(most, durable - 1), True)
-        if found < 0:
-            found = C.find_next(seg.h, start, seg.size, max(nxt, durable), most)
-        if found < 0:
-            if limit is not None:
-                lost.append((nxt, limit, stop, -1))
-                nxt = limit
-            return pos, nxt, lost
-        resume = seg.offset_at(found)
-        lost.append((nxt, resume, stop, found))
-        pos, nxt = found, resume
-
-
-_CHUNK = 1 << 16      # records per scan above the checkpoint (their fields are kept)
-
-
-def _scan_whole(seg: Segment, pos: int, nxt: int, room: int, durable: int) -> tuple[int, int, int]:
-    """``C.scan`` of up to ``room`` records from ``pos`` (offset ``nxt``),
-    that also stops (status TORN_BATCH) at a batch head at or above offset
-    ``durable`` whose batch is not whole: (count, stop, status)."""
-    total = 0
-    if nxt < durable:
-        below = min(room, durable - nxt)
-        n, stop, status, _ = C.scan(seg.h, pos, seg.size, nxt, below)
-        if n < below or below == room:
-            return n, stop, status
-        total, pos, nxt, room = n, stop, nxt + n, room - n
-    chunk = _CHUNK
-    while True:
-        want = min(room, chunk)
-        n, stop, status, fields = C.scan(seg.h, pos, seg.size, nxt, want, True)
-        whole, need = _whole_batches(seg, fields, n)
-        if whole == n:
-            total += n
-            if n < want or n == room:
-                return total, stop, status
-            pos, nxt, room, chunk = stop, nxt + n, room - n, _CHUNK
-            continue
-        if need and n == want < room:
-            # The scan stopped at the chunk's end, inside the batch: scan on
-            # from its head, far enough to see all of it.
-            total, nxt, room = total + whole, nxt + whole, room - whole
-            pos = fields[whole * F.SCAN_FIELDS]
-            # (no more records than the segment can hold, whatever a count says)
-            chunk = max(_CHUNK, min(need, (seg.size - pos) // F.RECORD_HEADER_SIZE + 1))
-            continue
-        return total + whole, fields[whole * F.SCAN_FIELDS], F.TORN_BATCH
-
-
-_BATCH_BIT = F.FLAG_BATCH << 24
-_CONT_BIT = F.FLAG_CONT << 24
-
-
-def _whole_batches(seg: Segment, fields: list[int], n: int) -> tuple[int, int]:
-    """Of ``n`` consecutive intact records (their SCAN_FIELDS), how many
-    precede the first batch that is not whole among them, and how many
-    records that batch needs when it only runs past them (0 if it is
-    broken: a record that is not CONT where its count wants one)."""
-    attrs = fields[4::F.SCAN_FIELDS]
-    for i in [i for i, a in enumerate(attrs) if a & _BATCH_BIT]:
-        count = F.batch_count_at(seg.mm, fields[i * F.SCAN_FIELDS], attrs[i])
-        rest = attrs[i + 1:i + count]
-        if not all(a & _CONT_BIT for a in rest):
-            return i, 0
-        if i + count > n:
-            return i, count
-    return n, 0
-
-
-def ends_at(seg: Segment, pos: int, nxt: int) -> bool:
-    """Whether the record before offset ``nxt`` lies intact in ``seg`` and
-    ends at ``pos`` (what a checkpoint (base, pos, nxt) claims).  Searches
-    backwards from ``pos`` in growing windows: its cost is about the size
-    of that record."""
-    if nxt == seg.base:
-        return pos == F.SEGMENT_HEADER_SIZE
-    if seg.h is None or nxt < seg.base or pos > seg.size:
-        return False
-    window = _PAGE
-    lo = pos
-    while lo > F.SEGMENT_HEADER_SIZE:
-        lo, hi = max(F.SEGMENT_HEADER_SIZE, pos - window), lo
-        p = C.find_next(seg.h, lo, pos, nxt - 1, nxt - 1, True)
-        while 0 <= p < hi:
-            if C.scan(seg.h, p, pos, nxt - 1, 1)[:2] == (1, pos):
-                return True
-            p = C.find_next(seg.h, p + 1, pos, nxt - 1, nxt - 1, True)
-        window *= 4
-    return False
-
-
 @functools.lru_cache(maxsize=1)
 def boot_id() -> bytes | None:
     """The kernel's boot id (16 bytes; it changes at every restart), or None
@@ -910,35 +623,3 @@ def boot_id() -> bytes | None:
             return uuid.UUID(f.read().strip()).bytes
     except (OSError, ValueError):
         return None
-
-
-def quarantine_bytes(qdir: str, seg: Segment, start: int, end: int, offsets: tuple[int, int],
-                     reason: str) -> str | None:
-    """Give up segment bytes [start, end), which held ``offsets`` [first,
-    end): keep them in quarantine, record the loss in the manifest, then
-    zero them in place (in that order, each step durable), so that no
-    reader ever takes a fragment of them for a record.  The path kept
-    (None for an empty range: offsets whose bytes are gone already)."""
-    dest = (keep_aside(qdir, f"{F.segment_name(seg.base)}.{start}-{end}", bytes(seg.mm[start:end]))
-            if end > start else None)
-    record_loss(qdir, {"segment": F.segment_name(seg.base), "start": start, "end": end,
-                       "first_offset": offsets[0], "end_offset": offsets[1],
-                       "file": dest and os.path.basename(dest), "reason": reason})
-    if end > start:
-        seg.mm[start:end] = bytes(end - start)
-        os.fdatasync(seg.fd)
-    return dest
-
-
-def _data_end(seg: Segment, start: int) -> int:
-    """The position after the last non-zero byte of ``seg`` (at least start)."""
-    tail = bytes(seg.mm[start:seg.size]).rstrip(b"\0")
-    return start + len(tail)
-
-
-def _torn_extent(seg: Segment, pos: int) -> int:
-    """Where the bytes a dead writer may have left after ``pos`` end."""
-    if pos + F.RECORD_HEADER_SIZE > seg.size:
-        return seg.size
-    _, length, _, _, meta_len, _, _ = F.RECORD_HEADER.unpack_from(seg.mm, pos)
-    return min(seg.size, pos + F.RECORD_HEADER_SIZE + meta_len + min(length, F.MAX_PAYLOAD))

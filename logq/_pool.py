@@ -49,7 +49,8 @@ from logq._batch import Batch
 from logq._consumer import Consumer, GroupOptions, Message
 from logq._errors import LogqError, OffsetError
 from logq._leases import Lease
-from logq._queue import Queue, _check_int, _check_seconds
+from logq._options import _check_int, _check_seconds
+from logq._queue import Queue
 from logq._retry import CircuitBreaker
 from logq._service import Service
 

@@ -105,7 +105,8 @@ from logq import _format as F
 from logq import _status
 from logq._consumer import Consumer, Message
 from logq._errors import ForwardConfigError, ForwardError, ForwarderBusyError, LogqError
-from logq._queue import Queue, _check_int, _check_seconds
+from logq._options import _check_int, _check_seconds
+from logq._queue import Queue
 from logq._retry import CircuitBreaker, backoff_delay
 from logq._service import Service
 from logq._sinks import (Entry, LinkLost, MqttSink, NatsSink, check_installed, check_subject, check_topic, describe,
