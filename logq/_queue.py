@@ -23,6 +23,7 @@ from logq._recover import Recovery, recover
 from logq._commit import FSYNC_RECORDS_BOUNDS, FSYNC_SECONDS_BOUNDS
 from logq._options import Options
 from logq._produce import Producer
+from logq._slices import cut
 
 log = logging.getLogger("logq")
 
@@ -289,11 +290,17 @@ class Queue(Producer):
             at, fields, mm = self._read_fields(offset, max_records)
             if not fields:
                 return at, [] if payloads else None, [], [], None
-            out = ([mm[p:p + n] for p, n in zip(fields[1::F.SCAN_FIELDS], fields[2::F.SCAN_FIELDS])]
-                   if payloads else None)
+            out = cut(mm, fields[1::F.SCAN_FIELDS], fields[2::F.SCAN_FIELDS]) if payloads else None
             attrs = fields[4::F.SCAN_FIELDS]
             metas = None
-            if attrs.count(_PLAIN) + attrs.count(_PLAIN_CONT) + attrs.count(_PLAIN_HEAD) != len(attrs):
+            k = len(attrs)
+            # (most runs are all one kind: count it first, the others only if needed)
+            plain = attrs.count(_PLAIN_CONT)
+            if plain != k:
+                plain += attrs.count(_PLAIN)
+                if plain != k:
+                    plain += attrs.count(_PLAIN_HEAD)
+            if plain != k:
                 metas = {}
                 for i, a in enumerate(attrs):
                     if a & 0xFFFF:
@@ -305,7 +312,7 @@ class Queue(Producer):
         at, fields, mm = self._read_fields(offset, max_records)
         if not fields:
             return at, []
-        return at, [mm[p:p + n] for p, n in zip(fields[1::F.SCAN_FIELDS], fields[2::F.SCAN_FIELDS])]
+        return at, cut(mm, fields[1::F.SCAN_FIELDS], fields[2::F.SCAN_FIELDS])
 
     def _read_fields(self, offset: int, max_records: int) -> tuple[int, list[int], Any]:
         lg = self._open_log()
