@@ -71,9 +71,9 @@ class Consumer:
         """The next message, leased for ``visibility_timeout``.  Blocks up to
         ``timeout`` seconds (None: until one comes); raises logq.Empty then."""
         if not self._closed:
-            got = self._g.from_buffer(1, True)     # the fast path: claimed already
-            if got:
-                return got[0]
+            m = self._g.one_from_buffer()     # the fast path: claimed already
+            if m is not None:
+                return m
         msgs = self._get(1, timeout, True)
         if not msgs:
             raise Empty(f"no message for group {self.group!r} within {timeout}s")
@@ -208,7 +208,10 @@ class Consumer:
                 self._own(m)            # the precise error
                 if indices is not None:
                     raise TypeError("indices go with a Batch, not a Message")
-            led.ack(m)  # type: ignore[arg-type]
+                led.ack(m)  # type: ignore[arg-type]  # (raises if it is not out)
+            else:
+                del led.out[m.offset]   # (Ledger.ack, inlined: found out just above)
+                led.acks.append(m)
             if write is not None:
                 g.ack_writes.append(write)
             full = len(led.acks) + len(led.nacks) + led.in_runs >= self.options.commit_every
