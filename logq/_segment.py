@@ -109,6 +109,11 @@ class Segment:
         self.lost: list[tuple[int, int]] = []   # [first, end) offsets lost to damage
         self.given_up: Any = ()   # ranges already recorded in quarantine/manifest (set by the Log)
         self.stored_next = base  # the Index holds the sparse index up to here
+        # Where the last read_run stopped (offset, position): a consumer's
+        # next read starts there, without a seek from the sparse index (two
+        # scans over up to a stride of records).  A hint only: the scan from
+        # it validates the record, and anything else falls back to a seek.
+        self.run_next, self.run_pos = -1, 0
 
     # -- creation -----------------------------------------------------------
     @classmethod
@@ -202,6 +207,7 @@ class Segment:
         self.sparse = array("Q")
         self.known_pos = F.SEGMENT_HEADER_SIZE
         self.known_next = self.stored_next = self.base
+        self.run_next = -1
 
     def offset_at(self, pos: int) -> int:
         return _OFFSET_AT.unpack_from(self.mm, pos + 8)[0]
@@ -334,14 +340,20 @@ class Segment:
         ``max_records`` consecutive intact records from the first intact one
         at or after ``offset`` and below ``limit``; None if there is none."""
         while True:
+            hinted = False
             if offset == self.known_next and offset < limit and self.h is not None:
                 found: tuple[int, int] | None = (self.known_pos, offset)  # reading at the frontier
+            elif offset == self.run_next and offset < limit and self.h is not None:
+                found, hinted = (self.run_pos, offset), True            # where the last read stopped
             else:
                 found = self.seek(offset, limit)
             if found is None:
                 return None
             pos, at = found
             n, stop, _, fields = C.scan(self.h, pos, self.size, at, min(max_records, limit - at), True)
+            if n == 0 and hinted:
+                self.run_next = -1      # not a record of that offset there now: seek
+                continue
             if n == 0:
                 # Damage at the frontier: let extend() record and skip it.
                 self.extend(at, limit)
@@ -355,6 +367,7 @@ class Segment:
                         self.sparse.append(fields[j * F.SCAN_FIELDS])
                 self.known_pos = stop
                 self.known_next = at + n
+            self.run_next, self.run_pos = at + n, stop
             return at, fields
 
     def close(self) -> None:

@@ -255,6 +255,39 @@ def test_random_reads_after_damage_under_an_open_queue(pristine, tmp_path, seed)
             assert got == c.items[off], f"offset {off}: wrong bytes"
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_runs_read_on_from_where_the_last_stopped_after_damage(pristine, tmp_path, seed):
+    """A consumer's next read_many starts where its last one stopped (a
+    segment remembers that position instead of seeking): records damaged
+    in place between reads, right there or further on, are skipped, never
+    returned, and every intact one is served in order."""
+    rng = random.Random(SEED + 100 + seed)
+    c = Clone(pristine["plain"], tmp_path / "q")
+    with logq.open(c.dir, segment_bytes=4096) as q:
+        assert [p for _, p in q.scan()] == c.items
+        victims: set[int] = set()
+        off = 0
+        got: list[int] = []
+        while off < N:
+            if rng.random() < 0.3:
+                # damage the record the next read starts at, or one a little after it
+                v = min(N - 1, off + rng.choice([0, 0, 1, rng.randrange(1, 20)]))
+                _path, p, e = c.records[v]
+                at = rng.choice([p + 4, p + 8, p + F.RECORD_HEADER_SIZE, rng.randrange(p, e)])
+                write_at(_path, at, rng.randbytes(rng.randrange(1, 4)))
+                victims.add(v)
+            first, payloads = q.read_many(off, rng.randrange(1, 30))
+            if not payloads:
+                break
+            for i, x in enumerate(payloads):
+                assert x == c.items[first + i], f"offset {first + i}: wrong or damaged bytes"
+            assert all(o in victims for o in range(off, first)), \
+                f"offsets {off}..{first - 1} skipped, only {sorted(victims)} damaged"
+            got += range(first, first + len(payloads))
+            off = first + len(payloads)
+        assert set(range(N)) - set(got) <= victims
+
+
 @pytest.mark.parametrize("cut", ["none", "inside-last", "before-last", "file-short"])
 @pytest.mark.parametrize("victim", [0, 3, 6])     # not the last: that one is the tail
 def test_a_range_repair_zeroed_is_never_taken_for_the_end_of_the_log(tmp_path, victim, cut):
