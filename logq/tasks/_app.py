@@ -59,6 +59,7 @@ class Task:
     def __init__(self, app: "App", fn: Callable[..., Any], name: str, opts: TaskOptions) -> None:
         self.app, self.fn, self.name, self.options = app, fn, name, opts
         self.retries, self.timeout, self.retry_on = opts.retries, opts.timeout, opts.retry_on
+        self._what = f"the arguments of task {name}"
         self.__doc__ = fn.__doc__
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
@@ -101,16 +102,16 @@ class Task:
         within the queue's ``dedup_window``, its handle is returned and
         nothing new is stored.  Raises SerializationError (a TypeError) for
         arguments the serializer cannot encode, nothing stored."""
-        ser = self.app._serializer(self.options.serializer)
-        if self.options.serialize_by is not None:
+        opts = self.options
+        ser = self.app._serializer(opts.serializer)
+        if opts.serialize_by is not None:
             from logq.tasks._flow import serialize_key
             serialize_key(self, args, kwargs or {})     # a missing key argument: refused here
-        body = dumps(ser, [list(args), dict(kwargs or {})], f"the arguments of task {self.name}")
+        body = dumps(ser, [list(args), dict(kwargs) if kwargs else {}], self._what)
         nonce = new_nonce()
-        q = self.app.queue
-        off = q.put(encode_task(nonce, self.name, ser.name, body), key=key,
-                    priority=self.options.priority if priority is None else priority,
-                    delay=delay, deliver_at=eta)
+        off = self.app.queue.put(encode_task(nonce, self.name, ser.name, body), key=key,
+                                 priority=opts.priority if priority is None else priority,
+                                 delay=delay, deliver_at=eta)
         if key is not None:
             found = self.app._store().load(off)
             if found is not None:
@@ -152,6 +153,12 @@ class TaskHandle:
         the native codec, no polling; the pure codec looks every 1 ms),
         then looks for its own.  Raises TaskFailed (remote type, message,
         traceback), TaskCancelled, TaskNotFound, or TimeoutError."""
+        if self._known:
+            # The first look, without the generator (a result that is there
+            # already: the common case of a reader behind its tasks).
+            out = self.app._store().recorded(self.id)
+            if out is not None and out.state in S.FINAL:
+                return self._final(out)
         q = self.app.queue
         looks = self._looks(timeout)
         woke = None     # (a generator's first send)

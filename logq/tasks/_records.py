@@ -102,11 +102,24 @@ def new_nonce() -> int:
     return _getrandbits(32)
 
 
+# (name, serializer, origin) -> their lengths and bytes, encoded once (a
+# submission is a put and little else: encoding them showed in profiles).
+_ENCODED: dict[tuple[str, str, str], tuple[int, int, int, bytes]] = {}
+
+
 def encode_task(nonce: int, name: str, ser: str, args: bytes, origin: str = "") -> bytes:
-    n, s, o = name.encode(), ser.encode(), origin.encode()
-    if not 0 < len(n) < 256 or len(s) > 255 or len(o) > 255:
-        raise ValueError(f"task name must be 1 to 255 bytes of UTF-8, not {name!r}")
-    return _HEAD.pack(MAGIC, nonce, len(n), len(s), len(o)) + n + s + o + args
+    got = _ENCODED.get((name, ser, origin))
+    if got is None:
+        n, s, o = name.encode(), ser.encode(), origin.encode()
+        if not 0 < len(n) < 256 or len(s) > 255 or len(o) > 255:
+            raise ValueError(f"task name must be 1 to 255 bytes of UTF-8, not {name!r}")
+        got = (len(n), len(s), len(o), n + s + o)
+        if origin:
+            return _HEAD.pack(MAGIC, nonce, *got[:3]) + got[3] + args     # (one per task: not kept)
+        if len(_ENCODED) >= _HEADS_MAX:
+            _ENCODED.clear()
+        _ENCODED[(name, ser, origin)] = got
+    return _HEAD.pack(MAGIC, nonce, got[0], got[1], got[2]) + got[3] + args
 
 
 class TaskRecord(NamedTuple):
@@ -122,18 +135,43 @@ class TaskRecord(NamedTuple):
 
 def decode_task(data: bytes) -> TaskRecord | None:
     """The task record in ``data``, or None if it is not one."""
+    h = task_head(data)
+    if h is None:
+        return None
+    return TaskRecord(h[0], h[1], h[2], h[3], bytes(data[h[6]:]))
+
+
+# The decoded head (name, serializer, origin) of task records, by its raw
+# bytes: a pool runs few task names, and decoding them per task showed in the
+# workers' profiles.  The same str objects each time also let the pickle of
+# a batch's outcomes refer to a name once.  Bounded (origins of retried
+# tasks differ per task): cleared when full.
+_HEADS: dict[bytes, tuple[str, str, str, bytes, bytes]] = {}
+_HEADS_MAX = 4096
+
+
+def task_head(data: Any) -> tuple[int, str, str, str, bytes, bytes, int] | None:
+    """The fast part of ``decode_task``: ``(nonce, name, serializer,
+    origin, name as bytes, serializer as bytes, where the arguments
+    start)``, or None if ``data`` is not a task record."""
     if len(data) < _HEAD.size or data[:2] != MAGIC:
         return None
     _m, nonce, n, s, o = _HEAD.unpack_from(data)
     at = _HEAD.size
-    if at + n + s + o > len(data):
+    end = at + n + s + o
+    if end > len(data):
         return None
-    raw = bytes(data[at:at + n + s + o])
-    try:
-        name, ser, origin = raw[:n].decode(), raw[n:n + s].decode(), raw[n + s:].decode()
-    except UnicodeDecodeError:
-        return None
-    return TaskRecord(nonce, name, ser, origin, bytes(data[at + n + s + o:]))
+    raw = bytes(data[at:end])
+    got = _HEADS.get(raw)
+    if got is None:
+        try:
+            got = (raw[:n].decode(), raw[n:n + s].decode(), raw[n + s:].decode(), raw[:n], raw[n:n + s])
+        except UnicodeDecodeError:
+            return None
+        if len(_HEADS) >= _HEADS_MAX:
+            _HEADS.clear()
+        _HEADS[raw] = got
+    return (nonce, got[0], got[1], got[2], got[3], got[4], end)
 
 
 def make_id(offset: int, nonce: int) -> str:
@@ -154,6 +192,11 @@ def parse_id(task_id: Any) -> tuple[int, int] | None:
 
 
 # -- outcome records ---------------------------------------------------------------
+# A packed outcome's serializer and task name, decoded once (by their bytes).
+_NAMES: dict[bytes, tuple[str, str]] = {}
+_new_tuple = tuple.__new__
+
+
 class Outcome(NamedTuple):
     # (A NamedTuple, not a frozen dataclass: one is made per task in the
     # pool and per result read, and a frozen dataclass's __init__ showed
@@ -177,8 +220,16 @@ class Outcome(NamedTuple):
     def unpack(cls, raw: bytes) -> "Outcome":
         st, attempts, sub, start, fin, exp, s, n = _OUT.unpack_from(raw)
         at = _OUT.size
-        return cls(STATES[st], attempts, sub, start, fin, exp, bytes(raw[at:at + s]).decode(),
-                   bytes(raw[at + s:at + s + n]).decode(), bytes(raw[at + s + n:]))
+        names = bytes(raw[at:at + s + n])
+        got = _NAMES.get(names)
+        if got is None:
+            got = (names[:s].decode(), names[s:].decode())
+            if len(_NAMES) >= _HEADS_MAX:
+                _NAMES.clear()
+            _NAMES[names] = got
+        # (tuple.__new__: the NamedTuple's own __new__ is a Python frame more)
+        return _new_tuple(cls, (STATES[st], attempts, sub, start, fin, exp, got[0], got[1],
+                                bytes(raw[at + s + n:])))
 
     def error(self) -> dict[str, str] | None:
         if self.state == "succeeded" or not self.payload:
@@ -189,6 +240,19 @@ class Outcome(NamedTuple):
                     "traceback": str(e.get("traceback", ""))}
         except ValueError:
             return {"type": "", "message": self.payload.decode(errors="replace"), "traceback": ""}
+
+
+def pack_outcome(state: int, attempts: int, submitted_ns: int, started_ns: int, finished_ns: int,
+                 expires_ns: int, serializer: bytes, name: bytes, payload: bytes) -> bytes:
+    """``Outcome(...).pack()`` from its parts as the record holds them (the
+    state's index in STATES, the names as UTF-8): what a worker sends back,
+    so that the pool's process only stores it."""
+    return _OUT.pack(state, attempts, submitted_ns, started_ns, finished_ns, expires_ns,
+                     len(serializer), len(name)) + serializer + name + payload
+
+
+#: Where a packed outcome's ``expires_ns`` is.
+EXPIRES_AT = 29
 
 
 def state_of(raw: bytes) -> str:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 import signal
 import threading
 import time
@@ -31,13 +32,18 @@ from typing import Any
 from logq._errors import (ResultTooLargeError, SerializationError, TaskError, UnknownTaskError)
 from logq.tasks import _state as S
 from logq.tasks._census import Tally
-from logq.tasks._records import Outcome, decode_task, dumps, error_json, state_of
+from logq.tasks._records import (EXPIRES_AT, Outcome, decode_task, dumps, error_json, make_id,
+                                 pack_outcome, state_of, task_head)
 
 _MARK_AFTER = 0.05      # a task running this long gets a marker (s)
 _LOOK = 0.02            # the watchdog looks this often (s)
 _local = threading.local()
-# The state an attempt's outcome leads to from running (next_state, looked up once).
-_AFTER_RUNNING = {e: S.next_state(S.RUNNING, e) for e in (S.SUCCEED, S.FAIL, S.GIVE_UP)}
+# The state an attempt's outcome leads to from running (next_state, looked up
+# once), as its index in STATES (how an outcome record holds it).
+_AFTER_RUNNING = {e: S.STATES.index(S.next_state(S.RUNNING, e)) for e in (S.SUCCEED, S.FAIL, S.GIVE_UP)}
+_FINAL_INDEX = frozenset(S.STATES.index(x) for x in S.FINAL)
+_EXPIRES = struct.Struct("<Q")
+_SUCCEED = S.SUCCEED
 
 
 class TaskContext:
@@ -63,10 +69,26 @@ def _err(e: BaseException, tb: str | None = None) -> tuple[str, str, str]:
     return name, str(e), tb if tb is not None else "".join(traceback.format_exception(e))
 
 
+def outcome(event: str, key: bytes, attempt: int, submitted: int, started: int, finished: int,
+            ser: bytes, name: str, payload: bytes, ttl: float | None) -> tuple[Any, ...]:
+    """What a worker sends back for an attempt that ran (or gave up): the
+    value the Settler stores, ``(event, task id as bytes, the packed
+    Outcome, task name, started ns, finished ns)``.  The outcome is packed
+    here, in the worker, so that the pool's process (one for all workers)
+    only stores it."""
+    final = event != S.FAIL
+    return (event, key, pack_outcome(_AFTER_RUNNING[event], attempt, submitted, started,
+                                     finished if final else 0,
+                                     finished + int(ttl * 1e9) if final and ttl else 0,
+                                     ser, name.encode(), payload),
+            name, started, finished)
+
+
 class Runner:
     """The pool's handler: decode a task message, run it, return its
-    outcome ``(event, task id, payload, started ns, finished ns, serializer,
-    name, attempt)``.  Picklable: it carries only the app's import path."""
+    outcome (``outcome``: packed here; the pool's Settler stores it with
+    the ack or nack), or ``(None,)``: nothing to record.  Picklable: it
+    carries only the app's import path."""
 
     def __init__(self, app_spec: str, path: str, extensions: tuple[str, ...] = ()) -> None:
         self.app_spec = app_spec
@@ -94,45 +116,68 @@ class Runner:
         app._extend()
         self._app = app
         self._store = app._store()
+        self._env = self._store.idx.env
+        self._sers: dict[str, tuple[Any, bytes]] = {}    # serializer name -> (it, its name as bytes)
         self._running: tuple[Any, ...] | None = None
         self._marked: Any = None
         threading.Thread(target=self._watch, daemon=True, name="logq-task-watch").start()
         return app
 
+    def _outcome_raw(self, key: bytes) -> bytes | None:
+        """The task's recorded outcome, read now (a fresh snapshot: a cancel
+        committed before this look is seen)."""
+        st = self._store
+        try:
+            with self._env.begin() as t:
+                return t.get(key, db=st.outcome)
+        except Exception:       # (the map grew in another process: the index's own read handles it)
+            return st.idx.read(lambda t: t.get(key, db=st.outcome))
+
+    def _give_up(self, e: BaseException, key: bytes, name: str, m: Any, tb: str = "") -> tuple[Any, ...]:
+        now = time.time_ns()
+        return outcome(S.GIVE_UP, key, m.attempt, m.ts_ns, now, now, b"", name, error_json(*_err(e, tb)),
+                       self._app._ttl(name))
+
     def __call__(self, m: Any) -> tuple[Any, ...]:
         app = self._app or self._load()
-        rec = decode_task(m.data)
-        if rec is None:
+        data = m.data
+        head = task_head(data)
+        if head is None:
             return (None,)      # not a task: acked, nothing recorded
-        tid = rec.task_id(m.offset)
-        sub = m.ts_ns
-
-        def give_up(e: BaseException, tb: str = "") -> tuple[Any, ...]:
-            now = time.time_ns()
-            return (S.GIVE_UP, tid, error_json(*_err(e, tb)), now, now, "", rec.name, m.attempt, sub)
-        raw = self._store.idx.read(lambda t: t.get(tid.encode(), db=self._store.outcome))
-        if raw is not None and state_of(raw) in S.FINAL:
+        nonce, name, sername, origin, name_b, _ser_b, at = head
+        tid = origin or make_id(m.offset, nonce)
+        key = tid.encode()
+        raw = self._outcome_raw(key)
+        if raw is not None and raw[0] in _FINAL_INDEX:
             return (None,)      # cancelled (or finished) before it started: never runs
-        task = app._tasks.get(rec.name)
+        task = app._tasks.get(name)
         if task is None:
-            return give_up(UnknownTaskError(
-                f"unknown task name {rec.name!r}: this worker's app {self.app_spec} registers "
-                f"{sorted(app._tasks)}; `logq tasks retry {tid}` once a worker knows it"))
-        if m.attempt > task.retries + 1:
-            return give_up(TaskError(f"attempt {m.attempt} of a task allowed {task.retries + 1}: "
-                                     "its process died (SIGKILL, crash) during its last attempt"))
+            return self._give_up(UnknownTaskError(
+                f"unknown task name {name!r}: this worker's app {self.app_spec} registers "
+                f"{sorted(app._tasks)}; `logq tasks retry {tid}` once a worker knows it"), key, name, m)
+        attempt = m.attempt
+        if attempt > task.retries + 1:
+            return self._give_up(TaskError(f"attempt {attempt} of a task allowed {task.retries + 1}: "
+                                           "its process died (SIGKILL, crash) during its last attempt"),
+                                 key, name, m)
+        sers = self._sers.get(sername)
         try:
-            ser = app._serializer(rec.serializer)
-            args, kwargs = ser.loads(rec.args)
+            if sers is None:
+                ser = app._serializer(sername)
+                sers = self._sers[sername] = (ser, ser.name.encode())
+            args, kwargs = sers[0].loads(bytes(data[at:]))
         except Exception as e:
-            return give_up(SerializationError(f"the arguments of task {tid} cannot be decoded: "
-                                              f"{type(e).__name__}: {e}"))
-        try:
-            for h in app.run_hooks:
-                args, kwargs = h(tid, rec.name, args, kwargs)
-        except Exception as e:
-            return give_up(e)
-        ctx = TaskContext(tid, rec.name, m.attempt)
+            return self._give_up(SerializationError(f"the arguments of task {tid} cannot be decoded: "
+                                                    f"{type(e).__name__}: {e}"), key, name, m)
+        ser, ser_b = sers
+        hooks = app.run_hooks
+        if hooks:
+            try:
+                for h in hooks:
+                    args, kwargs = h(tid, name, args, kwargs)
+            except Exception as e:
+                return self._give_up(e, key, name, m)
+        ctx = TaskContext(tid, name, attempt)
         started = time.time_ns()
         self._running = (ctx, time.monotonic(), task.timeout, started)
         _local.ctx = ctx
@@ -140,22 +185,27 @@ class Runner:
             value = task.fn(*args, **kwargs)
         except Exception as e:
             finished = time.time_ns()
-            retry = isinstance(e, task.retry_on) and m.attempt <= task.retries
-            return (S.FAIL if retry else S.GIVE_UP, tid, error_json(*_err(e)), started, finished, "",
-                    rec.name, m.attempt, sub)
+            retry = isinstance(e, task.retry_on) and attempt <= task.retries
+            return outcome(S.FAIL if retry else S.GIVE_UP, key, attempt, m.ts_ns, started, finished, b"",
+                           name, error_json(*_err(e)), task.options.result_ttl)
         finally:
             _local.ctx = None
             self._running = None
         finished = time.time_ns()
         try:
-            payload = dumps(ser, value, f"the result of task {rec.name} ({tid})")
+            payload = dumps(ser, value, f"the result of task {name} ({tid})")
         except SerializationError as e:
-            return give_up(e)
+            return self._give_up(e, key, name, m)
         if len(payload) > app.max_result_bytes:
-            return give_up(ResultTooLargeError(
-                f"the result of task {rec.name} ({tid}) is {len(payload)} bytes encoded, over "
-                f"max_result_bytes={app.max_result_bytes}: store it elsewhere and return a reference"))
-        return (S.SUCCEED, tid, payload, started, finished, ser.name, rec.name, m.attempt, sub)
+            return self._give_up(ResultTooLargeError(
+                f"the result of task {name} ({tid}) is {len(payload)} bytes encoded, over "
+                f"max_result_bytes={app.max_result_bytes}: store it elsewhere and return a reference"),
+                key, name, m)
+        ttl = task.options.result_ttl
+        # (outcome(), inlined: this is every task's path)
+        return (_SUCCEED, key, pack_outcome(_AFTER_RUNNING[_SUCCEED], attempt, m.ts_ns, started, finished,
+                                            finished + int(ttl * 1e9) if ttl else 0, ser_b, name_b, payload),
+                name, started, finished)
 
     # -- the watchdog ------------------------------------------------------------------
     def _mark(self, value: dict[str, Any] | None) -> None:
@@ -212,7 +262,14 @@ class Runner:
 class Settler:
     """The pool's ``on_outcome``: each message's ack or nack, and the
     outcome written in the transaction that commits it; expired outcomes
-    are purged in those transactions too."""
+    are purged in those transactions too.
+
+    The outcomes come packed from the workers (``outcome``): a first
+    outcome of a task is one put that must not overwrite (LMDB's
+    NOOVERWRITE: no read before it); only a task that has an outcome
+    already (an earlier failed attempt, a cancel, a redelivery) goes
+    through ``Store.record`` and the state machine.  The expiry entries of
+    a transaction's outcomes are one entry per TTL (``Store.expire``)."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -224,53 +281,89 @@ class Settler:
                  failures: dict[int, str]) -> tuple[list[Any], Any, list[Any]]:
         acks: list[Any] = []
         entries: list[tuple[Any, ...]] = []
+        waits: list[int | None] = []     # per entry: ns from due to its first attempt's start
         nacks: list[tuple[Any, ...]] = []
-        waits: dict[str, int] = {}      # task id -> ns from due to its first attempt's start
-        for i, m in enumerate(msgs):
-            why = failures.get(m.offset)
-            v = values[i] if values is not None and why is None else None
-            if why is not None:
-                v = self._lost(m, why)
+        if values is None:
+            values = [None] * len(msgs)
+        for m, v in zip(msgs, values):
+            if failures:
+                why = failures.get(m.offset)
+                if why is not None:
+                    v = self._lost(m, why)
             if v is None or v[0] is None:
                 acks.append(m)
                 continue
-            if v[7] == 1 and v[3]:
-                waits[v[1]] = v[3] - max(m.ts_ns, m.due or 0)
-            if v[0] == S.FAIL:
-                err = json.loads(v[2])
-                nacks.append((m, f"{err['type']}: {err['message']}", self._writer([v], waits=waits)))
-            elif v[0] == S.GIVE_UP and not self._cancelled(v):
+            event = v[0]
+            wait = v[4] - max(m.ts_ns, m.due or 0) if v[4] and m.attempt == 1 else None
+            if event == _SUCCEED:
+                acks.append(m)
+                entries.append(v)
+                waits.append(wait)
+            elif event == S.FAIL:
+                nacks.append((m, self._reason(v), self._writer([v], [wait])))
+            elif event == S.GIVE_UP and not self._cancelled(v):
                 # Out of retries: to the group's dead letters (with its
                 # payload), the failed outcome in the same transaction.
-                err = json.loads(v[2])
-                nacks.append((m, f"{err['type']}: {err['message']}", self._writer([v], waits=waits), True))
+                nacks.append((m, self._reason(v), self._writer([v], [wait]), True))
             else:
                 acks.append(m)
                 entries.append(v)
+                waits.append(wait)
         now = time.monotonic()
         purge = now - self._last_purge >= 1.0
         if purge:
             self._last_purge = now
-        write = self._writer(entries, purge, waits) if entries or purge else None
+        write = self._writer(entries, waits, purge) if entries or purge else None
         return acks, write, nacks
 
-    def _writer(self, entries: list[tuple[Any, ...]], purge: bool = False,
-                waits: dict[str, int] | None = None) -> Any:
+    @staticmethod
+    def _reason(v: tuple[Any, ...]) -> str:
+        """A failed attempt's error as the nack's text (``type: message``)."""
+        err = json.loads(Outcome.unpack(v[2]).payload)
+        return f"{err['type']}: {err['message']}"
+
+    def _writer(self, entries: list[tuple[Any, ...]], waits: list[int | None],
+                purge: bool = False) -> Any:
         store, app = self.store, self.app
 
         def write(txn: Any) -> None:
+            put, db, hooks = txn.put, store.outcome, app.settle_hooks
             counted = []    # for the operators' counters, added to once per transaction
-            hooks = app.settle_hooks
-            for event, tid, payload, started, finished, ser, name, attempt, sub in entries:
-                final = event != S.FAIL
-                ttl = app._ttl(name)
-                state = _AFTER_RUNNING.get(event) or S.next_state(S.RUNNING, event)
-                out = Outcome(state, attempt, sub, started, finished if final else 0,
-                              finished + int(ttl * 1e9) if final and ttl else 0, ser, name, payload)
-                if store.record(txn, tid, event, out):
+            expiring: dict[int, list[Any]] = {}     # TTL ns -> [latest expiry, keys]
+            ttls: dict[str, int] = {}                # task name -> this app's result_ttl in ns
+            for (event, key, packed, name, started, finished), wait in zip(entries, waits):
+                out = None
+                # The TTL is this process's (the worker packed its own).
+                ttl = ttls.get(name)
+                if ttl is None:
+                    ttl = ttls[name] = int((app._ttl(name) or 0) * 1e9)
+                exp = finished + ttl if ttl and event != S.FAIL else 0
+                if exp != _EXPIRES.unpack_from(packed, EXPIRES_AT)[0]:
+                    packed = packed[:EXPIRES_AT] + _EXPIRES.pack(exp) + packed[EXPIRES_AT + 8:]
+                if put(key, packed, db=db, overwrite=False):
+                    # The task's first outcome (the usual case): stored.
+                    if exp:
+                        e = expiring.get(exp - finished)
+                        if e is None:
+                            expiring[exp - finished] = [exp, key]
+                        else:
+                            if exp > e[0]:
+                                e[0] = exp
+                            e.append(key)
+                else:
+                    # It has one: the state machine decides (a final one absorbs).
+                    out = Outcome.unpack(packed)
+                    if not store.record(txn, key.decode(), event, out):
+                        continue
+                if hooks:
+                    if out is None:
+                        out = Outcome.unpack(packed)
+                    tid = key.decode()
                     for h in hooks:
                         h(txn, tid, event, out)
-                    counted.append((name, event, started, finished, waits.get(tid) if waits else None))
+                counted.append((name, event, started, finished, wait))
+            for e in expiring.values():
+                store.expire(txn, e[0], e[1:])
             if counted:
                 tally = Tally()
                 tally.settled_all(counted)
@@ -283,10 +376,10 @@ class Settler:
         """Whether a task that gave up was cancelled (killed after the
         grace, or it raised once it saw ``cancelled``): acked, not a dead
         letter; its cancelled outcome stands."""
-        if json.loads(v[2]).get("type", "").startswith("TaskCancelled"):
+        if json.loads(Outcome.unpack(v[2]).payload).get("type", "").startswith("TaskCancelled"):
             return True
         st = self.store
-        raw = st.idx.read(lambda t: t.get(v[1].encode(), db=st.outcome))
+        raw = st.idx.read(lambda t: t.get(v[1], db=st.outcome))
         return raw is not None and state_of(raw) == S.CANCELLED
 
     def _lost(self, m: Any, why: str) -> tuple[Any, ...] | None:
@@ -306,7 +399,8 @@ class Settler:
             kind, msg = "WorkerLost", why
         event = S.FAIL if m.attempt <= retries and not kind.startswith("TaskCancelled") else S.GIVE_UP
         now = time.time_ns()
-        return (event, tid, error_json(kind, msg, why), 0, now, "", rec.name, m.attempt, m.ts_ns)
+        return outcome(event, tid.encode(), m.attempt, m.ts_ns, 0, now, b"", rec.name,
+                       error_json(kind, msg, why), self.app._ttl(rec.name))
 
     def _dead_markers(self, tid: str) -> dict[str, Any]:
         """Markers of dead workers that ran ``tid`` (deleted as read)."""

@@ -6,9 +6,13 @@ Durable (the index, fsynced with the queue's group commits):
 * ``tasks.outcome``: task id -> Outcome, written only by a settlement's
   own transaction (an ack or nack of the task's message, through the
   consumer's ``write=`` hook) or by ``cancel``/``retry``;
-* ``tasks.expiry``: (expires ns, id) -> "" for finished outcomes; purged
-  with the settlements that follow (and by ``purge``), so the index does
-  not grow without bound;
+* ``tasks.expiry``: (expires ns, id) -> "" for a finished outcome, or
+  (latest expires ns, first id) -> the ids of outcomes that a settlement
+  stored together with the same TTL, each as one length byte and the id
+  (one entry per TTL per transaction, not per task); purged with the
+  settlements that follow (and by ``purge``), so the index does not grow
+  without bound.  An outcome is purged once its own ``expires_ns`` has
+  passed (a later outcome of the same task keeps it);
 * ``tasks.moved``: id -> offset of the record ``retry`` put for it;
 * ``tasks.counters``: per task name, counts and histograms for operators,
   added to in the transactions that record what they count (``_census``);
@@ -28,6 +32,7 @@ later (retrying after a failure, else scheduled); queued.
 from __future__ import annotations
 
 import json
+import struct
 import time
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -40,7 +45,8 @@ from logq._status import pid_alive
 from logq._settled import _DEAD, _be, _is_settled
 from logq.tasks import _state as S
 from logq.tasks._census import Tally
-from logq.tasks._records import Outcome, TaskRecord, decode_task, error_json, parse_id, state_of
+from logq.tasks._records import (EXPIRES_AT, Outcome, TaskRecord, decode_task, error_json, parse_id,
+                                 state_of)
 
 GROUP_NAME = "tasks"
 PREFIX = GROUP_NAME.encode() + b"\0"
@@ -65,6 +71,19 @@ class TaskStatus:
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+_EXPIRES = struct.Struct("<Q")
+
+
+def _split_ids(v: bytes) -> list[bytes]:
+    """The ids of a shared expiry entry (each a length byte and the id)."""
+    out, at = [], 0
+    while at < len(v):
+        n = v[at]
+        out.append(v[at + 1:at + 1 + n])
+        at += 1 + n
+    return out
 
 
 def _s(ns: int) -> float | None:
@@ -110,28 +129,47 @@ class Store:
             txn.put(_be(out.expires_ns) + key, b"", db=self.expiry)
         return True
 
+    def expire(self, txn: Any, expires_ns: int, keys: list[bytes]) -> None:
+        """Note in ``txn`` that the outcomes of ``keys`` (task ids, stored
+        in it) expire by ``expires_ns``: one entry for them all."""
+        if any(len(k) > 255 for k in keys):        # (ids are short: never, but not lost if so)
+            for k in keys:
+                txn.put(_be(expires_ns) + k, b"", db=self.expiry)
+            return
+        txn.put(_be(expires_ns) + keys[0], b"".join([bytes((len(k),)) + k for k in keys]),
+                db=self.expiry)
+
     def purge_expired(self, txn: Any, now_ns: int, limit: int = 1000) -> int:
-        """Delete up to ``limit`` outcomes whose time ran out; how many."""
-        n = 0
+        """Delete the outcomes whose time ran out (at least ``limit``
+        outcomes looked at, whole expiry entries); how many entries."""
+        n = looked = 0
         cur = txn.cursor(db=self.expiry)
         doomed = []
-        for k, _ in cur.iternext():
-            if int.from_bytes(k[:8], "big") > now_ns or n >= limit:
+        for k, v in cur.iternext():
+            if int.from_bytes(k[:8], "big") > now_ns or looked >= limit:
                 break
-            doomed.append(bytes(k))
+            k, v = bytes(k), bytes(v)
+            ids = [k[8:]] if not v else _split_ids(v)
+            doomed.append((k, ids))
+            looked += len(ids)
             n += 1
-        for k in doomed:
-            tid = k[8:]
-            raw = txn.get(tid, db=self.outcome)
-            if raw is not None and Outcome.unpack(raw).expires_ns == int.from_bytes(k[:8], "big"):
-                txn.delete(tid, db=self.outcome)
-                txn.delete(tid, db=self.moved)
+        for k, ids in doomed:
+            for tid in ids:
+                raw = txn.get(tid, db=self.outcome)
+                if raw is not None and 0 < _EXPIRES.unpack_from(raw, EXPIRES_AT)[0] <= now_ns:
+                    txn.delete(tid, db=self.outcome)
+                    txn.delete(tid, db=self.moved)
             txn.delete(k, db=self.expiry)
         return n
 
     # -- reads ---------------------------------------------------------------------------
     def recorded(self, task_id: str) -> Outcome | None:
-        raw = self.idx.read(lambda t: t.get(task_id.encode(), db=self.outcome))
+        key = task_id.encode()
+        try:
+            with self.idx.env.begin() as t:
+                raw = t.get(key, db=self.outcome)
+        except Exception:       # (the map grew in another process: the index's own read handles it)
+            raw = self.idx.read(lambda t: t.get(key, db=self.outcome))
         return None if raw is None else Outcome.unpack(raw)
 
     def load(self, offset: int) -> tuple[TaskRecord, int, int | None] | None:
