@@ -38,6 +38,11 @@ log = logging.getLogger("logq")
 # (``logq metrics``): histogram bucket bounds (upper, inclusive).
 FSYNC_SECONDS_BOUNDS = (1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 FSYNC_RECORDS_BOUNDS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 16384, 65536)
+_CONTENDED = 1.0             # "always": hand the append lock over before each sync this long after a wait for it (s)
+_SEVERAL_FOR = 1.0           # a sync lets other threads append first this long after two waited (s)
+_GATHER_GAP = 100e-6          # a sync waits for more appends while they come this close (s)
+_GATHER_SHARE = 0.5           # ... for at most this share of an fdatasync
+_GATHER_MOST = 2e-3           # ... and at most this long (s)
 _SYNC_WAIT_NS = 2_000_000    # a put waiting for another process's fdatasync tries its lock this often
 
 
@@ -83,6 +88,10 @@ class Committer:
     _always: bool
     _batch: bool
     _syncs: bool
+    _putter = 0                 # the thread that last waited for a sync (its ident)
+    _several_at = 0.0           # when another thread than the last one did (monotonic s)
+    _sync_took = 0.0            # how long an fdatasync takes here, a moving average (s)
+    _cover = 0                  # records the last fdatasync seen here made durable (any process's)
 
     def _open_log(self) -> Log:
         lg = self._log
@@ -126,6 +135,11 @@ class Committer:
         returns without an fdatasync of its own when another process's
         completed one covered its records, waits for one in progress that
         will, and otherwise fdatasyncs for every process."""
+        me = threading.get_ident()
+        if me != self._putter:
+            if self._putter:
+                self._several_at = time.monotonic()     # several threads wait for syncs
+            self._putter = me
         if self._durable_next >= target and not checkpoint:
             return
         with self._sync_cond:
@@ -140,22 +154,28 @@ class Committer:
         done = -1
         try:
             lg = self._open_log()
-            if lg.wanted():
-                # Another process waits to append: let it while this one
-                # syncs (its records may then share the fdatasync).
+            if lg.wanted() or (self._always and lg.holding and lg.contended(_CONTENDED)):
+                # Another process waits (or, under "always", waited lately)
+                # to append: let it while this one syncs (its records may
+                # then share the fdatasync).  Kept until it asks, this lock
+                # would wait for the fdatasync and then the housekeeper.
                 with self._lock, lg.w:
-                    if self._log is not None and lg.wanted():
+                    if self._log is not None and lg.holding:
                         lg.release()
-            # Let threads that are about to append do so first: they join
-            # this fsync instead of waiting for the next one.  (sched_yield
-            # drops the GIL; time.sleep(0) costs tens of microseconds.)
-            seen = -1
-            for _ in range(16):
-                now_next = lg.ctl_get(F.CTL_TAIL_NEXT)   # published by every put
-                if now_next == seen:
-                    break
-                seen = now_next
-                os.sched_yield()
+            if time.monotonic() - self._several_at < _SEVERAL_FOR:
+                # Let threads that are about to append do so first: they
+                # join this fsync instead of waiting for the next one.
+                # (sched_yield drops the GIL; time.sleep(0) costs tens of
+                # microseconds.)  Not for a lone thread: no one is coming,
+                # and on a busy machine each sched_yield gives the CPU away
+                # for a time slice.
+                seen = -1
+                for _ in range(16):
+                    now_next = lg.ctl_get(F.CTL_TAIL_NEXT)   # published by every put
+                    if now_next == seen:
+                        break
+                    seen = now_next
+                    os.sched_yield()
             now = time.monotonic()
             point = None
             if checkpoint or now - self._last_checkpoint >= self.options.checkpoint_interval:
@@ -190,29 +210,63 @@ class Committer:
         ``sync.lock`` held: this process syncs.  While a sync in progress
         (another process's) will cover ``target``, wait for it, trying the
         lock between waits: a syncer that died released it, and never
-        published (so nothing returns early)."""
+        published (so nothing returns early).  Before this process
+        syncs for all, other processes that put lately get a moment to
+        append (``_gather``)."""
+        waited = False
+        seen = lg.synced()
         while True:
             synced = lg.synced()
+            if synced != seen:
+                self._cover, seen = synced - seen, synced
             if synced >= target:
                 return synced
             if lg.try_sync_lock():
                 break
-            if lg.sync_in_progress() >= target:
-                C.wait_synced(lg.ctl_h, target - 1, _SYNC_WAIT_NS)
-                continue
-            lg.sync_lock()      # the one in progress does not cover these: next turn
-            break
+            # The sync in progress covers these records (then wait for it),
+            # or not (wait for it to end, then try to be the next syncer):
+            # a sleep on SYNCED_NEXT's futex, which every syncer wakes, not
+            # on sync.lock, which would hand the lock to its waiters one
+            # after another, each only to find its records synced.
+            waited = lg.sync_in_progress() < target
+            C.wait_synced(lg.ctl_h, target - 1, _SYNC_WAIT_NS)
         synced = lg.synced()
         if synced >= target:    # the syncer before covered them after all
             lg.sync_end()
             return synced
+        if waited or lg.contended(_CONTENDED):
+            # Other processes put too: those the last fdatasync made
+            # durable are coming back with new records.
+            self._gather(lg)
         return -1
+
+    def _gather(self, lg: Log) -> None:
+        """Holding ``sync.lock``, before an fdatasync for every process: wait
+        while other processes append (each new record, or a wait for the
+        append lock, within ``_GATHER_GAP`` of the last), so that the
+        fdatasync covers them too, at most a fraction of an fdatasync (the
+        most that can pay off: with several processes putting, each
+        fdatasync then covers about one record of each), and no longer
+        than until as many records wait as the last fdatasync covered
+        (those puts are back).  A sleep on the tail's futex: every append
+        wakes it."""
+        deadline = time.monotonic() + min(_GATHER_MOST, self._sync_took * _GATHER_SHARE)
+        enough = lg.synced() + self._cover
+        while True:
+            seen = lg.ctl_get(F.CTL_TAIL_NEXT)
+            left = deadline - time.monotonic()
+            if left <= 0 or seen >= enough:
+                return
+            if not C.wait(lg.ctl_h, seen, int(min(left, _GATHER_GAP) * 1e9)) \
+                    and not lg.ctl_get(F.CTL_WANT):
+                return
 
     def _sync_for_all(self, lg: Log, point: tuple[int, int, int] | None) -> int:
         """Holding ``sync.lock``: make every record complete now durable, for
         every process; the offset below which they are.  With ``point``
         (this process's tail), also commit the index checkpoint."""
         try:
+            before = lg.synced()
             stored = self._index.checkpoint() if point is not None else None
             with self._lock:
                 # 2. the data is durable: every segment written since the last
@@ -223,7 +277,10 @@ class Committer:
             for seg in segs:
                 _fdatasync_unless_deleted(seg)
             took = time.perf_counter() - began
+            self._sync_took += (took - self._sync_took) / 8
             lg.sync_publish(nxt, segs)      # 4. for every process
+            if nxt > before:
+                self._cover = nxt - before
         finally:
             lg.sync_end()
         self._fsyncs += 1

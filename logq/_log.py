@@ -144,6 +144,9 @@ class Log:
         self.active: Segment = None  # type: ignore[assignment]
         self.w = C.Writer()
         self.holding = False
+        # When another process last waited for the append lock (this one's
+        # wait for it, or its WANT seen here): monotonic seconds.
+        self.contended_at = 0.0
         # Where sealed segments' stored sparse indexes come from (the Queue
         # plugs in its Index): base -> (end, count, positions) or None.
         self.sparse_source: Callable[[int], tuple[int, int, array[int]] | None] | None = None
@@ -315,10 +318,13 @@ class Log:
         if self.holding:
             return
         if not _flock(self.append_fd, fcntl.LOCK_EX | fcntl.LOCK_NB):
+            self.contended_at = time.monotonic()
             pause = 20e-6
             while True:
                 self.ctl_set(F.CTL_WANT, 1)
-                time.sleep(pause)
+                # A sleep that the holder's release ends (it publishes the
+                # tail, which wakes the tail's sleepers), as do its appends.
+                C.wait(self.ctl_h, self.ctl_get(F.CTL_TAIL_NEXT), int(pause * 1e9))
                 pause = min(pause * 2, 1e-4)
                 if _flock(self.append_fd, fcntl.LOCK_EX | fcntl.LOCK_NB):
                     break
@@ -380,7 +386,15 @@ class Log:
             time.sleep(50e-6)
 
     def wanted(self) -> bool:
-        return self.holding and self.ctl_get(F.CTL_WANT) != 0
+        if self.holding and self.ctl_get(F.CTL_WANT) != 0:
+            self.contended_at = time.monotonic()
+            return True
+        return False
+
+    def contended(self, within: float) -> bool:
+        """Whether another process waited for the append lock in the last
+        ``within`` seconds (so it probably waits again)."""
+        return time.monotonic() - self.contended_at < within
 
     def _repair_after(self, pid: int) -> None:
         """The previous holder died holding the lock: keep the records it

@@ -13,6 +13,7 @@ from logq._errors import MessageTooLargeError, QueueFullError
 from logq._index import K_PRIORITIES
 from logq._log import Log
 from logq._options import MAX_KEY_BYTES, MAX_PRIORITY, _check_int, _check_number
+from logq._commit import _CONTENDED
 from logq._upkeep import Upkeep, _NoRoom
 
 _ROOM_POLL = 0.02             # a put blocked at max_bytes looks for room this often (s)
@@ -151,7 +152,11 @@ class Producer(Upkeep):
                             lg.yield_turn()
                         if not lg.holding:
                             lg.acquire()
-                            self._kick.set()  # the housekeeper hands the lock back when idle
+                            if not (self._always and lg.contended(_CONTENDED)):
+                                # The housekeeper hands the lock back when idle.
+                                # (Not needed where the sync after this put
+                                # hands it over: waking it costs the GIL.)
+                                self._kick.set()
                         if key is not None:
                             # Holding the append lock: no other put of this key can interleave.
                             now = time.time_ns()
