@@ -22,6 +22,7 @@ import struct
 import threading
 import time
 
+import pytest
 from helpers import Child, children, count_lines, read_report, run_child, wait_for
 
 import logq
@@ -98,7 +99,8 @@ def _cut_power(qdir: str, points: dict[str, int], rng: random.Random) -> None:
 
 
 def test_producers_killed_then_power_cut(tmp_path):
-    """Three producers under fsync="always", SIGKILLed at random moments,
+    """Four producers under fsync="always" (they hand the append lock over
+    before each sync, and gather each other's puts), SIGKILLed at random moments,
     five times over; after each, a power cut that keeps only what some
     fdatasync reached.  Every put that returned is there, intact."""
     qdir = str(tmp_path / "q")
@@ -110,7 +112,7 @@ def test_producers_killed_then_power_cut(tmp_path):
         synclog = str(tmp_path / f"synclog-{run}")
         reports = []
         with children() as kids:
-            for k in range(3):
+            for k in range(4):
                 report = str(tmp_path / f"report-{run}-{k}")
                 reports.append(report)
                 kids.append(Child(PRODUCER, str(tmp_path / f"out-{run}-{k}"), qdir, f"p{k}", report, synclog))
@@ -153,13 +155,15 @@ qdir, mode = sys.argv[1], sys.argv[2]
 fd = os.open(os.path.join(qdir, F.SYNC_LOCK_FILE), os.O_RDWR)
 ctl = mmap.mmap(os.open(os.path.join(qdir, F.CONTROL_FILE), os.O_RDWR), F.CONTROL_SIZE)
 words = memoryview(ctl).cast("Q")
-if mode == "holding":
+if mode in ("holding", "gathering"):
     fcntl.flock(fd, fcntl.LOCK_EX)          # a syncer stuck in (or killed in) its fdatasync
-# it announces a sync that would cover everything
-words[F.CTL_SYNCING_NEXT >> 3] = 1 << 60
-words[F.CTL_SYNCING >> 3] = os.getpid()
+if mode != "gathering":
+    # it announces a sync that would cover everything (a syncer that gathers
+    # other processes' puts first holds the lock and announces nothing yet)
+    words[F.CTL_SYNCING_NEXT >> 3] = 1 << 60
+    words[F.CTL_SYNCING >> 3] = os.getpid()
 print("syncing", flush=True)
-if mode == "holding":
+if mode in ("holding", "gathering"):
     time.sleep(600)
 """
 
@@ -169,21 +173,25 @@ def _ctl_word(qdir: str, at: int) -> int:
         return CTL.unpack_from(f.read(), at)[0]
 
 
-def test_killed_syncer_neither_returns_early_nor_blocks(tmp_path):
+@pytest.mark.parametrize("mode", ["holding", "gathering"])
+def test_killed_syncer_neither_returns_early_nor_blocks(tmp_path, mode):
+    """A syncer killed in its fdatasync, or before it (holding sync.lock
+    while it lets other processes' puts append first)."""
     qdir = str(tmp_path / "q")
     with logq.open(qdir, fsync="always") as q:
         q.put(b"first")
         synced_before = _ctl_word(qdir, F.CTL_SYNCED_NEXT)
         with children() as kids:
-            kid = Child(STUCK_SYNCER, str(tmp_path / "out"), qdir, "holding")
+            kid = Child(STUCK_SYNCER, str(tmp_path / "out"), qdir, mode)
             kids.append(kid)
             wait_for(lambda: "syncing" in kid.output(), 30, "the syncer to announce its sync")
             fsyncs = q.stats()["fsyncs"]
             result: list = []
             t = threading.Thread(target=lambda: result.append(q.put(b"second")), daemon=True)
             t.start()
-            # The announced sync would cover it: the put waits (it must not
-            # return before some fdatasync covered it) ...
+            # The announced sync would cover it (or the syncer holds the
+            # lock): the put waits (it must not return before some
+            # fdatasync covered it) ...
             t.join(0.5)
             assert t.is_alive() and not result
             assert _ctl_word(qdir, F.CTL_SYNCED_NEXT) == synced_before
