@@ -167,11 +167,7 @@ class Upkeep(Committer):
                 last_next = lg.next
                 if lg.holding:
                     grown_from = self._grow_ahead(lg, *grown_from)
-                    if not self._always:
-                        # (Under "always" every put's fdatasync would write
-                        # the pages faulted in ahead, zeros, and leave them
-                        # clean, to be faulted in again by the put anyway.)
-                        prefaulted = self._prefault(lg, *prefaulted)
+                    prefaulted = self._prefault(lg, *prefaulted)
                 # "batch": fsync once the oldest unsynced put is about
                 # fsync_interval old, or fsync_bytes were put (a kick), not
                 # at every 5 ms wake while this process holds the lock.
