@@ -86,6 +86,9 @@ RUNNING, SLEEPING, WAITING = "running", "sleeping", "waiting"
 SUCCEEDED, FAILED, CANCELLED = S.SUCCEEDED, S.FAILED, S.CANCELLED
 FINAL = frozenset((SUCCEEDED, FAILED, CANCELLED))
 _WAIT_SLICE = 0.25
+_LOOK_EVERY = 0.02      # checkpoint="run": a run looks this often whether it was cancelled (s)
+_FIRST_WAIT = 0.5       # a first run that came before its workflow's start transaction waits this long...
+_FIRST_GIVE_UP = 30.0   # ...and is retried until its start is this old (s): then its start died before it
 
 
 class WorkflowError(TaskError):
@@ -235,20 +238,6 @@ class Flows:
         q._bump_written()
         return out
 
-    def sweep(self, wid: str) -> None:
-        """Delete the lease table's step records of ``wid`` that the index
-        holds (a run's settlement copied them)."""
-        if self.sdb is None:
-            return
-        prefix = b"S" + wid.encode() + b"\0"
-        pending = self._pending(prefix)
-        if not pending:
-            return
-        held = self.idx.read(lambda txn: [k for k in pending if txn.get(_sk(wid, k), db=self.db) is not None])
-        if held:
-            sdb = self.sdb
-            self.scratch.write(lambda vt: [vt.delete(_sk(wid, k), db=sdb) for k in held])
-
     def start(self, wf: "Workflow", wid: str, args: tuple[Any, ...], kwargs: dict[str, Any],
               parent: tuple[str, str] | None = None) -> bool:
         """Create workflow ``wid`` and release its first run, unless it
@@ -257,17 +246,30 @@ class Flows:
 
     def start_many(self, wf: "Workflow", items: list[tuple[str, tuple[Any, ...], dict[str, Any]]],
                    parent: tuple[str, str] | None = None) -> list[bool]:
-        """``start`` of each (id, args, kwargs), in one index transaction
-        (after one put each of their first runs, parked)."""
+        """``start`` of each (id, args, kwargs), in one index transaction,
+        after one ``put_many`` of their first runs, due at once and flushed
+        (on disk before the index names them, whatever the fsync policy).
+        A first run that comes before its workflow's transaction waits for
+        it (``Workflow._run``)."""
         ser = self.app._serializer(wf.serializer)
+        now = time.time_ns()
+        there = self.idx.read(lambda txn: [txn.get(_fk(b"F", w), db=self.db) is not None
+                                           for w, _a, _k in items])
         todo: list[tuple[str, bytes, str] | None] = []
-        for wid, args, kwargs in items:
-            if self.flow(wid) is not None:
+        runs: list[tuple[int, bytes]] = []
+        for (wid, args, kwargs), known in zip(items, there):
+            if known:
                 todo.append(None)
                 continue
             body = dumps(ser, [list(args), dict(kwargs)], f"the arguments of workflow {wf.name}")
-            todo.append((wid, body, wf._put_run(wid, NEVER)))
-        now = time.time_ns()
+            nonce = new_nonce()
+            runs.append((nonce, encode_task(nonce, wf.name, ser.name, dumps(ser, [[wid, now], {}], "a run"))))
+            todo.append((wid, body, ""))
+        if runs:
+            q = self.app.queue
+            offs = iter(zip(q.put_many([r for _n, r in runs]), (n for n, _r in runs)))
+            q.flush()
+            todo = [t if t is None else (t[0], t[1], make_id(*next(offs))) for t in todo]
         base = {"name": wf.name, "state": RUNNING, "waiting": None, "until": 0, "ser": ser.name,
                 "created": now / 1e9, "finished": None, "parent": parent, "error": None,
                 "parked": False, "ck": wf.checkpoint}
@@ -279,8 +281,7 @@ class Flows:
                     out.append(False)
                     continue
                 wid, body, tid = t
-                # (A run whose workflow exists is released anyway: it drains, not current.)
-                release(txn, self.idx, tid, now)
+                # (A run whose workflow exists meanwhile runs as not current: a no-op.)
                 if txn.get(_fk(b"F", wid), db=self.db) is not None:
                     out.append(False)
                     continue
@@ -293,27 +294,55 @@ class Flows:
             return [False] * len(todo)
         return self._write(fn)
 
-    def record(self, wid: str, run: str, k: int, header: dict[str, Any], payload: bytes,
-               overwrite: bool = False, durable: bool = True) -> tuple[dict[str, Any], bytes]:
-        """Record step ``k`` (one transaction), if ``run`` is still current;
-        the record that stands (one written meanwhile wins, unless
-        ``overwrite``).  Not ``durable``: in the lease table (it survives the
-        death of processes, not of the machine), copied to the index by the
-        settlement of the run.  Raises _NotCurrent."""
-        key = _sk(wid, k)
-        if not durable and self.sdb is not None:
-            f = self.flow(wid)
-            if f is None or f["current"] != run or f["state"] != RUNNING:
-                raise _NotCurrent(wid)
-            sdb = self.sdb
+    def load(self, wid: str, run: str) -> tuple[dict[str, Any] | None, bytes | None, dict[int, Any], set[int]]:
+        """What a run needs, in one index read: the workflow record, its
+        arguments, its step records; with the step records of checkpoint="run"
+        still only in the lease table (an earlier attempt of this run was
+        killed, or its settlement did not commit) added, and those the index
+        now holds deleted from the lease table.  (flow, args, steps, keys
+        of the steps found in the index)."""
+        prefix = b"S" + wid.encode() + b"\0"
 
-            def put(vt: Any) -> tuple[dict[str, Any], bytes]:
-                raw = vt.get(key, db=sdb)
-                if raw is not None:
-                    return _unpack_step(bytes(raw))
-                vt.put(key, _pack_step(header, payload), db=sdb)
-                return header, payload
-            return self.scratch.write(put)
+        def fn(txn: Any) -> tuple[Any, Any, dict[int, Any]]:
+            raw = txn.get(_fk(b"F", wid), db=self.db)
+            if raw is None:
+                return None, None, {}
+            return (json.loads(raw), txn.get(_fk(b"A", wid), db=self.db),
+                    {_U32.unpack(k[-4:])[0]: _unpack_step(v) for k, v in _prefix_items(txn, self.db, prefix)})
+        f, args, steps = self.idx.read(fn)
+        held = set(steps)
+        if f is not None and f.get("ck") == "run" and f["current"] == run and self.sdb is not None:
+            pending = self._pending(prefix)
+            stale = [k for k in pending if k in held]
+            if stale:
+                sdb = self.sdb
+                self.scratch.write(lambda vt: [vt.delete(_sk(wid, k), db=sdb) for k in stale])
+            for k, rec in pending.items():
+                steps.setdefault(k, rec)
+        return f, args, steps, held
+
+    def record_pending(self, wid: str, k: int, header: dict[str, Any],
+                       payload: bytes) -> tuple[dict[str, Any], bytes]:
+        """checkpoint="run": record step ``k`` in the lease table (one
+        unsynced write transaction: it survives the death of processes, not
+        of the machine); the record that stands (one written meanwhile, by
+        another delivery of the same run, wins)."""
+        key, sdb = _sk(wid, k), self.sdb
+
+        def put(vt: Any) -> tuple[dict[str, Any], bytes]:
+            raw = vt.get(key, db=sdb)
+            if raw is not None:
+                return _unpack_step(bytes(raw))
+            vt.put(key, _pack_step(header, payload), db=sdb)
+            return header, payload
+        return self.scratch.write(put)
+
+    def record(self, wid: str, run: str, k: int, header: dict[str, Any], payload: bytes,
+               overwrite: bool = False) -> tuple[dict[str, Any], bytes]:
+        """Record step ``k`` in the index (one fsynced transaction), if
+        ``run`` is still current; the record that stands (one written
+        meanwhile wins, unless ``overwrite``).  Raises _NotCurrent."""
+        key = _sk(wid, k)
 
         def fn(txn: Any) -> tuple[dict[str, Any], bytes]:
             f = self.flow(wid, txn)
@@ -398,16 +427,20 @@ class Flows:
         f = self.flow(wid, txn)
         if f is None or f["current"] != task_id or f["state"] in FINAL:
             return
+        info = self.app._serializer(out.serializer).loads(out.payload) if out.state == S.SUCCEEDED else {}
         if f.get("ck") == "run":
-            # The run's steps, from the lease table: durable with its ack.
-            for k, (h, payload) in self._pending(b"S" + wid.encode() + b"\0").items():
+            # The run's steps, durable with its ack: carried back in its
+            # outcome; from the lease table when it has none (it failed).
+            carried = info.get("steps")
+            steps = ({k: (h, p.encode("latin-1")) for k, h, p in carried} if carried is not None
+                     else self._pending(b"S" + wid.encode() + b"\0"))
+            for k, (h, payload) in steps.items():
                 if txn.get(_sk(wid, k), db=self.db) is None:
                     txn.put(_sk(wid, k), _pack_step(h, payload), db=self.db)
         if out.state != S.SUCCEEDED:
             e = out.error() or {}
             self._end(txn, wid, f, FAILED, None, {"type": e.get("type", ""), "message": e.get("message", "")})
             return
-        info = self.app._serializer(out.serializer).loads(out.payload)
         if "park" in info:
             # The next run was put parked: it becomes due here, once it is
             # current (at the wake-up time; at once if the event it waits
@@ -447,12 +480,14 @@ class Flows:
                                                       f"the result of child workflow {wid}"))
 
     def result(self, wid: str) -> tuple[str, Any]:
-        f = self.flow(wid)
-        if f is None:
+        def fn(txn: Any) -> tuple[Any, Any]:
+            return txn.get(_fk(b"F", wid), db=self.db), txn.get(_fk(b"R", wid), db=self.db)
+        raw_f, raw = self.idx.read(fn)
+        if raw_f is None:
             raise TaskNotFound(f"no workflow {wid!r} in {self.app.path}")
+        f = json.loads(raw_f)
         if f["state"] != SUCCEEDED:
             return f["state"], f.get("error")
-        raw = self.idx.get(_fk(b"R", wid), self.db)
         return f["state"], self.app._serializer(f["ser"]).loads(raw)
 
 
@@ -461,11 +496,32 @@ class WorkflowContext:
     ``sleep``, ``wait_event``, ``child``.  Everything the function does
     that is not deterministic (I/O, time, randomness) belongs in a step."""
 
-    def __init__(self, flows: Flows, wf: "Workflow", wid: str, run: str) -> None:
+    def __init__(self, flows: Flows, wf: "Workflow", wid: str, run: str,
+                 steps: dict[int, Any] | None = None, held: set[int] | None = None) -> None:
         self.flows, self.wf, self.id, self.run = flows, wf, wid, run
         self._n = 0
-        self._rec = flows.steps(wid)
+        self._rec = flows.steps(wid) if steps is None else steps
         self._ser = flows.app._serializer(wf.serializer)
+        self._per_run = wf.checkpoint == "run"
+        # checkpoint="run": the step records this run carries back in its
+        # outcome (those not in the index yet), and when it last looked
+        # whether it is still current.
+        self._carry = {k: r for k, r in self._rec.items() if k not in held} if held is not None else {}
+        self._looked = time.monotonic()
+
+    def _still_current(self) -> None:
+        """checkpoint="run" looks at most every _LOOK_EVERY s (an index read)
+        whether this run is still current (the workflow was not cancelled);
+        checkpoint="step" does in each step's transaction."""
+        now = time.monotonic()
+        if now - self._looked >= _LOOK_EVERY:
+            f = self.flows.flow(self.id)
+            if f is None or f["current"] != self.run or f["state"] != RUNNING:
+                raise _NotCurrent(self.id)
+            self._looked = now
+
+    def _carried(self) -> list[list[Any]]:
+        return [[k, h, p.decode("latin-1")] for k, (h, p) in sorted(self._carry.items())]
 
     def _next(self, name: str) -> tuple[int, tuple[dict[str, Any], bytes] | None]:
         k = self._n
@@ -490,8 +546,11 @@ class WorkflowContext:
                 header, payload = {"name": n, "ok": True}, dumps(self._ser, value, f"the result of step {n}")
             except Exception as e:
                 header, payload = {"name": n, "ok": False}, json.dumps(_err(e)).encode()
-            rec = self.flows.record(self.id, self.run, k, header, payload,
-                                    durable=self.wf.checkpoint == "step")
+            if self._per_run and self.flows.sdb is not None:
+                self._still_current()
+                rec = self._carry[k] = self.flows.record_pending(self.id, k, header, payload)
+            else:
+                rec = self.flows.record(self.id, self.run, k, header, payload)
             self._rec[k] = rec
         header, payload = rec
         if not header.get("ok"):
@@ -605,33 +664,54 @@ class Workflow:
             q.flush()       # on disk before the settlement that makes it current
         return make_id(off, nonce)
 
-    def _run(self, wid: str) -> dict[str, Any]:
-        """The task body of a run (in a worker)."""
+    def _run(self, wid: str, since: int = 0) -> dict[str, Any]:
+        """The task body of a run (in a worker).  ``since``: the start time
+        (ns) of a first run, put before its workflow's transaction."""
         ctx = current()
         run = ctx.id if ctx is not None else ""
         flows = self.flows()
-        f = flows.flow(wid)
+        f, raw, steps, held = flows.load(wid, run)
+        if f is None and since:
+            f, raw, steps, held = self._await_start(flows, wid, run, since)
         if f is None or f["current"] != run or f["state"] != RUNNING:
             return {"noop": 1}
-        if f.get("ck") == "run":
-            flows.sweep(wid)
-        raw = flows.idx.get(_fk(b"A", wid), flows.db)
         ser = self.app._serializer(f["ser"])
         args, kwargs = ser.loads(raw)
-        wctx = WorkflowContext(flows, self, wid, run)
+        wctx = WorkflowContext(flows, self, wid, run, steps, held)
         try:
             value = self.fn(wctx, *args, **kwargs)
         except _Park as p:
-            return {"park": p.resume, "wait": p.event, "until": p.until}
+            return {"park": p.resume, "wait": p.event, "until": p.until, "steps": wctx._carried()}
         except _NotCurrent:
             return {"noop": 1}
         except Exception as e:
-            return {"fail": _err(e)}
+            return {"fail": _err(e), "steps": wctx._carried()}
         try:
             dumps(ser, value, f"the result of workflow {self.name}")
         except Exception as e:
-            return {"fail": _err(e)}
-        return {"done": [value]}
+            return {"fail": _err(e), "steps": wctx._carried()}
+        return {"done": [value], "steps": wctx._carried()}
+
+    def _await_start(self, flows: Flows, wid: str, run: str, since: int) -> Any:
+        """A first run delivered before its start transaction committed:
+        wait a little for it; then retry later (the attempt fails and is
+        retried with the queue's backoff) while the start is recent; once
+        it is old, its starter died before the transaction (``start`` never
+        returned): nothing to run."""
+        q = self.app.queue
+        limit = time.monotonic() + _FIRST_WAIT
+        while True:
+            seen = q._written()
+            got = flows.load(wid, run)
+            if got[0] is not None:
+                return got
+            left = limit - time.monotonic()
+            if left <= 0:
+                break
+            q._wait_written(seen, min(left, 0.05))
+        if time.time_ns() - since < _FIRST_GIVE_UP * 1e9:
+            raise WorkflowError(f"workflow {wid}: its first run came before its start committed; later")
+        return got
 
     def __repr__(self) -> str:
         return f"<logq workflow {self.name}>"
@@ -651,8 +731,8 @@ def workflow(app: Any, *, name: str | None = None, serializer: str = "json",
         n = name or f"{fn.__module__}.{fn.__qualname__}"
         wf = Workflow(app, fn, n, serializer, checkpoint)
 
-        def run(wid: str) -> dict[str, Any]:
-            return wf._run(wid)
+        def run(wid: str, since: int = 0) -> dict[str, Any]:
+            return wf._run(wid, since)
         run.__name__ = run.__qualname__ = fn.__name__
         # A run is retried after a kill as long as it takes; results of
         # runs are bookkeeping (the workflow's own result is in its record).
