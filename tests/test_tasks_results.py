@@ -275,3 +275,68 @@ def test_bench_tasks_workload_beside_the_raw_pool(tmp_path) -> None:
     assert tasks["messages_consumed"] == 300 and tasks["msgs_per_s"] > 0
     assert tasks["floor"] == "raw WorkerPool no-op, this run"
     assert tasks["floor_msgs_per_s"] == pool["msgs_per_s"]
+
+
+def test_outcomes_stored_together_expire_by_their_own_time(tmp_path) -> None:
+    # A settlement's outcomes share one expiry entry per TTL (Store.expire);
+    # purge deletes each once its own expires_ns passed: one rewritten with
+    # a later expiry (a retried task) stays, as does one never expiring.
+    from logq.tasks._records import Outcome
+    from logq.tasks._store import Store
+    q = logq.open(str(tmp_path / "q"))
+    st = Store(q)
+    try:
+        def out(exp: int) -> bytes:
+            return Outcome("succeeded", 1, 1, 2, 3, exp, "json", "t", b"1").pack()
+        keys = [b"%d-0000000%d" % (i, i) for i in range(4)]
+
+        def fill(txn) -> None:
+            for k in keys[:3]:
+                assert txn.put(k, out(100), db=st.outcome, overwrite=False)
+            txn.put(keys[3], out(0), db=st.outcome)
+            st.expire(txn, 100, keys[:3])
+            st.expire(txn, 50, [b"old\nstyle"])         # (no id holds a newline: an entry of its own)
+        st.idx.write(fill)
+        st.idx.write(lambda txn: txn.put(keys[1], out(10**18), db=st.outcome))    # rewritten: later
+        assert st.idx.write(lambda txn: st.purge_expired(txn, 99)) == 1      # only the 50 one is due
+        assert all(st.recorded(k.decode()) is not None for k in keys)
+        assert st.idx.write(lambda txn: st.purge_expired(txn, 100)) == 1
+        assert [st.recorded(k.decode()) is not None for k in keys] == [False, True, False, True]
+        assert st.idx.read(lambda txn: sum(1 for _ in txn.cursor(db=st.expiry).iternext())) == 0
+    finally:
+        st.close()
+        q.close()
+
+
+def test_settle_batch_hooks_run_once_per_transaction_with_what_changed(app) -> None:
+    # App.settle_batch_hooks: one call per transaction that records
+    # outcomes, with every (id, event, outcome) it changed; what it writes
+    # through txn is there with the outcomes (the same transaction).
+    from logq.tasks import _state as S
+    seen: list[list[tuple[str, str, str]]] = []
+    db = app._store().idx.open_db(b"test.batch_hook")
+
+    def hook(txn, items) -> None:
+        seen.append([(tid, ev, out.state) for tid, ev, out in items])
+        for tid, _ev, out in items:
+            txn.put(tid.encode(), out.state.encode(), db=db)
+    app.settle_batch_hooks.append(hook)
+    try:
+        hs = [task_app.add.delay(i, 1) for i in range(30)]
+        parked = task_app.add.apply_async((0, 0), delay=60)
+        assert app.cancel(parked.id)
+        p = app.pool("task_app:app", workers=2)
+        p.start()
+        try:
+            assert [h.result(timeout=60) for h in hs] == [i + 1 for i in range(30)]
+        finally:
+            p.stop()
+        flat = [x for call in seen for x in call]
+        assert sorted(flat) == sorted([(h.id, S.SUCCEED, S.SUCCEEDED) for h in hs]
+                                      + [(parked.id, S.CANCEL, S.CANCELLED)])
+        assert all(call for call in seen)       # never called with nothing
+        st = app._store()
+        stored = st.idx.read(lambda t: {bytes(k).decode(): bytes(v).decode() for k, v in t.cursor(db=db)})
+        assert stored == {x[0]: x[2] for x in flat}
+    finally:
+        app.settle_batch_hooks.remove(hook)

@@ -250,7 +250,13 @@ class App:
     settlement's, or cancel's) when it changed the task's state: what it
     writes through ``txn`` is durable exactly with that outcome; and
     ``run_hooks``, each ``fn(task_id, name, args, kwargs) -> (args,
-    kwargs)`` called in the worker before a task runs."""
+    kwargs)`` called in the worker before a task runs.  ``settle_batch_hooks``
+    is the cheaper form of ``settle_hooks`` for a pool's settlements (a
+    call per task costs every task in the pool's process, which all
+    workers share): each ``fn(txn, items)`` is called once per transaction
+    that records outcomes, with ``items`` every ``(task_id, event,
+    outcome)`` whose state it changed, in order, after all of them are
+    stored in ``txn``; the same durability."""
 
     extensions: list[Callable[["App"], None]] = []
 
@@ -271,6 +277,7 @@ class App:
         self._module = frame.f_globals.get("__name__")
         self.settle_hooks: list[Callable[..., None]] = []
         self.run_hooks: list[Callable[..., Any]] = []
+        self.settle_batch_hooks: list[Callable[..., None]] = []
         self._extended = 0
 
     def _extend(self) -> None:
@@ -378,7 +385,8 @@ class App:
     def cancel(self, task_id: str) -> bool:
         self._extend()
         ttl = self._ttl(self._store().status(task_id).name)
-        return self._store().cancel(task_id, int((ttl or 0) * 1e9), self.settle_hooks)
+        return self._store().cancel(task_id, int((ttl or 0) * 1e9), self.settle_hooks,
+                                    self.settle_batch_hooks)
 
     def retry(self, task_id: str) -> TaskHandle:
         """Run a failed (or cancelled) task again, with its arguments and a

@@ -327,8 +327,9 @@ class Settler:
         store, app = self.store, self.app
 
         def write(txn: Any) -> None:
-            put, db, hooks = txn.put, store.outcome, app.settle_hooks
+            put, db, hooks, many = txn.put, store.outcome, app.settle_hooks, app.settle_batch_hooks
             counted = []    # for the operators' counters, added to once per transaction
+            changed: list[tuple[str, str, Outcome]] = []    # for the batch hooks
             expiring: dict[int, list[Any]] = {}     # TTL ns -> [latest expiry, keys]
             ttls: dict[str, int] = {}                # task name -> this app's result_ttl in ns
             for (event, key, packed, name, started, finished), wait in zip(entries, waits):
@@ -355,13 +356,18 @@ class Settler:
                     out = Outcome.unpack(packed)
                     if not store.record(txn, key.decode(), event, out):
                         continue
-                if hooks:
+                if hooks or many:
                     if out is None:
                         out = Outcome.unpack(packed)
                     tid = key.decode()
                     for h in hooks:
                         h(txn, tid, event, out)
+                    if many:
+                        changed.append((tid, event, out))
                 counted.append((name, event, started, finished, wait))
+            if changed:
+                for hm in many:
+                    hm(txn, changed)
             for e in expiring.values():
                 store.expire(txn, e[0], e[1:])
             if counted:

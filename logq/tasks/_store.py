@@ -8,8 +8,8 @@ Durable (the index, fsynced with the queue's group commits):
   consumer's ``write=`` hook) or by ``cancel``/``retry``;
 * ``tasks.expiry``: (expires ns, id) -> "" for a finished outcome, or
   (latest expires ns, first id) -> the ids of outcomes that a settlement
-  stored together with the same TTL, each as one length byte and the id
-  (one entry per TTL per transaction, not per task); purged with the
+  stored together with the same TTL, each after a newline (one entry per
+  TTL per transaction, not per task); purged with the
   settlements that follow (and by ``purge``), so the index does not grow
   without bound.  An outcome is purged once its own ``expires_ns`` has
   passed (a later outcome of the same task keeps it);
@@ -77,13 +77,8 @@ _EXPIRES = struct.Struct("<Q")
 
 
 def _split_ids(v: bytes) -> list[bytes]:
-    """The ids of a shared expiry entry (each a length byte and the id)."""
-    out, at = [], 0
-    while at < len(v):
-        n = v[at]
-        out.append(v[at + 1:at + 1 + n])
-        at += 1 + n
-    return out
+    """The ids of a shared expiry entry (each after a newline)."""
+    return v[1:].split(b"\n")
 
 
 def _s(ns: int) -> float | None:
@@ -132,12 +127,13 @@ class Store:
     def expire(self, txn: Any, expires_ns: int, keys: list[bytes]) -> None:
         """Note in ``txn`` that the outcomes of ``keys`` (task ids, stored
         in it) expire by ``expires_ns``: one entry for them all."""
-        if any(len(k) > 255 for k in keys):        # (ids are short: never, but not lost if so)
+        joined = b"\n".join(keys)
+        if joined.count(b"\n") != len(keys) - 1:
+            # (ids never hold a newline: one that did gets an entry of its own)
             for k in keys:
                 txn.put(_be(expires_ns) + k, b"", db=self.expiry)
             return
-        txn.put(_be(expires_ns) + keys[0], b"".join([bytes((len(k),)) + k for k in keys]),
-                db=self.expiry)
+        txn.put(_be(expires_ns) + keys[0], b"\n" + joined, db=self.expiry)
 
     def purge_expired(self, txn: Any, now_ns: int, limit: int = 1000) -> int:
         """Delete the outcomes whose time ran out (at least ``limit``
@@ -287,10 +283,11 @@ class Store:
                 yield tid
 
     # -- operations -----------------------------------------------------------------
-    def cancel(self, task_id: str, ttl_ns: int, hooks: Any = ()) -> bool:
+    def cancel(self, task_id: str, ttl_ns: int, hooks: Any = (), batch_hooks: Any = ()) -> bool:
         """Record the task cancelled, durably, unless it finished: True if
-        it was (not) finished and is cancelled now.  ``hooks``: the App's
-        settle hooks, run in the same transaction."""
+        it was (not) finished and is cancelled now.  ``hooks``,
+        ``batch_hooks``: the App's settle hooks and settle batch hooks, run
+        in the same transaction."""
         st = self.status(task_id)        # raises TaskNotFound
         if st.state in S.FINAL:
             return False
@@ -309,6 +306,8 @@ class Store:
                 txn.put(_be(out.expires_ns) + key, b"", db=self.expiry)
             for h in hooks:
                 h(txn, task_id, S.CANCEL, out)
+            for h in batch_hooks:
+                h(txn, [(task_id, S.CANCEL, out)])
             t = Tally()
             t.count(st.name, "cancelled")
             t.apply(txn, self.counters)
