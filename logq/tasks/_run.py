@@ -279,9 +279,18 @@ class Settler:
 
     def __call__(self, msgs: list[Any], values: list[Any] | None,
                  failures: dict[int, str]) -> tuple[list[Any], Any, list[Any]]:
+        now = time.monotonic()
+        purge = now - self._last_purge >= 1.0
+        if purge:
+            self._last_purge = now
+        if not failures and values is not None and all(v[0] == _SUCCEED for v in values):
+            # The usual batch: every attempt succeeded, every message is acked.
+            waits: list[int | None] = [  # per entry: ns from due to its first attempt's start
+                v[4] - max(m.ts_ns, m.due or 0) if m.attempt == 1 else None for m, v in zip(msgs, values)]
+            return msgs, self._writer(values, waits, purge) if values or purge else None, []
         acks: list[Any] = []
         entries: list[tuple[Any, ...]] = []
-        waits: list[int | None] = []     # per entry: ns from due to its first attempt's start
+        waits = []
         nacks: list[tuple[Any, ...]] = []
         if values is None:
             values = [None] * len(msgs)
@@ -309,10 +318,6 @@ class Settler:
                 acks.append(m)
                 entries.append(v)
                 waits.append(wait)
-        now = time.monotonic()
-        purge = now - self._last_purge >= 1.0
-        if purge:
-            self._last_purge = now
         write = self._writer(entries, waits, purge) if entries or purge else None
         return acks, write, nacks
 
