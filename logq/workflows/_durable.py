@@ -182,6 +182,9 @@ class Flows:
         self.store = app._store()
         self.idx = self.store.idx
         self.db = open_db(self.idx, b"wf.flow", txn)
+        # The task names of the app's workflows (registered by ``workflow``,
+        # also later: the same set).
+        self.runs: set[str] = app.__dict__.setdefault("_wf_names", set())
         # Steps checkpointed per run (checkpoint="run") wait in the lease
         # table; opened here, never inside an index transaction (a writer of
         # the lease table may wait for the index: lock order).
@@ -417,8 +420,8 @@ class Flows:
 
     # -- the settle hook (the pool's process) -------------------------------------------
     def on_settle(self, txn: Any, task_id: str, event: str, out: Any) -> None:
-        if out.state not in S.FINAL:
-            return
+        if out.state not in S.FINAL or out.name not in self.runs:
+            return      # (not a run of a workflow: no index read)
         raw = txn.get(_fk(b"T", task_id), db=self.db)
         if raw is None:
             return      # not a current run
@@ -435,8 +438,7 @@ class Flows:
             steps = ({k: (h, p.encode("latin-1")) for k, h, p in carried} if carried is not None
                      else self._pending(b"S" + wid.encode() + b"\0"))
             for k, (h, payload) in steps.items():
-                if txn.get(_sk(wid, k), db=self.db) is None:
-                    txn.put(_sk(wid, k), _pack_step(h, payload), db=self.db)
+                txn.put(_sk(wid, k), _pack_step(h, payload), db=self.db, overwrite=False)
         if out.state != S.SUCCEEDED:
             e = out.error() or {}
             self._end(txn, wid, f, FAILED, None, {"type": e.get("type", ""), "message": e.get("message", "")})
