@@ -103,6 +103,14 @@ class Runner:
         self.app_spec, self.path = st["app_spec"], st["path"]
         self.extensions = st.get("extensions", ())
         self._app = None
+        # Unpickled as a worker starts: load the app now, not in the first
+        # task (a worker's first task paid for the imports and the store's
+        # opening: tens of ms, seen as a stall of its whole first batch).
+        # A failure here is raised again, with its cause, by that first task.
+        try:
+            self._load()
+        except Exception:
+            self._app = None
 
     def _load(self) -> Any:
         import importlib
