@@ -79,6 +79,7 @@ from logq.tasks import _state as S
 from logq.tasks._records import dumps, encode_task, make_id, new_nonce
 from logq.tasks._run import current
 from logq.workflows._joins import NEVER, _prefix_items, release
+from logq.workflows._journal import Journal
 
 _U32 = struct.Struct(">I")
 _HDR = struct.Struct("<I")
@@ -139,7 +140,18 @@ def _sk(wid: str, k: int) -> bytes:
     return b"S" + wid.encode() + b"\0" + _U32.pack(k)
 
 
+_OK_HEADERS: dict[str, bytes] = {}     # a returned step's packed header, by name (bounded)
+
+
 def _pack_step(header: dict[str, Any], payload: bytes) -> bytes:
+    if len(header) == 2 and header.get("ok") is True:
+        h = _OK_HEADERS.get(header["name"])
+        if h is None:
+            j = json.dumps(header).encode()
+            h = _HDR.pack(len(j)) + j
+            if len(_OK_HEADERS) < 4096:
+                _OK_HEADERS[header["name"]] = h
+        return h + payload
     h = json.dumps(header).encode()
     return _HDR.pack(len(h)) + h + payload
 
@@ -185,11 +197,9 @@ class Flows:
         # The task names of the app's workflows (registered by ``workflow``,
         # also later: the same set).
         self.runs: set[str] = app.__dict__.setdefault("_wf_names", set())
-        # Steps checkpointed per run (checkpoint="run") wait in the lease
-        # table; opened here, never inside an index transaction (a writer of
-        # the lease table may wait for the index: lock order).
-        self.scratch = self.store.scratch
-        self.sdb = self.scratch.open_db(b"wf.steps") if txn is None else None
+        # Steps checkpointed per run (checkpoint="run") wait in this
+        # process's journal (``_journal``) and travel in the run's outcome.
+        self.journal = Journal(self.store.q.path)
 
     # -- reads ------------------------------------------------------------------------
     def flow(self, wid: str, txn: Any = None) -> dict[str, Any] | None:
@@ -198,22 +208,13 @@ class Flows:
         return None if raw is None else json.loads(raw)
 
     def steps(self, wid: str) -> dict[int, tuple[dict[str, Any], bytes]]:
-        """Step records: the index's, and those of the current run still in
-        the lease table (checkpoint="run")."""
+        """Step records in the index (with checkpoint="run", those of a run
+        in progress are not there yet)."""
         prefix = b"S" + wid.encode() + b"\0"
 
         def fn(txn: Any) -> dict[int, tuple[dict[str, Any], bytes]]:
             return {_U32.unpack(k[-4:])[0]: _unpack_step(v) for k, v in _prefix_items(txn, self.db, prefix)}
-        out = self._pending(prefix)
-        out.update(self.idx.read(fn))
-        return out
-
-    def _pending(self, prefix: bytes) -> dict[int, tuple[dict[str, Any], bytes]]:
-        if self.sdb is None:
-            return {}
-        sdb = self.sdb
-        return self.scratch.read(lambda vt: {_U32.unpack(k[-4:])[0]: _unpack_step(v)
-                                             for k, v in _prefix_items(vt, sdb, prefix)})
+        return self.idx.read(fn)
 
     def status(self, wid: str) -> WorkflowStatus:
         f = self.flow(wid)
@@ -297,13 +298,13 @@ class Flows:
             return [False] * len(todo)
         return self._write(fn)
 
-    def load(self, wid: str, run: str) -> tuple[dict[str, Any] | None, bytes | None, dict[int, Any], set[int]]:
+    def load(self, wid: str, run: str, attempt: int = 1) -> tuple[dict[str, Any] | None, bytes | None,
+                                                                  dict[int, Any], dict[int, bytes]]:
         """What a run needs, in one index read: the workflow record, its
-        arguments, its step records; with the step records of checkpoint="run"
-        still only in the lease table (an earlier attempt of this run was
-        killed, or its settlement did not commit) added, and those the index
-        now holds deleted from the lease table.  (flow, args, steps, keys
-        of the steps found in the index)."""
+        arguments, its step records; with checkpoint="run", on an attempt
+        after the first (an earlier one was killed, or its outcome did not
+        commit), the records it left in a journal too.  (flow, args, steps,
+        the journal's packed records not in the index)."""
         prefix = b"S" + wid.encode() + b"\0"
 
         def fn(txn: Any) -> tuple[Any, Any, dict[int, Any]]:
@@ -313,32 +314,12 @@ class Flows:
             return (json.loads(raw), txn.get(_fk(b"A", wid), db=self.db),
                     {_U32.unpack(k[-4:])[0]: _unpack_step(v) for k, v in _prefix_items(txn, self.db, prefix)})
         f, args, steps = self.idx.read(fn)
-        held = set(steps)
-        if f is not None and f.get("ck") == "run" and f["current"] == run and self.sdb is not None:
-            pending = self._pending(prefix)
-            stale = [k for k in pending if k in held]
-            if stale:
-                sdb = self.sdb
-                self.scratch.write(lambda vt: [vt.delete(_sk(wid, k), db=sdb) for k in stale])
-            for k, rec in pending.items():
-                steps.setdefault(k, rec)
-        return f, args, steps, held
-
-    def record_pending(self, wid: str, k: int, header: dict[str, Any],
-                       payload: bytes) -> tuple[dict[str, Any], bytes]:
-        """checkpoint="run": record step ``k`` in the lease table (one
-        unsynced write transaction: it survives the death of processes, not
-        of the machine); the record that stands (one written meanwhile, by
-        another delivery of the same run, wins)."""
-        key, sdb = _sk(wid, k), self.sdb
-
-        def put(vt: Any) -> tuple[dict[str, Any], bytes]:
-            raw = vt.get(key, db=sdb)
-            if raw is not None:
-                return _unpack_step(bytes(raw))
-            vt.put(key, _pack_step(header, payload), db=sdb)
-            return header, payload
-        return self.scratch.write(put)
+        pending: dict[int, bytes] = {}
+        if attempt > 1 and f is not None and f.get("ck") == "run" and f["current"] == run:
+            pending = {k: p for k, p in self.journal.find(wid, run).items() if k not in steps}
+            for k, packed in pending.items():
+                steps[k] = _unpack_step(packed)
+        return f, args, steps, pending
 
     def record(self, wid: str, run: str, k: int, header: dict[str, Any], payload: bytes,
                overwrite: bool = False) -> tuple[dict[str, Any], bytes]:
@@ -433,12 +414,10 @@ class Flows:
         info = self.app._serializer(out.serializer).loads(out.payload) if out.state == S.SUCCEEDED else {}
         if f.get("ck") == "run":
             # The run's steps, durable with its ack: carried back in its
-            # outcome; from the lease table when it has none (it failed).
-            carried = info.get("steps")
-            steps = ({k: (h, p.encode("latin-1")) for k, h, p in carried} if carried is not None
-                     else self._pending(b"S" + wid.encode() + b"\0"))
-            for k, (h, payload) in steps.items():
-                txn.put(_sk(wid, k), _pack_step(h, payload), db=self.db, overwrite=False)
+            # outcome, packed.  (A run that failed outside the function, its
+            # worker lost for good, carries none: its workflow fails.)
+            for k, packed in info.get("steps") or ():
+                txn.put(_sk(wid, k), packed.encode("latin-1"), db=self.db, overwrite=False)
         if out.state != S.SUCCEEDED:
             e = out.error() or {}
             self._end(txn, wid, f, FAILED, None, {"type": e.get("type", ""), "message": e.get("message", "")})
@@ -499,16 +478,16 @@ class WorkflowContext:
     that is not deterministic (I/O, time, randomness) belongs in a step."""
 
     def __init__(self, flows: Flows, wf: "Workflow", wid: str, run: str,
-                 steps: dict[int, Any] | None = None, held: set[int] | None = None) -> None:
+                 steps: dict[int, Any] | None = None, pending: dict[int, bytes] | None = None) -> None:
         self.flows, self.wf, self.id, self.run = flows, wf, wid, run
         self._n = 0
         self._rec = flows.steps(wid) if steps is None else steps
         self._ser = flows.app._serializer(wf.serializer)
         self._per_run = wf.checkpoint == "run"
-        # checkpoint="run": the step records this run carries back in its
-        # outcome (those not in the index yet), and when it last looked
-        # whether it is still current.
-        self._carry = {k: r for k, r in self._rec.items() if k not in held} if held is not None else {}
+        # checkpoint="run": the step records (packed) this run carries back
+        # in its outcome (those not in the index yet), and when it last
+        # looked whether it is still current.
+        self._carry: dict[int, bytes] = dict(pending or {})
         self._looked = time.monotonic()
 
     def _still_current(self) -> None:
@@ -523,7 +502,7 @@ class WorkflowContext:
             self._looked = now
 
     def _carried(self) -> list[list[Any]]:
-        return [[k, h, p.decode("latin-1")] for k, (h, p) in sorted(self._carry.items())]
+        return [[k, p.decode("latin-1")] for k, p in sorted(self._carry.items())]
 
     def _next(self, name: str) -> tuple[int, tuple[dict[str, Any], bytes] | None]:
         k = self._n
@@ -548,9 +527,11 @@ class WorkflowContext:
                 header, payload = {"name": n, "ok": True}, dumps(self._ser, value, f"the result of step {n}")
             except Exception as e:
                 header, payload = {"name": n, "ok": False}, json.dumps(_err(e)).encode()
-            if self._per_run and self.flows.sdb is not None:
+            if self._per_run:
                 self._still_current()
-                rec = self._carry[k] = self.flows.record_pending(self.id, k, header, payload)
+                packed = self._carry[k] = _pack_step(header, payload)
+                self.flows.journal.append(self.id, self.run, k, packed)
+                rec = header, payload
             else:
                 rec = self.flows.record(self.id, self.run, k, header, payload)
             self._rec[k] = rec
@@ -672,14 +653,14 @@ class Workflow:
         ctx = current()
         run = ctx.id if ctx is not None else ""
         flows = self.flows()
-        f, raw, steps, held = flows.load(wid, run)
+        f, raw, steps, pending = flows.load(wid, run, ctx.attempt if ctx is not None else 1)
         if f is None and since:
-            f, raw, steps, held = self._await_start(flows, wid, run, since)
+            f, raw, steps, pending = self._await_start(flows, wid, run, since)
         if f is None or f["current"] != run or f["state"] != RUNNING:
             return {"noop": 1}
         ser = self.app._serializer(f["ser"])
         args, kwargs = ser.loads(raw)
-        wctx = WorkflowContext(flows, self, wid, run, steps, held)
+        wctx = WorkflowContext(flows, self, wid, run, steps, pending)
         try:
             value = self.fn(wctx, *args, **kwargs)
         except _Park as p:

@@ -1,0 +1,107 @@
+"""The step journal of ``checkpoint="run"``: where a running workflow's
+step records wait, in the worker that ran them, until its run's settlement
+writes them to the index (they travel there in the run's outcome).
+
+Each process appends to a file of its own under ``<queue>/wf-journal/``
+(one ``write`` per step, no fsync: the page cache keeps it when the process
+dies, not when the machine does).  A run delivered again (attempt > 1: the
+worker or the pool running it died before its outcome committed) reads
+every journal for the records of its own run id and replays those steps
+instead of running them again: so a kill re-runs only the step it
+interrupted.  Records carry a CRC32: a torn tail (a process killed inside
+its write, a power cut) ends a file's scan, nothing torn is returned.
+
+A process starts a new file after ``ROTATE`` bytes and deletes its file
+before that: a record is needed only until its run's outcome commits (the
+pool commits every 0.2 s; the records of a pool that died are in files that
+no longer grow).  Files of dead processes are deleted once older than
+``STALE`` seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import time
+import zlib
+
+from logq._status import pid_alive
+
+DIR = "wf-journal"
+ROTATE = 4 << 20        # bytes per file before the next
+STALE = 600.0           # a dead process's file is deleted once this old (s)
+_HEAD = struct.Struct("<II")    # body length, CRC32 of the body
+_K = struct.Struct(">I")
+
+
+class Journal:
+    """This process's step journal for one queue directory."""
+
+    def __init__(self, qdir: str) -> None:
+        self.dir = os.path.join(qdir, DIR)
+        self.fd = -1
+        self.pid = 0
+        self.size = 0
+        self.files: list[str] = []
+
+    def _next_file(self) -> None:
+        if self.fd >= 0 and self.pid == os.getpid():
+            os.close(self.fd)
+        else:
+            self.files = []     # (a forked child starts files of its own)
+        os.makedirs(self.dir, exist_ok=True)
+        name = os.path.join(self.dir, f"{os.getpid()}-{time.time_ns()}.log")
+        self.fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
+        self.pid, self.size = os.getpid(), 0
+        self.files.append(name)
+        while len(self.files) > 2:
+            try:
+                os.unlink(self.files.pop(0))
+            except FileNotFoundError:
+                pass
+
+    def append(self, wid: str, run: str, k: int, packed: bytes) -> None:
+        """Record step ``k`` of run ``run`` of workflow ``wid`` (its packed
+        record): one write, in the page cache when it returns."""
+        if self.pid != os.getpid() or self.size >= ROTATE:
+            self._next_file()
+        body = b"".join((wid.encode(), b"\0", run.encode(), b"\0", _K.pack(k), packed))
+        rec = _HEAD.pack(len(body), zlib.crc32(body)) + body
+        os.write(self.fd, rec)
+        self.size += len(rec)
+
+    def find(self, wid: str, run: str) -> dict[int, bytes]:
+        """The packed records of run ``run`` of ``wid`` in every journal
+        (the first found of each step)."""
+        prefix = b"".join((wid.encode(), b"\0", run.encode(), b"\0"))
+        n = len(prefix)
+        out: dict[int, bytes] = {}
+        try:
+            names = os.listdir(self.dir)
+        except FileNotFoundError:
+            return out
+        now = time.time()
+        for name in names:
+            path = os.path.join(self.dir, name)
+            try:
+                with open(path, "rb") as f:
+                    data = f.read()
+                    age = now - os.fstat(f.fileno()).st_mtime
+            except FileNotFoundError:
+                continue
+            pos = 0
+            while pos + _HEAD.size <= len(data):
+                size, crc = _HEAD.unpack_from(data, pos)
+                body = data[pos + _HEAD.size:pos + _HEAD.size + size]
+                if len(body) != size or zlib.crc32(body) != crc:
+                    break       # a torn tail
+                pos += _HEAD.size + size
+                if body.startswith(prefix) and len(body) >= n + 4:
+                    out.setdefault(_K.unpack_from(body, n)[0], body[n + 4:])
+            pid = name.partition("-")[0]
+            if age > STALE and pid.isdigit() and not pid_alive(int(pid)):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+        return out
