@@ -45,7 +45,7 @@ def _segments(pos: list[int], n: int, k: int) -> tuple[tuple[int, int, int], ...
     """The positions as runs ``(gap before the first, stride after it,
     count)``, found by bisection where the stride breaks (a guess that
     ``cut`` checks in full); None past ``_MAX_BREAKS``."""
-    segs = []
+    segs: list[tuple[int, int, int]] = []
     a, prev_end = 0, pos[0]
     while a < k:
         if len(segs) > _MAX_BREAKS:
