@@ -340,3 +340,30 @@ def test_settle_batch_hooks_run_once_per_transaction_with_what_changed(app) -> N
         assert stored == {x[0]: x[2] for x in flat}
     finally:
         app.settle_batch_hooks.remove(hook)
+
+
+def test_tally_of_a_settlement_equals_one_observation_per_outcome() -> None:
+    # Tally.settled_all (the pool's commits: integer-ns buckets, runs of a
+    # name sharing lookups) counts exactly what settled() per outcome does,
+    # bucket bounds included.
+    import random
+
+    from logq.tasks._census import Tally
+    rnd = random.Random(12)
+    for _ in range(200):
+        vals, waits, rows = [], [], []
+        for _ in range(rnd.randint(0, 30)):
+            name, ev = rnd.choice("abc"), rnd.choice(["succeed", "fail", "give_up", "lost"])
+            st = rnd.choice([0, 10**9])
+            fin = st + rnd.choice([0, 1, 10**6 - 1, 10**6, 10**6 + 1, 5 * 10**6, 10**9, 700 * 10**9, -5])
+            w = rnd.choice([None, -3, 0, 10**6, 10**7, 10**8, 4 * 10**12])
+            vals.append((ev, b"id", b"", name, st, fin))
+            waits.append(w)
+            rows.append((name, ev, st, fin, w))
+        fast, slow = Tally(), Tally()
+        fast.settled_all(vals, waits)
+        for r in rows:
+            slow.settled(*r)
+        assert fast.counts == slow.counts
+        assert {k: h[:-1] for k, h in fast.hists.items()} == {k: h[:-1] for k, h in slow.hists.items()}
+        assert all(abs(fast.hists[k][-1] - slow.hists[k][-1]) < 1e-6 for k in slow.hists)

@@ -90,22 +90,26 @@ class Tally:
         if wait_ns is not None:
             self.observe(name, "wait", max(0, wait_ns) / 1e9)
 
-    def settled_all(self, rows: list[tuple[str, str, int, int, int | None]]) -> None:
-        """``settled`` of each (name, event, started ns, finished ns, wait
-        ns or None), in one loop (it runs in the pool's commits: per task;
-        rows of one name in a row share their lookups, and times are
-        bucketed as integer ns)."""
+    def settled_all(self, values: list[tuple[Any, ...]], waits: list[int | None]) -> None:
+        """``settled`` of each outcome a pool's worker sent back (``values``:
+        ``(event, id, packed outcome, name, started ns, finished ns)``, the
+        Settler's) with the ns its task waited to start (``waits``: None
+        but for a first attempt), in one loop: it runs in the pool's
+        commits, per task.  Rows of one name in a row share their lookups;
+        times are bucketed as integer ns."""
         counts, hists, kinds, bl = self.counts, self.hists, _EVENT_COUNTER, bisect_left
+        rb, wb = _RUNTIME_NS, _WAIT_NS
         name_at: str | None = None
         rt: list[float] = []
         wt: list[float] = []
-        sums = [0, 0]       # ns of runtime, of wait, of the rows of name_at not yet added
-        for name, event, started, finished, wait in rows:
+        rsum = wsum = 0     # ns of runtime, of wait, of the rows of name_at not yet added
+        for v, wait in zip(values, waits):
+            event, name, started, finished = v[0], v[3], v[4], v[5]
             if name != name_at:
                 if name_at is not None:
-                    rt[-1] += sums[0] / 1e9
-                    wt[-1] += sums[1] / 1e9
-                    sums = [0, 0]
+                    rt[-1] += rsum / 1e9
+                    wt[-1] += wsum / 1e9
+                    rsum = wsum = 0
                 name_at = name
                 rt = hists.get((name, "runtime")) or hists.setdefault(
                     (name, "runtime"), [0.0] * (len(RUNTIME_BOUNDS) + 2))
@@ -117,17 +121,17 @@ class Tally:
                 counts[k] = counts.get(k, 0) + 1
             if started and finished >= started:
                 x = finished - started
-                rt[bl(_RUNTIME_NS, x)] += 1
-                sums[0] += x
+                rt[bl(rb, x)] += 1
+                rsum += x
             if wait is not None:
                 x = wait if wait > 0 else 0
-                wt[bl(_WAIT_NS, x)] += 1
-                sums[1] += x
+                wt[bl(wb, x)] += 1
+                wsum += x
         if name_at is not None:
-            rt[-1] += sums[0] / 1e9
-            wt[-1] += sums[1] / 1e9
-        # (a histogram of no observation is not kept: as before, one is
-        # made only once something is observed)
+            rt[-1] += rsum / 1e9
+            wt[-1] += wsum / 1e9
+        # (a histogram of no observation is not kept: one is made only
+        # once something is observed, as by ``settled``)
         for k in [k for k, h in hists.items() if not any(h)]:
             del hists[k]
 

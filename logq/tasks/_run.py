@@ -293,8 +293,18 @@ class Settler:
             self._last_purge = now
         if not failures and values is not None and all(v[0] == _SUCCEED for v in values):
             # The usual batch: every attempt succeeded, every message is acked.
-            waits: list[int | None] = [  # per entry: ns from due to its first attempt's start
-                v[4] - max(m.ts_ns, m.due or 0) if m.attempt == 1 else None for m, v in zip(msgs, values)]
+            waits: list[int | None] = []    # per entry: ns from due to its first attempt's start
+            add = waits.append
+            lease = first = due = None
+            for m, v in zip(msgs, values):
+                if m._l is not lease:       # (a batch's messages share their lease until one changes)
+                    lease = m._l
+                    first, due = lease.attempt == 1, lease.due or 0
+                if first:
+                    ts = m.ts_ns
+                    add(v[4] - (ts if ts > due else due))
+                else:
+                    add(None)
             return msgs, self._writer(values, waits, purge) if values or purge else None, []
         acks: list[Any] = []
         entries: list[tuple[Any, ...]] = []
@@ -341,11 +351,11 @@ class Settler:
 
         def write(txn: Any) -> None:
             put, db, hooks, many = txn.put, store.outcome, app.settle_hooks, app.settle_batch_hooks
-            counted = []    # for the operators' counters, added to once per transaction
+            absorbed: set[bytes] = set()     # ids whose outcome changed nothing (a final one stood)
             changed: list[tuple[str, str, Outcome]] = []    # for the batch hooks
             expiring: dict[int, list[Any]] = {}     # TTL ns -> [latest expiry, keys]
             ttls: dict[str, int] = {}                # task name -> this app's result_ttl in ns
-            for (event, key, packed, name, started, finished), wait in zip(entries, waits):
+            for event, key, packed, name, _started, finished in entries:
                 out = None
                 # The TTL is this process's (the worker packed its own).
                 ttl = ttls.get(name)
@@ -357,9 +367,9 @@ class Settler:
                 if put(key, packed, db=db, overwrite=False):
                     # The task's first outcome (the usual case): stored.
                     if exp:
-                        e = expiring.get(exp - finished)
+                        e = expiring.get(ttl)
                         if e is None:
-                            expiring[exp - finished] = [exp, key]
+                            expiring[ttl] = [exp, key]
                         else:
                             if exp > e[0]:
                                 e[0] = exp
@@ -368,6 +378,7 @@ class Settler:
                     # It has one: the state machine decides (a final one absorbs).
                     out = Outcome.unpack(packed)
                     if not store.record(txn, key.decode(), event, out):
+                        absorbed.add(key)
                         continue
                 if hooks or many:
                     if out is None:
@@ -377,15 +388,18 @@ class Settler:
                         h(txn, tid, event, out)
                     if many:
                         changed.append((tid, event, out))
-                counted.append((name, event, started, finished, wait))
             if changed:
                 for hm in many:
                     hm(txn, changed)
             for e in expiring.values():
                 store.expire(txn, e[0], e[1:])
-            if counted:
+            vs, ws = entries, waits
+            if absorbed:
+                kept = [i for i, v in enumerate(entries) if v[1] not in absorbed]
+                vs, ws = [entries[i] for i in kept], [waits[i] for i in kept]
+            if vs:
                 tally = Tally()
-                tally.settled_all(counted)
+                tally.settled_all(vs, ws)
                 tally.apply(txn, store.counters)
             if purge:
                 store.purge_expired(txn, time.time_ns())
