@@ -33,6 +33,7 @@ bump_written = impl.bump_written
 scan = impl.scan
 find_next = impl.find_next
 seek = impl.seek
+seek_unchecked = getattr(impl, "seek_unchecked", impl.seek)
 
 
 def native_enabled() -> bool:
@@ -42,4 +43,5 @@ def native_enabled() -> bool:
 
 __all__ = ["impl", "native_enabled", "crc32c", "handle", "release", "encode",
            "encode_batch", "Writer", "put", "prefault", "wait", "wake", "wait_synced",
-           "wake_synced", "written", "wait_written", "bump_written", "scan", "find_next", "seek"]
+           "wake_synced", "written", "wait_written", "bump_written", "scan", "find_next", "seek",
+           "seek_unchecked"]

@@ -36,6 +36,7 @@ log = logging.getLogger("logq")
 _STRIDE = F.SPARSE_STRIDE
 _OFFSET_AT = struct.Struct("<Q")
 _LENGTH_META = struct.Struct("<4xI16xH")   # a record header's length and meta_len
+_seek = C.seek_unchecked
 
 
 def encode_header(base: int, version: int = F.FORMAT_VERSION) -> bytes:
@@ -323,7 +324,8 @@ class Segment:
         i = rel // _STRIDE
         if offset >= self.known_next or self.lost or i >= len(self.sparse):
             return None
-        pos = C.seek(self.h, self.sparse[i], self.size, offset - rel % _STRIDE, offset)
+        # (below known_next: the walk stays inside the mapping, offsets in order)
+        pos = _seek(self.h, self.sparse[i], self.size, offset - rel % _STRIDE, offset)
         if pos < 0:
             return None
         length, meta_len = _LENGTH_META.unpack_from(self.mm, pos)
