@@ -215,5 +215,5 @@ def test_read_random(benchmark, log_1m, report, raw, random_offsets, floor_mmap_
     r = H.Rounds(benchmark, rounds=5, setup=lambda: _open_ctx(log_1m, again), work=work, check=check,
                  teardown=_close)
     report("read(offset), random, 100 B", k / r.best, "msgs/s", floor_mmap_random.name,
-           floor_mmap_random.value, median=k / r.median,
+           floor_mmap_random.value, median=k / r.median, ratio_target=(">=", 0.25),
            note=f"{k:,} random offsets over {log_1m['n']:,} records")
