@@ -367,3 +367,25 @@ def test_tally_of_a_settlement_equals_one_observation_per_outcome() -> None:
         assert fast.counts == slow.counts
         assert {k: h[:-1] for k, h in fast.hists.items()} == {k: h[:-1] for k, h in slow.hists.items()}
         assert all(abs(fast.hists[k][-1] - slow.hists[k][-1]) < 1e-6 for k in slow.hists)
+
+
+def test_json_serializer_matches_the_json_module_and_refuses_what_it_refuses() -> None:
+    # The JSON serializer calls json's C encoder and scanner directly (made
+    # once): the same bytes as json.dumps(separators=(",", ":")) and the same
+    # values back; what json refuses is a SerializationError, nothing else.
+    from logq._errors import SerializationError
+    from logq.tasks._records import JSON, dumps
+    values = [0, -7, 2.5, "", "é\n\"\\", None, False, [1, [2, {}]], {"a": 1, "b": [None, "x"]}, {1: 2}]
+    for v in values:
+        b = JSON.dumps(v)
+        assert b == json.dumps(v, separators=(",", ":")).encode()
+        assert JSON.loads(b) == json.loads(b) and JSON.loads(memoryview(b)) == json.loads(b)
+    circular: list = []
+    circular.append(circular)
+    for bad in (float("nan"), object(), {"s": {1, 2}}, circular):
+        with pytest.raises(SerializationError):
+            dumps(JSON, bad, "a value")
+    assert JSON.loads(b" [1] ") == [1]
+    for bad in (b"", b"[1,", b"1x", b"\xff"):
+        with pytest.raises(ValueError):
+            JSON.loads(bad)

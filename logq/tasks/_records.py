@@ -69,12 +69,53 @@ _ENCODE = json.JSONEncoder(separators=(",", ":"), allow_nan=False).encode
 _DECODE = json.JSONDecoder().decode
 
 
+def _no_default(o: Any) -> Any:
+    raise TypeError(f"Object of type {o.__class__.__name__} is not JSON serializable")
+
+
+def _c_codec() -> tuple[Any, Any]:
+    """The C encoder and scanner that ``_ENCODE`` and ``_DECODE`` build
+    around each call (JSONEncoder.encode makes its C encoder anew every
+    time), made once; (None, None) where the C accelerator is missing or
+    differs.  The encoder has no circular-reference markers (a dict kept
+    between calls would keep what a failed call left in it): a circular
+    value fails with RecursionError instead, a SerializationError all
+    the same."""
+    try:
+        from json import encoder as je, scanner as js
+        enc = je.c_make_encoder(None, _no_default, je.encode_basestring_ascii, None, ":", ",",  # type: ignore[attr-defined]
+                                False, False, False)
+        scan = js.c_make_scanner(json.JSONDecoder())  # type: ignore[attr-defined]
+        probe = [1, "é", {"a": [None, True, 2.5]}]
+        if "".join(enc(probe, 0)) != _ENCODE(probe) or scan(_ENCODE(probe), 0) != (probe, len(_ENCODE(probe))):
+            return None, None
+        return enc, scan
+    except Exception:
+        return None, None
+
+
+_C_ENCODE, _C_SCAN = _c_codec()
+
+
 def _json_dumps(obj: Any) -> bytes:
+    if _C_ENCODE is not None and type(obj) is not str:
+        return "".join(_C_ENCODE(obj, 0)).encode()
     return _ENCODE(obj).encode()
 
 
 def _json_loads(b: Any) -> Any:
-    return _DECODE(bytes(b).decode())
+    s = str(b, "utf-8")
+    if _C_SCAN is not None:
+        # What JSONDecoder.decode does, without its two regex matches for
+        # whitespace (this encoder writes none); anything else (leading or
+        # trailing bytes, bad input) goes through decode, for its error.
+        try:
+            obj, end = _C_SCAN(s, 0)
+        except StopIteration:
+            return _DECODE(s)
+        if end == len(s):
+            return obj
+    return _DECODE(s)
 
 
 JSON = Serializer("json", _json_dumps, _json_loads)
