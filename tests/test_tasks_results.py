@@ -389,3 +389,30 @@ def test_json_serializer_matches_the_json_module_and_refuses_what_it_refuses() -
     for bad in (b"", b"[1,", b"1x", b"\xff"):
         with pytest.raises(ValueError):
             JSON.loads(bad)
+
+
+def test_a_batch_with_a_gone_record_settles_each_message_with_its_own_outcome(app) -> None:
+    # A worker sends no value for a record gone from the log (the pool's
+    # "no longer in the log" failure): the Settler lines the values up with
+    # the other messages; a shape it cannot line up settles them as lost.
+    from logq.tasks import _state as S
+    from logq.tasks._run import _GONE, Runner, Settler
+    hs = [task_app.add.delay(i, 10) for i in range(3)]
+    q = app.queue
+    c = q.consumer("tasks")
+    msgs = c.get_many(3, timeout=5)
+    assert [m.offset for m in msgs] == [int(h.id.split("-")[0]) for h in hs]
+    run = Runner("task_app:app", app.path)
+    values = [run(msgs[0]), run(msgs[2])]                 # msgs[1]'s record "gone"
+    acks, write, nacks = Settler(app)(msgs, values, {msgs[1].offset: _GONE})
+    assert acks == [msgs[0], msgs[2]] and [n[0] for n in nacks] == [msgs[1]]
+    c.ack_many(acks, write=write)
+    m, error, nack_write = nacks[0][:3]
+    c.nack(m, error=error, write=nack_write)
+    c.commit()
+    assert hs[0].result(timeout=5) == 10 and hs[2].result(timeout=5) == 12
+    assert hs[1].status().state == S.RETRYING
+    # Values that do not line up: every message is lost, none takes another's outcome.
+    acks, write, nacks = Settler(app)(msgs, values[:1], {msgs[1].offset: _GONE})
+    assert acks == [] and [n[0] for n in nacks] == msgs
+    c.close()

@@ -267,6 +267,31 @@ class Runner:
                 pass
 
 
+# The pool's text for a message whose record was gone when its worker read
+# it (dropped by max_bytes, or lost to damage): that worker sends no value
+# for it, so the batch's values are one short for each.
+_GONE = "the record is no longer in the log"
+
+
+def _align(msgs: list[Any], values: list[Any] | None,
+           failures: dict[int, str]) -> tuple[list[Any], dict[int, str]]:
+    """One value per message: None where none came back (no values at
+    all: a dead worker's message; the gone records of a batch).  A shape
+    that cannot be told apart settles every message without a failure of
+    its own as lost (it runs again: at least once), never one message with
+    another's outcome."""
+    if values is None:
+        return [None] * len(msgs), failures
+    gone = {o for o, why in failures.items() if why == _GONE}
+    if len(values) + sum(1 for m in msgs if m.offset in gone) == len(msgs):
+        it = iter(values)
+        return [None if m.offset in gone else next(it) for m in msgs], failures
+    lost = dict(failures)
+    for m in msgs:
+        lost.setdefault(m.offset, "WorkerLost: the worker's values did not match its batch")
+    return [None] * len(msgs), lost
+
+
 class Settler:
     """The pool's ``on_outcome``: each message's ack or nack, and the
     outcome written in the transaction that commits it; expired outcomes
@@ -291,7 +316,9 @@ class Settler:
         purge = now - self._last_purge >= 1.0
         if purge:
             self._last_purge = now
-        if not failures and values is not None and all(v[0] == _SUCCEED for v in values):
+        if values is None or len(values) != len(msgs):
+            values, failures = _align(msgs, values, failures)
+        if not failures and all(v[0] == _SUCCEED for v in values):
             # The usual batch: every attempt succeeded, every message is acked.
             waits: list[int | None] = []    # per entry: ns from due to its first attempt's start
             add = waits.append
@@ -310,8 +337,6 @@ class Settler:
         entries: list[tuple[Any, ...]] = []
         waits = []
         nacks: list[tuple[Any, ...]] = []
-        if values is None:
-            values = [None] * len(msgs)
         for m, v in zip(msgs, values):
             if failures:
                 why = failures.get(m.offset)
