@@ -33,6 +33,7 @@ _HDR = F.RECORD_HEADER_SIZE
 _PLAIN = F.RECORD_MARK << 24
 _PLAIN_CONT = (F.RECORD_MARK | F.FLAG_CONT) << 24
 _PLAIN_HEAD = (F.RECORD_MARK | F.FLAG_BATCH) << 24 | F.BATCH_COUNT_SIZE   # a batch's count: no attribute
+_PLAIN_KINDS = frozenset((_PLAIN, _PLAIN_CONT, _PLAIN_HEAD))
 _WAIT_SLICE = 1.0             # wait() looks at the clock and for close() this often
 
 
@@ -293,14 +294,7 @@ class Queue(Producer):
             out = cut(mm, fields[1::F.SCAN_FIELDS], fields[2::F.SCAN_FIELDS]) if payloads else None
             attrs = fields[4::F.SCAN_FIELDS]
             metas = None
-            k = len(attrs)
-            # (most runs are all one kind: count it first, the others only if needed)
-            plain = attrs.count(_PLAIN_CONT)
-            if plain != k:
-                plain += attrs.count(_PLAIN)
-                if plain != k:
-                    plain += attrs.count(_PLAIN_HEAD)
-            if plain != k:
+            if not _PLAIN_KINDS.issuperset(attrs):      # (one C pass, no list built)
                 metas = {}
                 for i, a in enumerate(attrs):
                     if a & 0xFFFF:
