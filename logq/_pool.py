@@ -430,23 +430,27 @@ class WorkerPool(Service):
         for conn in wait_for(list(busy), timeout):
             w = busy[conn]
             try:
-                got = conn.recv()  # type: ignore[call-arg, union-attr]
+                got: tuple[int, list[tuple[int, str]], list[Any] | None, float] = \
+                    conn.recv()  # type: ignore[call-arg, union-attr, assignment]
             except (EOFError, OSError):
                 continue    # it died: _reap_workers
-            batch_id, failures = got[0], got[1]
+            batch_id, failures, values, spent = got
             sent_id, b = w.out.popleft()
             assert sent_id == batch_id, (sent_id, batch_id)
             w.batches_done += 1
             now = time.monotonic()
             took = now - w.since
             w.busy += took
-            each = took / len(b)
+            # (per message as the worker spent it: the round trip would
+            # count the pipe and the wait behind the batch before it, and
+            # after a trickle of single messages keep batches small)
+            each = spent / len(b)
             self._per_message = each if not self._per_message else 0.8 * self._per_message + 0.2 * each
             w.since = now
             w.idle_since = now
             with self._lock:
                 self._stats.busy_seconds[w.proc.pid or 0] = w.busy
-            self._settle_batch(c, b, dict(failures), now, got[2] if len(got) > 2 else None)  # type: ignore[arg-type]
+            self._settle_batch(c, b, dict(failures), now, values)
 
     def _settle_batch(self, c: Consumer, b: Batch, failures: dict[int, str], now: float,
                       values: list[Any] | None) -> None:

@@ -102,10 +102,12 @@ def _worker_main(spec: Any, conn: Connection, progress: Any, batch: bool, alive:
     """A worker: open the queue at ``path`` (to read only); receive (batch
     id, runs of offsets as (first, count), None or (attempts, keys,
     priorities) per message), read the payloads from the log, run the
-    handler, send back (batch id,
-    failures as (offset, error text)), and with ``returns`` the handler's
-    return values too (one per message, None for a failure).  ``progress`` holds the offset being
-    handled and since when (monotonic ns; 0 when idle)."""
+    handler, send back (batch id, failures as (offset, error text), with
+    ``returns`` the handler's return values (one per message, None for a
+    failure) else None, and the seconds the worker spent on the batch,
+    from its arrival to the reply: the parent sizes batches by it, without
+    the pipe's latency or the time the batch waited).  ``progress`` holds
+    the offset being handled and since when (monotonic ns; 0 when idle)."""
     # (Under forkserver the parent is the fork server, which exits with the
     # pool; a pool that died before this line shows as EOF on the pipe.)
     _die_with_parent()
@@ -122,6 +124,7 @@ def _worker_main(spec: Any, conn: Connection, progress: Any, batch: bool, alive:
         if work is None:
             q.close()
             return
+        arrived = time.monotonic()
         batch_id, runs, extra = work
         offsets, payloads, stamps, gone = _read_runs(q, runs)
         if extra is None:
@@ -139,7 +142,8 @@ def _worker_main(spec: Any, conn: Connection, progress: Any, batch: bool, alive:
         failures: list[tuple[int, str]] = [(o, "the record is no longer in the log") for o in gone]
         if not msgs:
             try:
-                conn.send((batch_id, failures, [None] * len(gone)) if returns else (batch_id, failures))
+                conn.send((batch_id, failures, [None] * len(gone) if returns else None,
+                           time.monotonic() - arrived))
             except (BrokenPipeError, OSError):
                 return
             continue
@@ -163,7 +167,7 @@ def _worker_main(spec: Any, conn: Connection, progress: Any, batch: bool, alive:
                     values.append(value)
         progress[1] = 0
         try:
-            conn.send((batch_id, failures, values) if returns else (batch_id, failures))
+            conn.send((batch_id, failures, values if returns else None, time.monotonic() - arrived))
         except (BrokenPipeError, OSError):
             return
 
