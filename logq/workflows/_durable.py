@@ -15,7 +15,10 @@ so that after a crash it resumes from its last completed step.
 **How it runs.**  A workflow runs as tasks of the App (its *runs*), each
 a replay of the function from the top: ``ctx.step`` returns the recorded
 result of a step that completed, and runs (then records) the first one
-that did not.  ``ctx.sleep`` and ``ctx.wait_event`` *park* the workflow:
+that did not: steps run inline in the worker, a step is a record write,
+not a task.  ``start`` puts the first runs due at once (one ``put_many``,
+flushed), then writes the workflows in one index transaction; a first run
+delivered before that transaction commits waits for it.  ``ctx.sleep`` and ``ctx.wait_event`` *park* the workflow:
 the run puts the next run *parked* (``_joins``: due "never") and returns,
 so no worker is held.  The workflow record names its *current* run; only
 that run may record steps and only its settlement moves the workflow on,
@@ -40,14 +43,22 @@ in the schedule, nothing runs).
   fails the workflow with NonDeterminismError (loudly, nothing recorded).
 * A step that raised is recorded too: the workflow sees StepFailed (with
   the remote type and message) on the first run and on every replay.
-* Records are in the LMDB index, fsynced per transaction: with
-  ``checkpoint="step"`` (the default) each step costs one commit before it
-  returns; with ``checkpoint="run"`` step records wait in the lease table
-  (which survives the death of processes, not of the machine) and are
-  copied to the index by the settlement of their run (its park or its
-  end): the promises above hold for kills, and after a power cut the steps
-  since the last park run again.  A parking run flushes its next run to
-  disk before it returns, so a power cut cannot lose a parked workflow.
+* Records are in the LMDB index, fsynced per transaction.  With
+  ``checkpoint="step"`` (the default) each step's record commits (one
+  fsynced transaction) before the step returns: it is durable, also
+  against a power cut, before anything that follows it runs.  With
+  ``checkpoint="run"`` a step's record is one write to the worker's
+  journal (``_journal``: the page cache, it survives the death of
+  processes, not of the machine) and travels in the run's outcome to the
+  index, written in the transaction that commits the run's ack (its park
+  or its end, batched with the other acks of the pool).  The promises
+  above hold for kills (a run delivered again reads the journals of its
+  earlier attempts); after a power cut the steps of the runs whose
+  settlement had not committed run again.  Sleeps, waits and children are
+  recorded in the index in both modes (a timer's wake-up time is durable
+  before it parks).  A parking run flushes its next run to disk before it
+  returns, and ``start`` its first runs before its transaction, so a power
+  cut cannot lose a started or a parked workflow.
 * ``start`` with a ``workflow_id`` that exists returns the first one
   (whatever its arguments); ``send_event`` stores the event durably: a
   wait that comes later takes it (oldest first), one that is parked on it
@@ -705,10 +716,10 @@ def workflow(app: Any, *, name: str | None = None, serializer: str = "json",
     """Register a durable workflow on ``app``: ``@workflow(app)``.  Its
     runs are tasks of the app named after it (run by any worker of the
     app's pools).  ``checkpoint``: "step" (each step's record is one
-    fsynced index transaction before the step returns) or "run" (step
-    records wait in the lease table, which survives the death of
-    processes but not of the machine, and become durable with the
-    settlement of their run, at its next park or its end: after a power
+    fsynced index transaction before the step returns) or "run" (a step's
+    record is one write to the worker's journal, which survives the death
+    of processes but not of the machine, and becomes durable with the
+    settlement of its run, at its next park or its end: after a power
     cut, the steps since then run again)."""
     def register(fn: Callable[..., Any]) -> Workflow:
         n = name or f"{fn.__module__}.{fn.__qualname__}"
