@@ -218,3 +218,35 @@ def test_power_cuts_mid_workflows(tmp_path) -> None:
     assert all(counts[(w.id, t)] >= 1 for w in started for t in TAGS)
     print(json.dumps({"workflows": len(started), "effects": len(runs), "cuts": [c[2] for c in cuts],
                       "reruns": sum(c - 1 for c in counts.values())}))
+
+
+def test_journal_torn_tail_and_rotation(tmp_path, monkeypatch) -> None:
+    """The step journal of checkpoint="run" after a cut inside a write: the
+    records before the torn one are found, the torn one and anything after
+    it in that file are not (garbage is never returned as a step); a
+    process keeps two files, the oldest deleted when the third starts."""
+    from logq.workflows import _journal as J
+    j = J.Journal(str(tmp_path))
+    for k in range(5):
+        j.append("w1", "7-00000001", k, b"packed-%d" % k)
+    j.append("w2", "8-00000002", 0, b"other")
+    assert j.find("w1", "7-00000001") == {k: b"packed-%d" % k for k in range(5)}
+    assert j.find("w1", "9-00000003") == {} and j.find("w", "7-00000001") == {}
+    path = j.files[-1]
+    size = os.path.getsize(path)
+    rng = random.Random(helpers.SEED)
+    last = 8 + len(b"w2\0" + b"8-00000002\0") + 4 + len(b"other")    # w2's record: head, ids, k, packed
+    for cut in (size - 3, size - last - 10):   # inside w2's record, then inside step 4's
+        with open(path, "r+b") as f:
+            f.truncate(cut)
+            f.seek(cut)
+            f.write(rng.randbytes(40))        # what the disk held past the cut
+        got = j.find("w1", "7-00000001")
+        assert all(got[k] == b"packed-%d" % k for k in got) and set(got) <= set(range(5))
+        assert j.find("w2", "8-00000002") == {}
+    assert set(j.find("w1", "7-00000001")) == {0, 1, 2, 3}
+    monkeypatch.setattr(J, "ROTATE", 1)
+    j2 = J.Journal(str(tmp_path / "r"))
+    for k in range(4):
+        j2.append("w", "1-00000001", k, b"x")
+    assert len(os.listdir(j2.dir)) == 2 and j2.find("w", "1-00000001") == {2: b"x", 3: b"x"}
