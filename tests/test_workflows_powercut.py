@@ -250,3 +250,12 @@ def test_journal_torn_tail_and_rotation(tmp_path, monkeypatch) -> None:
     for k in range(4):
         j2.append("w", "1-00000001", k, b"x")
     assert len(os.listdir(j2.dir)) == 2 and j2.find("w", "1-00000001") == {2: b"x", 3: b"x"}
+    # A dead process's file goes once none of its runs is current, not before.
+    import subprocess
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    os.rename(j.files[-1], os.path.join(j.dir, f"{gone.pid}-1.log"))
+    j.sweep(lambda runs: ("w1", "7-00000001") in runs)
+    assert set(j.find("w1", "7-00000001")) == {0, 1, 2, 3}
+    j.sweep(lambda runs: False)
+    assert j.find("w1", "7-00000001") == {} and not os.path.exists(os.path.join(j.dir, f"{gone.pid}-1.log"))

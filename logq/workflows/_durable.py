@@ -211,6 +211,8 @@ class Flows:
         # Steps checkpointed per run (checkpoint="run") wait in this
         # process's journal (``_journal``) and travel in the run's outcome.
         self.journal = Journal(self.store.q.path)
+        if txn is None:
+            self.journal.sweep(self._any_current)   # (files of dead workers whose runs all settled)
 
     # -- reads ------------------------------------------------------------------------
     def flow(self, wid: str, txn: Any = None) -> dict[str, Any] | None:
@@ -225,6 +227,15 @@ class Flows:
 
         def fn(txn: Any) -> dict[int, tuple[dict[str, Any], bytes]]:
             return {_U32.unpack(k[-4:])[0]: _unpack_step(v) for k, v in _prefix_items(txn, self.db, prefix)}
+        return self.idx.read(fn)
+
+    def _any_current(self, runs: set[tuple[str, str]]) -> bool:
+        def fn(txn: Any) -> bool:
+            for wid, run in runs:
+                f = self.flow(wid, txn)
+                if f is not None and f["current"] == run and f["state"] == RUNNING:
+                    return True
+            return False
         return self.idx.read(fn)
 
     def status(self, wid: str) -> WorkflowStatus:
@@ -332,11 +343,11 @@ class Flows:
                 steps[k] = _unpack_step(packed)
         return f, args, steps, pending
 
-    def record(self, wid: str, run: str, k: int, header: dict[str, Any], payload: bytes,
-               overwrite: bool = False) -> tuple[dict[str, Any], bytes]:
+    def record(self, wid: str, run: str, k: int, header: dict[str, Any],
+               payload: bytes) -> tuple[dict[str, Any], bytes]:
         """Record step ``k`` in the index (one fsynced transaction), if
         ``run`` is still current; the record that stands (one written
-        meanwhile wins, unless ``overwrite``).  Raises _NotCurrent."""
+        meanwhile wins).  Raises _NotCurrent."""
         key = _sk(wid, k)
 
         def fn(txn: Any) -> tuple[dict[str, Any], bytes]:
@@ -344,7 +355,7 @@ class Flows:
             if f is None or f["current"] != run or f["state"] != RUNNING:
                 raise _NotCurrent(wid)
             raw = txn.get(key, db=self.db)
-            if raw is not None and not overwrite:
+            if raw is not None:
                 return _unpack_step(bytes(raw))
             txn.put(key, _pack_step(header, payload), db=self.db)
             return header, payload

@@ -14,8 +14,9 @@ its write, a power cut) ends a file's scan, nothing torn is returned.
 A process starts a new file after ``ROTATE`` bytes and deletes its file
 before that: a record is needed only until its run's outcome commits (the
 pool commits every 0.2 s; the records of a pool that died are in files that
-no longer grow).  Files of dead processes are deleted once older than
-``STALE`` seconds.
+no longer grow).  A dead process's files are deleted (``sweep``) once none
+of the runs they hold is current any more: their outcomes committed, or
+their workflows moved on or ended.
 """
 
 from __future__ import annotations
@@ -25,11 +26,12 @@ import struct
 import time
 import zlib
 
+from typing import Callable, Iterator
+
 from logq._status import pid_alive
 
 DIR = "wf-journal"
 ROTATE = 4 << 20        # bytes per file before the next
-STALE = 600.0           # a dead process's file is deleted once this old (s)
 _HEAD = struct.Struct("<II")    # body length, CRC32 of the body
 _K = struct.Struct(">I")
 
@@ -70,38 +72,60 @@ class Journal:
         os.write(self.fd, rec)
         self.size += len(rec)
 
+    def _files(self) -> Iterator[tuple[str, bool]]:
+        """(path, written by a dead process) of every journal file."""
+        try:
+            names = os.listdir(self.dir)
+        except FileNotFoundError:
+            return
+        for name in names:
+            pid = name.partition("-")[0]
+            dead = pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid))
+            yield os.path.join(self.dir, name), dead
+
+    @staticmethod
+    def _records(path: str) -> Iterator[bytes]:
+        """The bodies of a file's intact records, up to a torn one."""
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return
+        pos = 0
+        while pos + _HEAD.size <= len(data):
+            size, crc = _HEAD.unpack_from(data, pos)
+            body = data[pos + _HEAD.size:pos + _HEAD.size + size]
+            if len(body) != size or zlib.crc32(body) != crc:
+                return      # a torn tail
+            pos += _HEAD.size + size
+            yield body
+
     def find(self, wid: str, run: str) -> dict[int, bytes]:
         """The packed records of run ``run`` of ``wid`` in every journal
         (the first found of each step)."""
         prefix = b"".join((wid.encode(), b"\0", run.encode(), b"\0"))
         n = len(prefix)
         out: dict[int, bytes] = {}
-        try:
-            names = os.listdir(self.dir)
-        except FileNotFoundError:
-            return out
-        now = time.time()
-        for name in names:
-            path = os.path.join(self.dir, name)
-            try:
-                with open(path, "rb") as f:
-                    data = f.read()
-                    age = now - os.fstat(f.fileno()).st_mtime
-            except FileNotFoundError:
-                continue
-            pos = 0
-            while pos + _HEAD.size <= len(data):
-                size, crc = _HEAD.unpack_from(data, pos)
-                body = data[pos + _HEAD.size:pos + _HEAD.size + size]
-                if len(body) != size or zlib.crc32(body) != crc:
-                    break       # a torn tail
-                pos += _HEAD.size + size
+        for path, _dead in self._files():
+            for body in self._records(path):
                 if body.startswith(prefix) and len(body) >= n + 4:
                     out.setdefault(_K.unpack_from(body, n)[0], body[n + 4:])
-            pid = name.partition("-")[0]
-            if age > STALE and pid.isdigit() and not pid_alive(int(pid)):
+        return out
+
+    def sweep(self, any_current: Callable[[set[tuple[str, str]]], bool]) -> None:
+        """Delete the files of dead processes none of whose runs is current
+        (``any_current((wid, run) pairs)``, from the index)."""
+        for path, dead in self._files():
+            if not dead:
+                continue
+            runs = set()
+            for body in self._records(path):
+                a = body.find(b"\0")
+                b = body.find(b"\0", a + 1)
+                if a > 0 and b > a:
+                    runs.add((body[:a].decode(errors="replace"), body[a + 1:b].decode(errors="replace")))
+            if not runs or not any_current(runs):
                 try:
                     os.unlink(path)
                 except FileNotFoundError:
                     pass
-        return out
