@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import random
 import time
+from typing import Any
 from collections import Counter, defaultdict
 
 import pytest
@@ -190,3 +191,43 @@ def test_start_many_one_transaction_idempotent(shared) -> None:
     assert [w.id for w in ws][-1] == "many-0"
     assert [w.result(timeout=30) for w in ws] == [["s0", "s1", "s2"]] * 6
     assert sum(1 for e in effects(wapp) if e[0] == "many-0") == 3          # started once
+
+
+def test_a_first_run_that_gives_up_on_its_start_makes_that_start_fail(wapp, monkeypatch) -> None:
+    """start() puts a workflow's first run before its index transaction; a
+    run that comes first waits, and once the start is older than
+    _FIRST_GIVE_UP gives up.  The give-up is a transaction of its own that
+    conflicts with the start's: here the start's transaction is held back
+    until the run gave up, and then the start raises and leaves no
+    workflow behind (before, it returned with the workflow accepted and
+    its only run gone: stuck running forever).  A start that committed
+    before the run looked is run as usual."""
+    import logq.workflows._durable as D
+    from logq.tasks import TaskNotFound
+
+    wf = W.onboard
+    flows = wf.flows()
+    real_write, real_make_id = flows._write, D.make_id
+    runs: list[str] = []
+    monkeypatch.setattr(D, "make_id", lambda off, nonce: runs.append(real_make_id(off, nonce)) or runs[-1])
+    gave_up: list[Any] = []
+    held: list[Any] = []
+    old = time.time_ns() - int(2 * D._FIRST_GIVE_UP * 1e9)
+
+    def held_back(fn):
+        if not held:                # the start's transaction: the run gives up first
+            held.append(fn)
+            gave_up.append(wf._await_start(flows, "late-1", runs[-1], old))
+        return real_write(fn)
+    monkeypatch.setattr(flows, "_write", held_back)
+    with pytest.raises(WorkflowError, match="not started"):
+        wf.start("cat", workflow_id="late-1")
+    assert gave_up and gave_up[0][0] is None, "the run should have found no workflow and given up"
+    with pytest.raises(TaskNotFound):
+        get_workflow(wapp, "late-1")
+    monkeypatch.setattr(flows, "_write", real_write)
+
+    # The other order: the start committed, then its (old) first run looks.
+    wf.start("dog", workflow_id="early-1")
+    f, _raw, _steps, _pending = wf._await_start(flows, "early-1", runs[-1], old)
+    assert f is not None and f["current"] == runs[-1]

@@ -74,6 +74,8 @@ in the schedule, nothing runs).
     S<wid>\\0<u32 k>   step k: u32 header length, JSON header {name, ok, until,
                       done, child}, then the encoded result (or error JSON)
     E<wid>\\0<name>\\0<u64>  an event not yet taken, encoded
+    X<run task id>    a first run that gave up waiting for its start (see
+                      ``Workflow._await_start``): that start fails
 """
 
 from __future__ import annotations
@@ -311,6 +313,13 @@ class Flows:
                 if txn.get(_fk(b"F", wid), db=self.db) is not None:
                     out.append(False)
                     continue
+                if txn.get(_fk(b"X", tid), db=self.db) is not None:
+                    # Its first run waited _FIRST_GIVE_UP for this transaction
+                    # and gave up: naming it now would accept a workflow with
+                    # no run to make progress.  Nothing of this call commits.
+                    raise WorkflowError(f"workflow {wid}: its start took longer than {_FIRST_GIVE_UP:g}s "
+                                        "between putting its first run and committing; not started "
+                                        "(start it again)")
                 txn.put(_fk(b"F", wid), json.dumps(dict(base, current=tid)).encode(), db=self.db)
                 txn.put(_fk(b"A", wid), body, db=self.db)
                 txn.put(_fk(b"T", tid), wid.encode(), db=self.db)
@@ -716,6 +725,18 @@ class Workflow:
             q._wait_written(seen, min(left, 0.05))
         if time.time_ns() - since < _FIRST_GIVE_UP * 1e9:
             raise WorkflowError(f"workflow {wid}: its first run came before its start committed; later")
+
+        # Give up, in a transaction that conflicts with the start's: either
+        # the start committed first (then run), or this marks the run given
+        # up and that start, when it comes, fails instead of accepting a
+        # workflow whose run is gone.  Never both.
+        def give_up(txn: Any) -> bool:
+            if txn.get(_fk(b"F", wid), db=flows.db) is not None:
+                return False
+            txn.put(_fk(b"X", run), b"", db=flows.db)
+            return True
+        if not flows._write(give_up):
+            return flows.load(wid, run)
         return got
 
     def __repr__(self) -> str:
