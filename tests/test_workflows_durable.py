@@ -202,7 +202,7 @@ def test_a_first_run_that_gives_up_on_its_start_makes_that_start_fail(wapp, monk
     workflow behind (before, it returned with the workflow accepted and
     its only run gone: stuck running forever).  A start that committed
     before the run looked is run as usual."""
-    import logq.workflows._durable as D
+    import logq.workflows._flows as D
     from logq.tasks import TaskNotFound
 
     wf = W.onboard

@@ -39,7 +39,7 @@ import helpers
 from logq import _format as F
 from logq.tasks import App
 from logq.workflows import workflow
-from logq.workflows._durable import _U32, _unpack_step
+from logq.workflows._flows import _U32, _unpack_step
 
 app = App(os.environ.get("LOGQ_WF_PC_DIR", "/nonexistent"), fsync="always")
 SLEEP = 0.3

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from logq.tasks._app import App
-from logq.workflows._durable import Flows
+from logq.workflows._flows import Flows
 from logq.workflows._joins import Joins
 
 
