@@ -43,7 +43,7 @@ class Batch(BatchOut):
     by a pool's parent holds no payloads (``payloads`` is None): its
     workers read them from the log."""
 
-    __slots__ = ("_payloads", "_ts", "_consumer", "__weakref__")
+    __slots__ = ("_payloads", "_ts", "_consumer", "_views", "_index", "__weakref__")
 
     def __init__(self, chunks: list[Any]) -> None:
         super().__init__([(c[0], len(c[2]), c[3]) for c in chunks])
@@ -57,6 +57,8 @@ class Batch(BatchOut):
         if self._payloads and self._payloads[0] is None:
             self._payloads = None
         self._consumer: Any = None
+        self._views: Any = None             # get_many: the Messages that are views of it
+        self._index: dict[int, int] | None = None
 
     # -- the arrays ---------------------------------------------------------------
     @property
@@ -126,6 +128,15 @@ class Batch(BatchOut):
         """Nack delivery ``i`` (an index, a list, or None: all still out)."""
         self._consumer.nack(self, delay, error,
                             indices=None if i is None else [i] if isinstance(i, int) else i)
+
+    def index_of(self, offset: int) -> int | None:
+        """The index of the delivery of ``offset`` in this batch, or None."""
+        if len(self.chunks) == 1:
+            start, count, _lease = self.chunks[0]
+            return offset - start if start <= offset < start + count else None
+        if self._index is None:
+            self._index = {o: i for i, o in enumerate(self.offsets)}
+        return self._index.get(offset)
 
     def payload(self, i: int) -> bytes | None:
         return self._payloads[i] if self._payloads is not None else None

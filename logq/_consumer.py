@@ -17,7 +17,8 @@ from typing import Any, Iterator
 
 from logq._batch import Batch
 from logq._errors import Empty, NotDeliveredError, OffsetError, QueueClosedError
-from logq._group import DeadLetter, GroupOptions, Message, _check_name, _Group
+from logq._group import DeadLetter, GroupOptions, _check_name, _Group
+from logq._handout import Message
 from logq._index import _prefixed, open_scratch
 from logq._options import _check_number
 from logq._queue import Queue
@@ -155,6 +156,16 @@ class Consumer:
                 g._gets, g._last_claim = 0, now
                 want = max(1, min(self.options.prefetch,
                                   int(g.rate * self.options.visibility_timeout / 8)))
+            else:
+                # get_many: one batch, its messages views of it (no ledger
+                # entry each; ack_many of them all acks the batch's runs).
+                b = g.take(n, True)
+                if b is not None:
+                    b._consumer = self
+                    return g.views(b)
+                if not self._wait(tail, limit):
+                    return []
+                continue
             got = g.claim(want)
             if got:
                 with g.lock:
@@ -208,6 +219,7 @@ class Consumer:
                 self._own(m)            # the precise error
                 if indices is not None:
                     raise TypeError("indices go with a Batch, not a Message")
+                g.attach((m,))          # (a view of a get_many batch: out on its own now)
                 led.ack(m)  # type: ignore[arg-type]  # (raises if it is not out)
             else:
                 del led.out[m.offset]   # (Ledger.ack, inlined: found out just above)
@@ -226,7 +238,9 @@ class Consumer:
         g = self._g
         with g.lock:
             try:
-                g.ledger.ack_many(ms)   # the ledger holds the very objects it delivered
+                if not g.ack_whole(ms):     # (the usual: all of one get_many, as runs)
+                    g.attach(ms)
+                    g.ledger.ack_many(ms)   # the ledger holds the very objects it delivered
             except NotDeliveredError:
                 for m in ms:
                     self._own(m)        # a clearer error for a foreign object
@@ -268,6 +282,8 @@ class Consumer:
             ms = [self._own(m)]
             if indices is not None:
                 raise TypeError("indices go with a Batch, not a Message")
+            with self._g.lock:
+                self._g.attach(ms)
         if delay is not None:
             _check_number("delay", delay)
         if error is not None and not isinstance(error, str):
@@ -288,6 +304,8 @@ class Consumer:
         ms = list(ms)  # type: ignore[arg-type]
         for m in ms:
             self._own(m)
+        with self._g.lock:
+            self._g.attach(ms)
         self._g.give_back(ms)
 
     def extend(self, m: Message | Batch, seconds: float) -> None:
@@ -303,6 +321,8 @@ class Consumer:
                 self._g.extend(one, seconds)
             return
         self._own(m)
+        with self._g.lock:
+            self._g.attach((m,))
         self._g.extend(m, seconds)  # type: ignore[arg-type]
 
     def commit(self) -> None:

@@ -42,9 +42,10 @@ from logq import _owners
 from logq._batch import Batch
 from logq._errors import NotDeliveredError, OffsetError, QueueClosedError
 from logq._fresh import _ALL, FreshClaims, _Chunk
+from logq._handout import HandOut, Message
 from logq._index import (G_ACKED, G_DEAD, G_DELIVERED, G_REDELIVERED, G_WATERMARK, GROUP,
                          K_PRIORITIES, _prefixed, open_scratch)
-from logq._leases import (Claim, Delivery, Lease, Ledger, Retry, Settlement, after_failure, runs)
+from logq._leases import (Claim, Lease, Ledger, Retry, Settlement, after_failure, runs)
 from logq._options import _check_int, _check_seconds
 from logq._queue import Queue
 from logq._settled import (_DEAD, _ERROR_MAX, _I64, _I64_MAX, _SCHED, _U64, _Skips, _be,
@@ -57,7 +58,6 @@ _MAX_NAME = 200
 _LATE_NS = 1_000_000_000  # an ack within this of its lease deadline checks for a redelivery
 _OFFSET, _LEASE = attrgetter("offset"), attrgetter("_l")
 _ATTEMPT = attrgetter("_l.attempt")
-
 
 
 @dataclass(frozen=True)
@@ -86,29 +86,6 @@ class GroupOptions:
         _check_int("prefetch", self.prefetch, 1, 1 << 20)
         if self.start not in START:
             raise ValueError(f"start must be 'earliest' or 'latest', not {self.start!r}")
-
-
-class Message(Delivery):
-    """A delivered message: ``offset``, ``data`` (bytes), ``timestamp``
-    (when it was put, epoch seconds; ``ts_ns`` in nanoseconds), ``attempt``
-    (1 on first delivery), ``key`` and ``priority`` (as put).  Ack or nack
-    it through a consumer of the group that delivered it."""
-
-    __slots__ = ("data", "ts_ns")
-
-    def __init__(self, offset: int, data: bytes, ts_ns: int, lease: Lease) -> None:
-        self.offset = offset
-        self.data = data
-        self.ts_ns = ts_ns
-        self._l = lease
-
-    key = property(lambda self: self._l.key)
-    priority = property(lambda self: self._l.priority)
-    _group = property(lambda self: self._l.group)
-
-    @property
-    def timestamp(self) -> float:
-        return self.ts_ns / 1e9
 
 
 @dataclass(frozen=True)
@@ -145,7 +122,7 @@ def _check_name(name: Any) -> bytes:
     return raw
 
 
-class _Group(FreshClaims):
+class _Group(FreshClaims, HandOut):
     """One consumer group as seen by one Queue object: the ledger of
     messages out, the prefetch buffer, and the commit timer.  Consumer
     objects of the same group on the same Queue share it (and so compete
@@ -498,53 +475,6 @@ class _Group(FreshClaims):
         log.warning("queue %s group %r: scheduled message %d is no longer in the log",
                     self.q.path, self.name, off)
 
-    def from_buffer(self, n: int, a_get: bool) -> list[Message]:
-        """Up to ``n`` messages this process claimed for get() and has not
-        handed out (``a_get``: count the call for get()'s prefetch rate)."""
-        out: list[Message] = []
-        with self.lock:
-            buf = self.buffer
-            while buf and len(out) < n:
-                m = buf.popleft()
-                if m.deadline > time.monotonic_ns():
-                    out.append(m)
-                else:
-                    self.ledger.expire(m)   # expired while buffered: left to the reaper
-            if a_get:
-                self._gets += 1
-            if out:
-                self.handed(out)
-        return out
-
-    def handed(self, ms: list[Message]) -> None:
-        """Count messages handed to the caller (under ``self.lock``): a
-        message claimed and given back unseen is not delivered."""
-        self.delivered += len(ms)
-        if len(ms) == 1:
-            self.redelivered += ms[0]._l.attempt > 1
-            return
-        # (two C loops, no Python step per message)
-        self.redelivered += len(ms) - list(map(_ATTEMPT, ms)).count(1)
-
-    def one_from_buffer(self) -> Message | None:
-        """get()'s fast path: the next buffered message if its lease has
-        time left (counted as handed out, and the call toward the prefetch
-        rate), else None (and nothing changed: ``from_buffer`` deals with
-        it)."""
-        with self.lock:
-            buf = self.buffer
-            if buf:
-                m = buf[0]
-                lease = m._l
-                if lease.deadline > time.monotonic_ns():
-                    buf.popleft()
-                    self._gets += 1
-                    self.delivered += 1
-                    self.redelivered += lease.attempt > 1
-                    return m
-        return None
-
-    # -- settling -----------------------------------------------------------------
     def commit(self) -> None:
         """Make every ack and nack so far durable (one transaction).  Commits
         run one at a time: a commit that found nothing to take must still

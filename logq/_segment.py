@@ -345,7 +345,7 @@ class Segment:
             hinted = False
             if offset == self.known_next and offset < limit and self.h is not None:
                 found: tuple[int, int] | None = (self.known_pos, offset)  # reading at the frontier
-            elif offset == self.run_next and offset < limit and self.h is not None:
+            elif offset == self.run_next and offset < limit and self.h is not None and not self.lost:
                 found, hinted = (self.run_pos, offset), True            # where the last read stopped
             else:
                 found = self.seek(offset, limit)

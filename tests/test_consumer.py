@@ -437,3 +437,80 @@ def test_a_group_open_twice_on_one_queue_object_needs_the_same_options(tmp_path)
         b.close()
         a.close()
         q.consumer("g", visibility_timeout=50).close()    # once closed, new options are fine
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_get_many_views_settle_like_messages(tmp_path, seed):
+    """get_many's messages are views of one batch (acked as its runs when
+    ack_many gets exactly them all); every other settlement of one makes
+    it a delivery of its own first.  Random mixes of acks (one, a subset,
+    the whole list, a copy of it, twice), nacks, give-backs and extends
+    over several get_many batches at once: a settled message never comes
+    again, every other one does, a second settlement raises
+    NotDeliveredError and changes nothing."""
+    rng = random.Random(seed)
+    n = 400
+    q = logq.open(str(tmp_path / "q"))
+    try:
+        q.put_many([b"m%d" % i for i in range(n)])
+        c = q.consumer("g", visibility_timeout=60, max_attempts=100, backoff_base=0.001, backoff_max=0.001)
+        acked: set[int] = set()
+        batches = []
+        while True:
+            ms = c.get_many(rng.randrange(1, 60))
+            if not ms:
+                break
+            batches.append(ms)
+        assert sorted(m.offset for ms in batches for m in ms) == list(range(n))
+        for ms in batches:
+            assert all(m.data == b"m%d" % m.offset for m in ms)
+            how = rng.randrange(7)
+            if how == 0:
+                c.ack_many(ms)                      # the whole list: the batch's runs
+                acked.update(m.offset for m in ms)
+            elif how == 1:
+                c.ack_many(list(ms))                # a copy, same messages
+                acked.update(m.offset for m in ms)
+            elif how == 2:
+                some = rng.sample(ms, rng.randrange(0, len(ms) + 1))
+                c.ack_many(some)
+                acked.update(m.offset for m in some)
+                rest = [m for m in ms if m not in some]
+                if rest:
+                    c.give_back(rest)
+            elif how == 3:
+                for m in ms:
+                    if rng.random() < 0.5:
+                        c.ack(m)
+                        acked.add(m.offset)
+                    else:
+                        c.nack(m, delay=0)
+            elif how == 4:
+                m = rng.choice(ms)
+                c.extend(m, 30)
+                c.ack(m)
+                acked.add(m.offset)
+                c.ack_many([x for x in ms if x is not m])
+                acked.update(x.offset for x in ms)
+            elif how == 5:
+                c.give_back(ms)
+            else:
+                c.ack_many(ms)
+                acked.update(m.offset for m in ms)
+                with pytest.raises(logq.NotDeliveredError):
+                    c.ack_many(ms)                  # twice: nothing changes
+                with pytest.raises(logq.NotDeliveredError):
+                    c.ack(rng.choice(ms))
+        c.commit()
+        again = []
+        while True:
+            ms = c.get_many(100, timeout=0.5)
+            if not ms:
+                break
+            again += [m.offset for m in ms]
+            c.ack_many(ms)
+        c.commit()
+        assert sorted(again) == sorted(set(range(n)) - acked), "settled came again, or unsettled did not"
+        c.close()
+    finally:
+        q.close()

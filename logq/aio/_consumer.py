@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Iterable
 
 from logq._consumer import _IDLE_LOOK, Consumer as _SyncConsumer
 from logq._errors import Empty, NotDeliveredError, QueueClosedError
-from logq._group import Message as _SyncMessage
+from logq._handout import Message as _SyncMessage
 from logq.aio._watch import _resolve
 
 if TYPE_CHECKING:
@@ -168,7 +168,7 @@ class _Processing:
 
     async def __aexit__(self, et: Any, e: Any, tb: Any) -> bool:
         m = self.m
-        if m._c._ledger.out.get(m.sync.offset) is not m.sync:
+        if not m._c._g.holds(m.sync):
             return False        # settled inside the block (no longer out with this process)
         c = m._c
         if et is None:
