@@ -502,13 +502,7 @@ def test_get_many_views_settle_like_messages(tmp_path, seed):
                 with pytest.raises(logq.NotDeliveredError):
                     c.ack(rng.choice(ms))
         c.commit()
-        again = []
-        while True:
-            ms = c.get_many(100, timeout=0.5)
-            if not ms:
-                break
-            again += [m.offset for m in ms]
-            c.ack_many(ms)
+        again = [m.offset for m in drain(c, timeout=0.5)]
         c.commit()
         assert sorted(again) == sorted(set(range(n)) - acked), "settled came again, or unsettled did not"
         c.close()
