@@ -36,7 +36,6 @@ import time
 from collections import deque
 from dataclasses import dataclass, field, fields
 from multiprocessing.connection import wait as wait_for
-from itertools import repeat
 from operator import attrgetter
 from typing import Any, Callable
 
@@ -137,18 +136,6 @@ class PoolStats:
 
     def as_dict(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-def _messages(b: Batch) -> list[Message]:
-    """A batch taken with its payloads as Messages sharing its leases, for
-    a layer above to read; they are views: the batch stays what is out."""
-    out: list[Message] = []
-    pl, ts = b.payloads, b._ts
-    assert pl is not None
-    for (start, count, lease), first in zip(b.chunks, b.firsts):
-        out += map(Message, range(start, start + count), pl[first:first + count],
-                   ts[first:first + count], repeat(lease))
-    return out
 
 
 class WorkerPool(Service):
@@ -457,7 +444,9 @@ class WorkerPool(Service):
         """Ack a batch a worker finished as runs, but for its failures:
         nacked one by one."""
         if self.on_outcome is not None:
-            self._settle_outcomes(c, b, failures, now, values)
+            # (the batch's messages as views of it: what the layer above
+            # acks whole is acked as the batch's runs, by ack_many)
+            self._settle(c, c._g.views(b), failures, now, values)
             return
         if not failures:
             c.ack(b)
@@ -475,32 +464,6 @@ class WorkerPool(Service):
         self.breaker.record_many(ok, len(b) - ok, now)
         with self._lock:
             self._stats.processed += ok
-
-    def _settle_outcomes(self, c: Consumer, b: Batch, failures: dict[int, str], now: float,
-                         values: list[Any] | None) -> None:
-        """``on_outcome`` for a batch a worker finished.  Its Messages are
-        views of the batch (not out on their own): what the layer above
-        acks is acked through the batch (the whole of it as runs, the usual
-        case: ``on_outcome`` returned the very list), and only what it nacks
-        becomes a delivery of its own, nacked one by one."""
-        msgs = _messages(b)
-        ok, write, bad = self.on_outcome(msgs, values, failures)  # type: ignore[misc]
-        at: dict[int, int] = {}
-        if ok is msgs:
-            c.ack(b, write=write)
-            self._uncommitted += b._ts
-        else:
-            at = {m.offset: i for i, m in enumerate(msgs)}
-            c.ack(b, [at[m.offset] for m in ok], write=write)
-            self._uncommitted += map(_TS, ok)
-        self.breaker.record_many(len(ok), len(bad), now)
-        with self._lock:
-            self._stats.processed += len(ok)
-        if bad and not at:
-            at = {m.offset: i for i, m in enumerate(msgs)}
-        for m, error, w, *bury in bad:
-            one, = c._g.detach(b, [at[m.offset]])
-            self._failed(c, one, error, w, bool(bury and bury[0]))
 
     def _settle(self, c: Consumer, msgs: list[Message], failures: dict[int, str], now: float,
                 values: list[Any] | None = None) -> None:
