@@ -75,7 +75,7 @@ class Consumer:
             m = self._g.one_from_buffer()     # the fast path: claimed already
             if m is not None:
                 return m
-        msgs = self._get(1, timeout, True)
+        msgs = self._get(timeout)
         if not msgs:
             raise Empty(f"no message for group {self.group!r} within {timeout}s")
         return msgs[0]
@@ -85,7 +85,14 @@ class Consumer:
         seconds pass first: then []).  ``timeout=None`` waits for one."""
         if isinstance(max_messages, bool) or not isinstance(max_messages, int) or max_messages < 1:
             raise ValueError(f"max_messages must be a positive int, not {max_messages!r}")
-        return self._get(max_messages, timeout, False)
+        self._check_open()
+        out = self._g.from_buffer(max_messages, False)     # what get() prefetched comes first
+        if out:
+            return out
+        # One batch, its messages views of it (no ledger entry each;
+        # ack_many of them all acks the batch's runs).
+        b = self._take(max_messages, timeout, True)
+        return self._g.views(b) if len(b) else []
 
     def take(self, max_messages: int, timeout: float | None = 0.0) -> Batch:
         """Up to ``max_messages`` messages as one Batch: parallel arrays
@@ -139,39 +146,29 @@ class Consumer:
         while True:
             yield self.get()
 
-    def _get(self, n: int, timeout: float | None, single: bool) -> list[Message]:
+    def _get(self, timeout: float | None) -> list[Message]:
+        """get()'s slow path: a message from the buffer, else a claim of as
+        many as the prefetch rate says (the rest buffered), or [] once
+        ``timeout`` passed."""
         g = self._g
         self._check_open()
         limit = None if timeout is None else time.monotonic() + timeout
         while True:
-            out = g.from_buffer(n, single)
+            out = g.from_buffer(1, True)
             if out:
                 return out
             tail = self.queue.next_offset
-            want = n
-            if single:
-                now = time.monotonic()
-                span = max(now - g._last_claim, 1e-6)
-                g.rate = 0.7 * g.rate + 0.3 * (g._gets / span)
-                g._gets, g._last_claim = 0, now
-                want = max(1, min(self.options.prefetch,
-                                  int(g.rate * self.options.visibility_timeout / 8)))
-            else:
-                # get_many: one batch, its messages views of it (no ledger
-                # entry each; ack_many of them all acks the batch's runs).
-                b = g.take(n, True)
-                if b is not None:
-                    b._consumer = self
-                    return g.views(b)
-                if not self._wait(tail, limit):
-                    return []
-                continue
+            now = time.monotonic()
+            span = max(now - g._last_claim, 1e-6)
+            g.rate = 0.7 * g.rate + 0.3 * (g._gets / span)
+            g._gets, g._last_claim = 0, now
+            want = max(1, min(self.options.prefetch, int(g.rate * self.options.visibility_timeout / 8)))
             got = g.claim(want)
             if got:
                 with g.lock:
-                    g.buffer.extend(got[n:])
-                    g.handed(got[:n])
-                return got[:n]
+                    g.buffer.extend(got[1:])
+                    g.handed(got[:1])
+                return got[:1]
             # Nothing: sleep until a put, a due time, or a look around.
             if not self._wait(tail, limit):
                 return []
