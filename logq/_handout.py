@@ -137,38 +137,35 @@ class HandOut:
         # delivery settled in the batch, and so not out)
         return True
 
+    def _in_batch(self, m: Any) -> tuple[Any, int] | None:
+        """Under ``self.lock``: (batch, index) of a view whose delivery is
+        still open in its batch, else None (not a view, or settled, given
+        back or released since)."""
+        wb = getattr(m, "_b", None) if type(m) is Message else None
+        b: Any = wb() if wb is not None else None
+        known = b is not None and self.ledger.batches.get(id(b)) is b   # (a bool: b keeps its type)
+        if not known:
+            return None
+        i = b.index_of(m.offset)
+        return (b, i) if i is not None and b.open[i] else None
+
     def attach(self, ms: Iterable[Any]) -> None:
         """Under ``self.lock``: make each view among ``ms`` (a message of
         ``get_many`` still part of its batch) a delivery of its own, out
         like one from ``get`` (the very object), so that every path that
         settles one message works on it.  A view whose delivery was settled
         already is left as it is: then it is not out, as it should."""
-        led = self.ledger
         for m in ms:
-            wb = getattr(m, "_b", None) if type(m) is Message else None
-            if wb is None:
-                continue
-            m._b = None
-            b: Any = wb()
-            if b is None:
-                continue            # (gone: settled or released long since)
-            i = b.index_of(m.offset)
-            known = led.batches.get(id(b)) is b
-            if i is not None and b.open[i] and known:
-                led.detach(b, [i], partial(_same, m))
+            at = self._in_batch(m)
+            if type(m) is Message:
+                m._b = None
+            if at is not None:
+                self.ledger.detach(at[0], [at[1]], partial(_same, m))
 
     def holds(self, m: Any) -> bool:
         """Whether ``m`` is out with this process (a view or not)."""
         with self.lock:
-            if self.ledger.out.get(getattr(m, "offset", -1)) is m:
-                return True
-            wb = getattr(m, "_b", None) if type(m) is Message else None
-            b: Any = wb() if wb is not None else None
-            known = b is not None and self.ledger.batches.get(id(b)) is b
-            if not known:
-                return False
-            i = b.index_of(m.offset)
-            return i is not None and bool(b.open[i])
+            return self.ledger.out.get(getattr(m, "offset", -1)) is m or self._in_batch(m) is not None
 
     def one_from_buffer(self) -> Message | None:
         """get()'s fast path: the next buffered message if its lease has
