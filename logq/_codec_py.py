@@ -147,8 +147,8 @@ def put(w: Writer, payload: bytes, length: int) -> int:
         w.pos = _put(w.seg, w.pos, off, time.time_ns(), payload, 0, F.RECORD_MARK, b"")
         w.next = off + 1
         if words is not None:
+            words[F.CTL_TAIL_NEXT >> 3] = off + 1      # before the position: Log.publish
             words[F.CTL_TAIL_POS >> 3] = w.pos
-            words[F.CTL_TAIL_NEXT >> 3] = off + 1
         return off
 
 

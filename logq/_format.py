@@ -281,6 +281,10 @@ CONTROL_MAGIC = b"LOGQCTL\x01"
 CTL_TAIL_BASE = 8    # u64: base offset of the active segment
 CTL_TAIL_POS = 16    # u64: position after the last complete record in it
 CTL_TAIL_NEXT = 24   # u64: the next offset to be written
+# The holder publishes its tail in that order: NEXT, then POS, then BASE
+# (each store after the records it covers are written).  A holder killed
+# between two of those stores leaves NEXT past whole records that start at
+# POS; the next holder reads them as the log's (``_log._first_at``).
 CTL_WANT = 32        # u64: nonzero while another process waits for the append lock
 CTL_HOLDER = 40      # u64: pid holding the append lock; 0 once released cleanly
 CTL_GENERATION = 48  # u64: bumped each time the append lock changes hands

@@ -118,6 +118,24 @@ def _flock(fd: int, op: int) -> bool:
         return False
 
 
+def _first_at(seg: Segment, pos: int, nxt: int) -> int:
+    """The offset the log goes on from at the published tail (``seg``,
+    ``pos``, ``nxt``) of a holder that died.  A tail is published next
+    first, then position, then base: killed between the stores, the holder
+    leaves ``nxt`` past the records that start at ``pos``: those of its
+    last append, or, in a roll, all of the segment it was leaving (``pos``
+    already at a header, the base not yet the new segment's).  They are
+    whole (records are written before they are published); their own
+    offsets are the log's if they run up to ``nxt``.  Otherwise ``nxt``."""
+    if seg.h is None or pos + F.RECORD_HEADER_SIZE > seg.size:
+        return nxt
+    first = seg.offset_at(pos)
+    if not 0 <= first < nxt:
+        return nxt
+    n, _, _, _ = C.scan(seg.h, pos, seg.size, first, nxt - first)
+    return first if n == nxt - first else nxt
+
+
 class Log:
     """The segments of one queue directory, and this process's writer state.
 
@@ -234,11 +252,14 @@ class Log:
         self.ctl_words[at >> 3] = value
 
     def publish(self) -> None:
-        """Publish this writer's tail for other processes (pos before next),
-        and wake the readers waiting for it."""
-        self.ctl_set(F.CTL_TAIL_BASE, self.active.base)
-        self.ctl_set(F.CTL_TAIL_POS, self.pos)
+        """Publish this writer's tail for other processes, and wake the
+        readers waiting for it.  The order is the format's (``_format``,
+        the control block): next, then position, then base, so that a
+        holder killed between two stores leaves a tail that
+        ``_repair_after`` can read."""
         self.ctl_set(F.CTL_TAIL_NEXT, self.next)
+        self.ctl_set(F.CTL_TAIL_POS, self.pos)
+        self.ctl_set(F.CTL_TAIL_BASE, self.active.base)
         C.wake(self.ctl_h)
 
     # -- segments -----------------------------------------------------------
@@ -402,6 +423,7 @@ class Log:
         rolled to), and zero the one it was writing."""
         self.refresh_bases()
         seg, pos, nxt = self.active, self.pos, self.next
+        nxt = _first_at(seg, pos, nxt)
         while True:
             pos, nxt, _ = scan_tail(seg, pos, nxt, resync=False)
             later = [b for b in self.bases if b > seg.base]

@@ -569,8 +569,10 @@ int64_t logq_put(logq_writer *w, const uint8_t *payload, uint64_t len)
                                payload, len, 0, LOGQ_RECORD_MARK, NULL, 0);
         w->f[LOGQ_W_NEXT]++;
         if (w->ctl) {
-            ctl_store(w->ctl + LOGQ_CTL_TAIL_POS, w->f[LOGQ_W_POS]);
+            /* next before the position (Log.publish): a repair can read a
+               tail torn between the two */
             ctl_store(w->ctl + LOGQ_CTL_TAIL_NEXT, w->f[LOGQ_W_NEXT]);
+            ctl_store(w->ctl + LOGQ_CTL_TAIL_POS, w->f[LOGQ_W_POS]);
         }
     }
     pthread_mutex_unlock(&w->mu);
