@@ -362,8 +362,13 @@ def repair(path: str, *, dry_run: bool = False, rebuild_index: bool = False,
         log.warning("repair of %s: %s", path, a)
     # Opening alone runs recovery over what is left: the tail, the
     # checkpoint and the offset tables are found again from the log.
+    # Recovery may start the newest segment anew (one too short for its
+    # header); repair does not know the size the queue rolls at, so it
+    # gives that segment the least span: the next writer extends it to
+    # its own segment_bytes.  (The default, 64 MiB, would let a queue of
+    # small segments grow one that big, past a max_bytes sized for them.)
     from logq._queue import Queue
-    Queue(path, exclusive=True).close()
+    Queue(path, exclusive=True, segment_bytes=4096).close()
     return rep
 
 

@@ -505,6 +505,28 @@ def test_repair_moves_the_checkpoint_back_when_durable_records_are_gone(tmp_path
         assert [p for _, p in got[-3:]] == [b"new", b"a", b"b"]
 
 
+def test_repair_of_a_newest_segment_cut_to_nothing_keeps_the_queue_s_segment_size(tmp_path):
+    """Repair starts a newest segment too short for its header anew; it must
+    not do so at the default size (64 MiB): a queue of 8 KiB segments then
+    grew one that big, and a put at max_bytes found no room to free."""
+    q = str(tmp_path / "q")
+    with logq.open(q, segment_bytes=8192) as qq:
+        qq.put_many([b"x" * 100] * 3)
+    newest = max(n for n in os.listdir(q) if n.endswith(".log"))
+    os.truncate(os.path.join(q, newest), 0)
+    logq.repair(q)
+    sizes = {n: os.path.getsize(os.path.join(q, n)) for n in os.listdir(q) if n.endswith(".log")}
+    assert max(sizes.values()) <= 8192, sizes
+    with logq.open(q, segment_bytes=8192) as qq:
+        base = qq.stats()["disk_bytes"]
+    with logq.open(q, segment_bytes=8192, max_bytes=base + 4 * 8192 + (4 << 20), on_full="drop_oldest",
+                   put_timeout=2.0) as qq:
+        for i in range(400):
+            qq.put(b"y" * 200)       # rolls every 8 KiB; drop_oldest keeps it within the budget
+        assert qq.stats()["disk_bytes"] <= qq.stats()["max_bytes"]
+    assert ok_json("verify", q)["clean"]
+
+
 def test_recovery_alone_does_not_trust_a_checkpoint_whose_records_are_gone(tmp_path):
     """Without repair: an open after the same loss ends the log at the last
     intact record, not at the checkpoint (a put there would land behind a
