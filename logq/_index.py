@@ -309,7 +309,8 @@ class Index(_Env):
         damage is found now (and repaired) rather than in a later write."""
         self.env = self._open()
         try:
-            dbs = [self.env.open_db(name) for name in DBS]
+            with self.env.begin(write=True) as txn:     # not open_db's own: see _Env.open_db
+                dbs = [self.env.open_db(name, txn=txn) for name in DBS]
             for name, db in zip(DBS, dbs):
                 setattr(self, name.decode(), db)
             with self.env.begin(write=True) as txn:
@@ -581,11 +582,15 @@ class Scratch(_Env):
                                  sync=False, metasync=False, readahead=False, meminit=False)
         finally:
             os.close(fd)
-        self.claims = self.env.open_db(b"claims")     # group\0 kind offset -> Claim
-        self.cursors = self.env.open_db(b"cursors")   # group\0 level -> next offset to scan
-        # group\0 "D" -> no claim's deadline is earlier (i64); group\0 "O" owner
-        # -> "" for each owner that may hold claims: reaping looks only then.
-        self.summary = self.env.open_db(b"summary")
+        # In a transaction of our own (see _Env.open_db): open_db's own waits
+        # for the write lock holding the GIL, and a process whose threads
+        # cannot run meanwhile keeps the append lock from other processes.
+        with self.env.begin(write=True) as txn:
+            self.claims = self.env.open_db(b"claims", txn=txn)     # group\0 kind offset -> Claim
+            self.cursors = self.env.open_db(b"cursors", txn=txn)   # group\0 level -> next offset to scan
+            # group\0 "D" -> no claim's deadline is earlier (i64); group\0 "O" owner
+            # -> "" for each owner that may hold claims: reaping looks only then.
+            self.summary = self.env.open_db(b"summary", txn=txn)
 
     def forget_group(self, name: str) -> None:
         """Drop group ``name``'s leases and cursors (after a reset)."""

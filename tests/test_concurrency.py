@@ -17,7 +17,7 @@ import time
 import pytest
 
 import logq
-from helpers import (CONCURRENT, READER, Child, children, deadline, identity, payload,
+from helpers import (CONCURRENT, READER, Child, Hang, children, deadline, identity, payload,
                      run_child, verify_contents, wait_for)
 
 PROCS, THREADS, PER_THREAD = 3, 4, 40
@@ -270,3 +270,55 @@ def test_queue_used_after_fork_raises(tmp_path):
         q.close()
     with logq.open(path) as q:
         assert [p for _, p in q.scan()] == [b"before fork", b"from child", b"parent again"]
+
+
+
+_LEASE_TXN_THEN_PUT = r"""
+import os, sys, time, lmdb, logq
+qdir, ready = sys.argv[1], sys.argv[2]
+q = logq.open(qdir)
+env = lmdb.open(os.path.join(qdir, "leases"), subdir=True, max_dbs=16)
+with env.begin(write=True):            # the lease table's write lock, as a claim holds it
+    open(ready, "w").close()
+    time.sleep(0.3)                    # the parent puts, then waits for this lock
+    q.put(b"from the child")           # waits for the append lock the parent holds
+q.close()
+"""
+
+_PUT_THEN_STATS = r"""
+import os, subprocess, sys, time, logq
+qdir, ready, child = sys.argv[1], sys.argv[2], sys.argv[3]
+with logq.open(qdir, fsync="never") as q:
+    kid = subprocess.Popen([sys.executable, "-c", child, qdir, ready])
+    while not os.path.exists(ready):
+        time.sleep(0.001)
+    q.put(b"from the parent")          # this process holds the append lock now
+    q.stats()                          # and opens the lease table: waits for the child's lock
+    assert kid.wait(30) == 0
+    print(sorted(p for _, p in q.scan()), flush=True)
+"""
+
+
+def test_waiting_for_the_lease_table_lets_other_threads_give_the_append_lock_away(tmp_path):
+    """A process holds the append lock (its puts keep it until another
+    process asks) and opens the lease table while another process holds
+    that table's write lock and waits for the append lock, as a consumer
+    does when its claim reads the tail while a put of its process waits.
+    Waiting for the lease table must not stall the first process's other
+    threads: its housekeeper hands the append lock over, the other process
+    finishes, and both go on.  (LMDB's own open_db waited holding the GIL:
+    the two processes deadlocked; found as a hang of the Dramatiq tests.)
+    Run in a process of its own, so that a deadlock fails the test."""
+    qdir, ready = str(tmp_path / "q"), str(tmp_path / "ready")
+    with logq.open(qdir) as q:
+        q.consumer("g").close()        # a group, and no lease table open in this process
+    with children() as kids:
+        kid = Child(_PUT_THEN_STATS, str(tmp_path / "parent.out"), qdir, ready, _LEASE_TXN_THEN_PUT)
+        kids.append(kid)
+        try:
+            code = kid.wait(30)
+        except Hang:
+            raise AssertionError("the processes deadlocked: one waited for the lease table "
+                                 "with its threads stalled and the append lock held") from None
+        assert code == 0, kid.output()
+        assert "[b'from the child', b'from the parent']" in kid.output(), kid.output()
