@@ -184,7 +184,9 @@ class QueueModel(RuleBasedStateMachine):
         """Reconcile the model with the whole log (the queue is open, no child
         runs): every model record is there with its payload, except touched
         ones and (retention) settled ones below the first offset; records the
-        model does not know are a dead child's unreported puts."""
+        model does not know are a dead child's unreported puts: those of
+        ``child_tags`` anywhere, those of an earlier dead producer only past
+        the model's end."""
         q = self.q
         assert q is not None
         with deadline(30, "scanning the queue"):
@@ -204,6 +206,12 @@ class QueueModel(RuleBasedStateMachine):
                     self.fail(f"offset {o} holds {p[:30]!r}, but {self.records[o][:30]!r} was put there")
             elif tag in child_tags:
                 self.records[o] = p            # a dead child's put that it did not live to report
+            elif tag in self.dead_producers and o >= self.next:
+                # A dead producer's whole record past the published end: the
+                # child died holding the append lock before publishing it, and
+                # recovery (a reopen, repair) keeps it (docs/durability.md,
+                # "Recovery and damage"), as the next appender does in accept().
+                self.records[o] = p
             else:
                 self.fail(f"offset {o} holds {p[:30]!r}, a record the model never accepted there "
                           "(a stale or resurrected record?)")
