@@ -431,7 +431,7 @@ class Log:
                 break
             seg, pos, nxt = self.segment(later[0]), F.SEGMENT_HEADER_SIZE, later[0]
             seg.refresh_size()
-        cut = _torn_extent(seg, pos)
+        cut = _torn_extent(seg, pos, nxt)
         if cut > pos:
             seg.mm[pos:cut] = bytes(cut - pos)
             log.warning("segment %s: process %d died while appending at offset %d; zeroed its "

@@ -466,7 +466,16 @@ class Queue(Producer):
             with lg.w:
                 lg.release()
             try:
-                if lg.close_last() and lg.ctl_get(F.CTL_HOLDER) == 0 and self._failed is None:
+                last = lg.close_last()
+                if last and lg.ctl_get(F.CTL_HOLDER) != 0 and self._failed is None:
+                    # A process died holding the append lock, and no appender
+                    # came since to repair what it left (its whole records
+                    # kept, the torn one zeroed): the last one out does, so
+                    # that the shutdown is clean.
+                    with lg.w:
+                        lg.acquire()
+                        lg.release()
+                if last and lg.ctl_get(F.CTL_HOLDER) == 0 and self._failed is None:
                     lg.adopt_tail()
                     stored = self._index.checkpoint()
                     lg.sync_segments(stored[0] if stored else 0)

@@ -168,9 +168,26 @@ def _data_end(seg: Segment, start: int) -> int:
     return start + len(tail)
 
 
-def _torn_extent(seg: Segment, pos: int) -> int:
-    """Where the bytes a dead writer may have left after ``pos`` end."""
+def _record_extent(seg: Segment, pos: int) -> int:
+    """Where a record whose header may be torn, starting at ``pos``, ends."""
     if pos + F.RECORD_HEADER_SIZE > seg.size:
         return seg.size
     _, length, _, _, meta_len, _, _ = F.RECORD_HEADER.unpack_from(seg.mm, pos)
     return min(seg.size, pos + F.RECORD_HEADER_SIZE + meta_len + min(length, F.MAX_PAYLOAD))
+
+
+def _torn_extent(seg: Segment, pos: int, nxt: int) -> int:
+    """Where the bytes a writer that died appending at ``pos`` (offset
+    ``nxt``: every whole record before it was kept) may have left end: the
+    record it was writing, or a batch it did not finish.  A batch's head is
+    written last, so the head's bytes at ``pos`` may be zeros or torn with
+    the batch's other records whole after them, and the last of those
+    torn: found by their offsets (after ``nxt``) and followed to their end."""
+    end = _record_extent(seg, pos)
+    if seg.h is None:
+        return end
+    found = C.find_next(seg.h, pos, seg.size, nxt + 1, nxt + (1 << 32), True)
+    if found >= 0:
+        n, stop, _, _ = C.scan(seg.h, found, seg.size, seg.offset_at(found), 1 << 32)
+        end = max(end, _record_extent(seg, stop))
+    return end

@@ -1,4 +1,5 @@
-"""A producer killed at every store it makes to the control block.
+"""A producer killed at every store it makes to the control block, and
+after every record it writes.
 
 The control block is the shared memory through which the processes that
 have a queue open hand the append lock, the published tail (segment base,
@@ -12,10 +13,14 @@ densely after them.
 This test does not wait for a lucky kill.  A victim process (pure codec, so
 that its stores go through Python and can be counted; the on-disk format
 and the repair are the same for both codecs) counts its stores to the
-control block and SIGKILLs itself at store ``k``, for every ``k`` of a
-fixed sequence of puts, batches and a segment roll, under ``"never"`` and
-``"always"``.  A survivor that has the queue open throughout then appends,
-and the log is checked record by record, before and after a reopen.
+control block and its record writes (a batch writes its head last), and
+SIGKILLs itself at event ``k``, for every ``k`` of a fixed sequence of
+puts, batches and a segment roll, under ``"never"`` and ``"always"``.  A
+survivor that has the queue open throughout then appends, or (every other
+round) only closes, the last process out: no appender repairs what the
+victim left, the close must, or the shutdown is not clean.  The log
+is checked record by record, ``verify`` must find it clean, and again
+after a reopen.
 """
 
 from __future__ import annotations
@@ -40,8 +45,9 @@ SCRIPT = [("p", 1), ("p", 1), ("m", 3), ("p", 1), ("p", 1), ("m", 4), ("p", 1), 
 
 def _victim(qdir: str, fsync: str, kill_at: int, report_fd: int) -> None:
     """In a forked child: open the queue, run SCRIPT reporting each returned
-    offset, and SIGKILL this process at control-block store ``kill_at``
-    (never, if 0).  Reports the number of stores made at the end."""
+    offset, and SIGKILL this process at event ``kill_at`` (a control-block
+    store or a record written; never, if 0).  Reports the number of events
+    at the end."""
     from logq import _codec_py, _log
     stores = [0]
 
@@ -49,6 +55,13 @@ def _victim(qdir: str, fsync: str, kill_at: int, report_fd: int) -> None:
         stores[0] += 1
         if stores[0] == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
+
+    write = _codec_py._put
+
+    def write_counted(*args):
+        out = write(*args)
+        counted()       # after the record's bytes: a kill leaves it whole, the batch perhaps not
+        return out
 
     class Words:
         """The writer's view of the control block, counting its stores."""
@@ -80,6 +93,7 @@ def _victim(qdir: str, fsync: str, kill_at: int, report_fd: int) -> None:
         ctl_set(self, at, value)
 
     _codec_py.Writer.attach = attach_counted
+    _codec_py._put = write_counted
     _log.Log.ctl_set = ctl_set_counted
     q = logq.open(qdir, segment_bytes=SEGMENT, fsync=fsync)
     stores[0] = 0       # count from the first put on
@@ -93,8 +107,9 @@ def _victim(qdir: str, fsync: str, kill_at: int, report_fd: int) -> None:
     os._exit(0)
 
 
-def _round(root: str, fsync: str, kill_at: int) -> dict:
-    """One victim killed at store ``kill_at``; the survivor's findings."""
+def _round(root: str, fsync: str, kill_at: int, append: bool = True) -> dict:
+    """One victim killed at event ``kill_at``; the survivor's findings (it
+    appends after the death, or only closes)."""
     qdir = os.path.join(root, f"q-{fsync}-{kill_at}")
     r, w = os.pipe()
     go_r, go_w = os.pipe()
@@ -121,8 +136,9 @@ def _round(root: str, fsync: str, kill_at: int) -> dict:
         lines = [ln.split() for ln in data.decode().splitlines()]
         out["stores"] = next((int(ln[1]) for ln in lines if ln[0] == "stores"), None)
         reported = {int(o): payload(t, int(i)) for o, t, i in (ln for ln in lines if len(ln) == 3)}
-        for i in range(FILL, FILL + 3):        # the next appender repairs and goes on
-            mine[q.put(payload("s", i))] = payload("s", i)
+        if append:
+            for i in range(FILL, FILL + 3):    # the next appender repairs and goes on
+                mine[q.put(payload("s", i))] = payload("s", i)
         problems = _check(q, mine, reported)
     if not problems:
         rep = logq.verify(qdir)
@@ -169,8 +185,8 @@ def driver(root: str, fsync: str, seed: str) -> None:
     print(json.dumps(dry), flush=True)
     stride = max(1, -(-(dry["stores"] or 0) // ROUNDS))
     k = 1 + int(seed) % stride
-    for _ in range(2 * ROUNDS):
-        r = _round(root, fsync, k)
+    for i in range(2 * ROUNDS):
+        r = _round(root, fsync, k, append=i % 2 == 0)
         print(json.dumps(r), flush=True)
         if not r["killed"]:
             break
@@ -178,7 +194,7 @@ def driver(root: str, fsync: str, seed: str) -> None:
 
 
 @pytest.mark.parametrize("fsync", ["never", "always"])
-def test_producer_killed_at_every_control_block_store(tmp_path, fsync):
+def test_producer_killed_at_every_store_and_record_write(tmp_path, fsync):
     # The driver runs on the pure codec (its stores are counted in Python),
     # in a process of its own: it forks the victims.
     proc = subprocess.run([sys.executable, "-c", "import sys, test_holder_kill as t; t.driver(*sys.argv[1:])",
