@@ -189,7 +189,7 @@ def test_awaiting_get_wakes_on_a_put_from_another_process(qdir, report):
            note=f"{WAKE_ROUNDS} rounds; p99 {_pct(aio_lat, 0.99) * ms:.3g} ms (pipe "
                 f"{_pct(pipe_lat, 0.99) * ms:.3g} ms); blocking get() in the same rounds: median "
                 f"{statistics.median(sync_lat) * ms:.3g} ms; codec "
-                f"{'native' if logq.native_enabled() else 'pure (the watcher polls every 5 ms)'}")
+                f"{'native' if logq.native_enabled() else 'pure (futex through ctypes)'}")
 
 
 def _cpu_while(seconds: float) -> float:
@@ -259,4 +259,4 @@ def test_idle_awaiting_consumers_use_no_cpu(qdir, report):
            f"{IDLE_WAITERS} threads blocked in the sync get()", threads * pct,
            target=("<=", 1.0),
            note=f"over {IDLE_SECONDS:g} s; one awaiting consumer: {one * pct:.3g} %; codec "
-                f"{'native' if logq.native_enabled() else 'pure (the watcher polls every 5 ms)'}")
+                f"{'native' if logq.native_enabled() else 'pure (futex through ctypes)'}")

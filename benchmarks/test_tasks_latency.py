@@ -124,7 +124,7 @@ def test_submit_to_result_latency(bench_dir, report) -> None:
     floor = _echo_round_trips(bench_dir)
     lat = _task_round_trips(bench_dir)
     ms = 1e3
-    codec = "native" if logq.native_enabled() else "pure (result() looks every 1 ms)"
+    codec = "native" if logq.native_enabled() else "pure (futex through ctypes)"
     report("tasks: submit -> result() of a no-op task, another process runs it, p50",
            statistics.median(lat) * ms, "ms",
            "queue round trip put -> echo process get/put -> get, p50", statistics.median(floor) * ms,

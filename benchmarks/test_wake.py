@@ -74,4 +74,4 @@ def test_blocked_get_wakes_on_a_put_from_another_process(bench_dir, report):
            "pipe wake between the same processes, median", statistics.median(pipe_lat) * ms,
            target=("<=", 10.0), note=f"{ROUNDS} rounds; p99 {_pct(get_lat, 0.99) * ms:.3g} ms "
                                      f"(pipe {_pct(pipe_lat, 0.99) * ms:.3g} ms); codec "
-                                     f"{'native' if logq.native_enabled() else 'pure (polls every 5 ms)'}")
+                                     f"{'native' if logq.native_enabled() else 'pure (futex through ctypes)'}")

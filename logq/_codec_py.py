@@ -11,7 +11,11 @@ take (the buffer itself here, a cffi pointer in the native twin).
 
 from __future__ import annotations
 
+import ctypes
+import functools
+import platform
 import struct
+import sys
 import threading
 import time
 from typing import Any, Literal, overload
@@ -149,6 +153,8 @@ def put(w: Writer, payload: bytes, length: int) -> int:
         if words is not None:
             words[F.CTL_TAIL_NEXT >> 3] = off + 1      # before the position: Log.publish
             words[F.CTL_TAIL_POS >> 3] = w.pos
+            if (words[F.CTL_WAITERS >> 3] >> _WAITERS_SHIFT) & 0xFFFFFFFF:
+                _wake_on(w.ctl, F.CTL_TAIL_NEXT)
         return off
 
 
@@ -158,38 +164,134 @@ def prefault(buf: Any, start: int, length: int) -> int:
     return -1
 
 
-def _wait_word(ctl: Any, at: int, offset: int, timeout_ns: int, nap_ns: int) -> int:
+# -- waiting: a futex through ctypes where there is one (Linux), else naps ----
+# The native codec's protocol (see logq_native.c): a waiter counts itself
+# in a waiters word, reads the word it waits on and sleeps on its low 32
+# bits while they still hold what it read; a writer stores the word, then
+# wakes the sleepers if the count says there are any.  Here the counts are
+# not atomic (two processes counting at once may lose one) and Python has
+# no fences, so a wake-up can be missed: every sleep is therefore also
+# bounded by the nap the polling version used.  A missed wake-up costs no
+# more than polling did; every other one is prompt.
+def _futex() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    nr = {"x86_64": 202, "aarch64": 98, "riscv64": 98, "ppc64le": 221, "s390x": 238,
+          "i686": 240, "i386": 240, "armv7l": 240, "armv6l": 240}.get(platform.machine())
+    try:
+        call = ctypes.CDLL(None, use_errno=True).syscall
+    except (OSError, AttributeError):  # pragma: no cover - no libc to call
+        return None
+    if nr is None:  # pragma: no cover - an architecture without a number here
+        return None
+    call.restype = ctypes.c_long
+    return functools.partial(call, ctypes.c_long(nr))
+
+
+_FUTEX = _futex()
+_FUTEX_WAIT, _FUTEX_WAKE = 0, 1     # shared (not PRIVATE): the word is in a shared mapping
+_LOW = 0 if sys.byteorder == "little" else 4    # the low 32 bits of a native u64
+# WAITERS (a u32 at a u64's address) within that u64, as put() reads it
+_WAITERS_SHIFT = 0 if sys.byteorder == "little" else 32
+
+
+class _Timespec(ctypes.Structure):
+    _fields_ = [("tv_sec", ctypes.c_long), ("tv_nsec", ctypes.c_long)]
+
+
+def _address(ctl: Any, at: int) -> int:
+    """The address of the control block's byte ``at`` (its mapping stays put
+    until the queue closes, after its sleepers left)."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(ctl)) + at
+
+
+def _sleep_on(ctl: Any, at: int, expect: int, ns: int) -> None:
+    """Sleep at most ``ns`` while the low 32 bits of the u64 at ``at`` hold
+    ``expect`` (a nap where there is no futex)."""
+    try:
+        word = None if _FUTEX is None else _address(ctl, at + _LOW)
+    except TypeError:       # a read-only mapping (an inspection, not a queue in use)
+        word = None
+    if word is None:
+        time.sleep(ns / 1e9)
+        return
+    ts = _Timespec(ns // 1_000_000_000, ns % 1_000_000_000)
+    _FUTEX(ctypes.c_void_p(word), ctypes.c_long(_FUTEX_WAIT), ctypes.c_long(expect & 0xFFFFFFFF),
+           ctypes.byref(ts), None, ctypes.c_long(0))
+
+
+def _wake_on(ctl: Any, at: int) -> None:
+    if _FUTEX is not None:
+        _FUTEX(ctypes.c_void_p(_address(ctl, at + _LOW)), ctypes.c_long(_FUTEX_WAKE),
+               ctypes.c_long(0x7FFFFFFF), None, None, ctypes.c_long(0))
+
+
+def _count(ctl: Any, at: int, by: int) -> None:
+    """Add ``by`` to the u32 count at ``at`` (not atomically: see above)."""
+    n = memoryview(ctl).cast("B").cast("I")
+    try:
+        n[at >> 2] = (n[at >> 2] + by) & 0xFFFFFFFF
+    finally:
+        n.release()
+
+
+def _counted(ctl: Any, at: int) -> bool:
+    n = memoryview(ctl).cast("B").cast("I")
+    try:
+        return n[at >> 2] != 0
+    finally:
+        n.release()
+
+
+def _wait_word(ctl: Any, at: int, offset: int, timeout_ns: int, nap_ns: int,
+               waiters: int | None) -> int:
     """1 if the control block's word at ``at`` has passed ``offset``, else
-    after a nap of at most ``nap_ns`` (and ``timeout_ns``) 1 or 0 again."""
+    after a sleep on it of at most ``nap_ns`` (and ``timeout_ns``) 1 or 0
+    again; counted in the u32 at ``waiters`` while it sleeps."""
     words = memoryview(ctl).cast("B").cast("Q")
     try:
-        if words[at >> 3] <= offset and timeout_ns > 0:
-            time.sleep(min(timeout_ns, nap_ns) / 1e9)
-        return 1 if words[at >> 3] > offset else 0
+        now = words[at >> 3]
+        if now <= offset and timeout_ns > 0:
+            if waiters is not None:
+                _count(ctl, waiters, 1)
+            try:
+                now = words[at >> 3]    # after counting: a writer that stored since wakes us
+                if now <= offset:
+                    _sleep_on(ctl, at, now, min(timeout_ns, nap_ns))
+            finally:
+                if waiters is not None:
+                    _count(ctl, waiters, -1)
+            now = words[at >> 3]
+        return 1 if now > offset else 0
     finally:
         words.release()
 
 
 def wait(ctl: Any, offset: int, timeout_ns: int) -> int:
     """Wait (once, at most ``timeout_ns``) for the control block's next
-    offset to pass ``offset``: 1 if it has, 0 if not yet.  Without futexes
-    this polls: it sleeps at most 5 ms before looking again."""
-    return _wait_word(ctl, F.CTL_TAIL_NEXT, offset, timeout_ns, 5_000_000)
+    offset to pass ``offset``: 1 if it has, 0 if not yet.  A futex, woken by
+    ``wake``; a sleep is at most 5 ms (see above)."""
+    return _wait_word(ctl, F.CTL_TAIL_NEXT, offset, timeout_ns, 5_000_000, F.CTL_WAITERS)
 
 
 def wake(ctl: Any) -> None:
-    """Wake the processes waiting in ``wait`` (nothing to do when polling)."""
+    """Wake the processes waiting in ``wait`` (after publishing a tail)."""
+    if _counted(ctl, F.CTL_WAITERS):
+        _wake_on(ctl, F.CTL_TAIL_NEXT)
 
 
 def wait_synced(ctl: Any, offset: int, timeout_ns: int) -> int:
     """Wait (once, at most ``timeout_ns``) for the control block's
-    SYNCED_NEXT to pass ``offset``: 1 if it has, 0 if not yet.  Polls: it
-    sleeps at most 0.2 ms (a fraction of an fdatasync) before looking again."""
-    return _wait_word(ctl, F.CTL_SYNCED_NEXT, offset, timeout_ns, 200_000)
+    SYNCED_NEXT to pass ``offset``: 1 if it has, 0 if not yet.  A futex
+    that every ``wake_synced`` wakes (no count: one call per fdatasync);
+    without one, a nap of at most 0.2 ms (a fraction of an fdatasync)."""
+    return _wait_word(ctl, F.CTL_SYNCED_NEXT, offset, timeout_ns,
+                      timeout_ns if _FUTEX is not None else 200_000, None)
 
 
 def wake_synced(ctl: Any) -> None:
-    """Wake the processes waiting in ``wait_synced`` (nothing to do when polling)."""
+    """Wake the processes waiting in ``wait_synced``."""
+    _wake_on(ctl, F.CTL_SYNCED_NEXT)
 
 
 def written(ctl: Any) -> int:
@@ -203,26 +305,37 @@ def written(ctl: Any) -> int:
 
 def wait_written(ctl: Any, seen: int, timeout_ns: int) -> int:
     """Wait (once, at most ``timeout_ns``) for WRITTEN to differ from
-    ``seen``: 1 if it does, 0 if not yet.  Polls: it sleeps at most 1 ms
-    before looking again (a blocked ``result()`` is that late at most)."""
+    ``seen``: 1 if it does, 0 if not yet.  A futex woken by ``bump_written``;
+    a sleep is at most 1 ms (a blocked ``result()`` is that late at most)."""
     words = memoryview(ctl).cast("B").cast("Q")
     try:
-        if words[F.CTL_WRITTEN >> 3] == seen and timeout_ns > 0:
-            time.sleep(min(timeout_ns, 1_000_000) / 1e9)
-        return 1 if words[F.CTL_WRITTEN >> 3] != seen else 0
+        now = words[F.CTL_WRITTEN >> 3]
+        if now == seen and timeout_ns > 0:
+            _count(ctl, F.CTL_WRITTEN_WAITERS, 1)
+            try:
+                now = words[F.CTL_WRITTEN >> 3]
+                if now == seen:
+                    _sleep_on(ctl, F.CTL_WRITTEN, now, min(timeout_ns, 1_000_000))
+            finally:
+                _count(ctl, F.CTL_WRITTEN_WAITERS, -1)
+            now = words[F.CTL_WRITTEN >> 3]
+        return 1 if now != seen else 0
     finally:
         words.release()
 
 
 def bump_written(ctl: Any) -> None:
-    """Count a commit that ran write hooks.  (Not atomic across processes:
-    two bumps at once may count as one, but either moves the word past what
-    a waiter saw, which is all a waiter looks for.)"""
+    """Count a commit that ran write hooks, and wake ``wait_written``'s
+    sleepers.  (Not atomic across processes: two bumps at once may count as
+    one, but either moves the word past what a waiter saw, which is all a
+    waiter looks for.)"""
     words = memoryview(ctl).cast("B").cast("Q")
     try:
         words[F.CTL_WRITTEN >> 3] = (words[F.CTL_WRITTEN >> 3] + 1) & 0xFFFFFFFFFFFFFFFF
     finally:
         words.release()
+    if _counted(ctl, F.CTL_WRITTEN_WAITERS):
+        _wake_on(ctl, F.CTL_WRITTEN)
 
 
 def _check(buf: Any, pos: int, end: int, expected: int | None) -> tuple[int, int, tuple[Any, ...]]:

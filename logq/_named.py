@@ -161,8 +161,8 @@ class KV:
 
     def changed(self, seen: int, timeout: float) -> bool:
         """Sleep until a write (by any process) moved the count past
-        ``seen``, at most ``timeout`` seconds: a futex wait natively (no
-        polling; the pure codec looks every millisecond)."""
+        ``seen``, at most ``timeout`` seconds: a futex wait, no polling (on
+        the pure codec a missed wake-up costs at most a millisecond)."""
         return open_queue(self.path)._wait_written(seen, timeout)
 
     def wait(self, key: bytes, timeout: float | None) -> bytes | None:

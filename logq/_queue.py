@@ -182,8 +182,8 @@ class Queue(Producer):
     def _wait_written(self, seen: int, timeout: float) -> bool:
         """Sleep until a commit that ran write hooks (in any process) moved
         the count past ``seen``, at most ``timeout`` seconds: whether it
-        moved.  A futex natively (no polling); the pure codec looks every
-        1 ms."""
+        moved.  A futex, no polling (on the pure codec a missed wake-up costs
+        at most 1 ms)."""
         return bool(C.wait_written(self._open_log().ctl_h, seen, int(max(timeout, 0.0) * 1e9)))
 
     def _bump_written(self) -> None:
@@ -219,8 +219,8 @@ class Queue(Producer):
     def wait(self, offset: int, timeout: float | None = None) -> bool:
         """Block until the record at ``offset`` (or a later one) has been
         put, by this or any other process: True then, False once ``timeout``
-        seconds passed.  Sleeps without polling (a futex on the shared tail,
-        natively; the pure codec looks every 5 ms)."""
+        seconds passed.  Sleeps without polling (a futex on the shared tail;
+        on the pure codec a missed wake-up costs at most 5 ms)."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._waiters:
             lg = self._open_log()

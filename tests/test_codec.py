@@ -14,6 +14,7 @@ import os
 import random
 import re
 import struct
+import sys
 import time
 
 import crcmod.predefined
@@ -853,3 +854,32 @@ def test_wait_reads_the_tail_word_like_the_reference():
         mod.wake(h)
         mod.release(h)
         ctl.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="futexes are Linux's")
+@pytest.mark.parametrize("waiter,waker,word", [("wait", "wake", F.CTL_TAIL_NEXT),
+                                               ("wait_synced", "wake_synced", F.CTL_SYNCED_NEXT)])
+def test_pure_waits_sleep_on_a_futex_that_the_writer_wakes(tmp_path, waiter, waker, word):
+    """The pure codec's waits are futexes (through ctypes), not naps: a
+    waiter whose sleep may last 20 s is back as soon as another thread
+    stores the word and wakes it (the polling version napped, and its
+    wake was a no-op)."""
+    import threading
+    assert P._FUTEX is not None
+    ctl = mmap.mmap(-1, F.CONTROL_SIZE)
+    words = memoryview(ctl).cast("B").cast("Q")
+
+    def store_and_wake() -> None:
+        time.sleep(0.2)
+        words[word >> 3] = 11
+        getattr(P, waker)(ctl)
+
+    t = threading.Thread(target=store_and_wake)
+    began = time.monotonic()
+    t.start()
+    got = getattr(P, waiter)(ctl, 10, 20_000_000_000) if waiter != "wait" else \
+        P._wait_word(ctl, word, 10, 20_000_000_000, 20_000_000_000, F.CTL_WAITERS)
+    t.join()
+    assert got == 1 and time.monotonic() - began < 10
+    words.release()
+    ctl.close()

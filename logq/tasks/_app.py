@@ -149,8 +149,8 @@ class TaskHandle:
     def result(self, timeout: float | None = None) -> Any:
         """Its return value, once it succeeded: blocks up to ``timeout``
         seconds (None: forever).  It sleeps until a commit in any process
-        writes an outcome (the control block's WRITTEN count: a futex on
-        the native codec, no polling; the pure codec looks every 1 ms),
+        writes an outcome (the control block's WRITTEN count: a futex,
+        no polling; on the pure codec a missed wake-up costs at most 1 ms),
         then looks for its own.  Raises TaskFailed (remote type, message,
         traceback), TaskCancelled, TaskNotFound, or TimeoutError."""
         if self._known:
