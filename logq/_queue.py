@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterator
 from logq import _codec as C
 from logq import _format as F
 from logq import _status
-from logq._errors import OffsetError, RecordLostError
+from logq._errors import LogqError, OffsetError, RecordLostError
 from logq._index import (G_ACKED, G_DEAD, G_DELIVERED, G_DROPPED, G_REDELIVERED, G_WATERMARK,
                          Index, clamp_scratch, in_flight, open_index, reset_scratch)
 from logq._log import Log
@@ -472,9 +472,13 @@ class Queue(Producer):
                     # came since to repair what it left (its whole records
                     # kept, the torn one zeroed): the last one out does, so
                     # that the shutdown is clean.
-                    with lg.w:
-                        lg.acquire()
-                        lg.release()
+                    try:
+                        with lg.w:
+                            lg.acquire()
+                            lg.release()
+                    except (OSError, LogqError) as e:   # the next open recovers instead
+                        log.warning("queue %s: could not repair after a dead writer at close: %s",
+                                    self.path, e)
                 if last and lg.ctl_get(F.CTL_HOLDER) == 0 and self._failed is None:
                     lg.adopt_tail()
                     stored = self._index.checkpoint()
