@@ -432,7 +432,7 @@ class Log:
             seg, pos, nxt = self.segment(later[0]), F.SEGMENT_HEADER_SIZE, later[0]
             seg.refresh_size()
         cut = _torn_extent(seg, pos, nxt)
-        if cut > pos:
+        if cut > pos and any(seg.mm[pos:cut]):
             seg.mm[pos:cut] = bytes(cut - pos)
             log.warning("segment %s: process %d died while appending at offset %d; zeroed its "
                         "%d torn bytes at position %d (it had not returned: nothing durable is lost)",
