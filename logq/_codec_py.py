@@ -205,15 +205,15 @@ def _address(ctl: Any, at: int) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(ctl)) + at
 
 
-def _sleep_on(ctl: Any, at: int, expect: int, ns: int) -> None:
+def _sleep_on(ctl: Any, at: int, expect: int, ns: int, nap_ns: int) -> None:
     """Sleep at most ``ns`` while the low 32 bits of the u64 at ``at`` hold
-    ``expect`` (a nap where there is no futex)."""
+    ``expect`` (where there is no futex, a nap of at most ``nap_ns``)."""
     try:
         word = None if _FUTEX is None else _address(ctl, at + _LOW)
     except TypeError:       # a read-only mapping (an inspection, not a queue in use)
         word = None
     if word is None:
-        time.sleep(ns / 1e9)
+        time.sleep(min(ns, nap_ns) / 1e9)
         return
     ts = _Timespec(ns // 1_000_000_000, ns % 1_000_000_000)
     _FUTEX(ctypes.c_void_p(word), ctypes.c_long(_FUTEX_WAIT), ctypes.c_long(expect & 0xFFFFFFFF),
@@ -244,10 +244,11 @@ def _counted(ctl: Any, at: int) -> bool:
 
 
 def _wait_word(ctl: Any, at: int, offset: int, timeout_ns: int, nap_ns: int,
-               waiters: int | None) -> int:
+               waiters: int | None, poll_ns: int) -> int:
     """1 if the control block's word at ``at`` has passed ``offset``, else
-    after a sleep on it of at most ``nap_ns`` (and ``timeout_ns``) 1 or 0
-    again; counted in the u32 at ``waiters`` while it sleeps."""
+    after a sleep on it of at most ``nap_ns`` (and ``timeout_ns``; a nap of
+    at most ``poll_ns`` without a futex) 1 or 0 again; counted in the u32
+    at ``waiters`` while it sleeps."""
     words = memoryview(ctl).cast("B").cast("Q")
     try:
         now = words[at >> 3]
@@ -257,7 +258,7 @@ def _wait_word(ctl: Any, at: int, offset: int, timeout_ns: int, nap_ns: int,
             try:
                 now = words[at >> 3]    # after counting: a writer that stored since wakes us
                 if now <= offset:
-                    _sleep_on(ctl, at, now, min(timeout_ns, nap_ns))
+                    _sleep_on(ctl, at, now, min(timeout_ns, nap_ns), poll_ns)
             finally:
                 if waiters is not None:
                     _count(ctl, waiters, -1)
@@ -271,7 +272,7 @@ def wait(ctl: Any, offset: int, timeout_ns: int) -> int:
     """Wait (once, at most ``timeout_ns``) for the control block's next
     offset to pass ``offset``: 1 if it has, 0 if not yet.  A futex, woken by
     ``wake``; a sleep is at most 5 ms (see above)."""
-    return _wait_word(ctl, F.CTL_TAIL_NEXT, offset, timeout_ns, 5_000_000, F.CTL_WAITERS)
+    return _wait_word(ctl, F.CTL_TAIL_NEXT, offset, timeout_ns, 5_000_000, F.CTL_WAITERS, 5_000_000)
 
 
 def wake(ctl: Any) -> None:
@@ -285,8 +286,7 @@ def wait_synced(ctl: Any, offset: int, timeout_ns: int) -> int:
     SYNCED_NEXT to pass ``offset``: 1 if it has, 0 if not yet.  A futex
     that every ``wake_synced`` wakes (no count: one call per fdatasync);
     without one, a nap of at most 0.2 ms (a fraction of an fdatasync)."""
-    return _wait_word(ctl, F.CTL_SYNCED_NEXT, offset, timeout_ns,
-                      timeout_ns if _FUTEX is not None else 200_000, None)
+    return _wait_word(ctl, F.CTL_SYNCED_NEXT, offset, timeout_ns, timeout_ns, None, 200_000)
 
 
 def wake_synced(ctl: Any) -> None:
@@ -315,7 +315,7 @@ def wait_written(ctl: Any, seen: int, timeout_ns: int) -> int:
             try:
                 now = words[F.CTL_WRITTEN >> 3]
                 if now == seen:
-                    _sleep_on(ctl, F.CTL_WRITTEN, now, min(timeout_ns, 1_000_000))
+                    _sleep_on(ctl, F.CTL_WRITTEN, now, min(timeout_ns, 1_000_000), 1_000_000)
             finally:
                 _count(ctl, F.CTL_WRITTEN_WAITERS, -1)
             now = words[F.CTL_WRITTEN >> 3]

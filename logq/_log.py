@@ -334,11 +334,14 @@ class Log:
         self.next = self.ctl_get(F.CTL_TAIL_NEXT)
 
     # -- the append lock ------------------------------------------------------
-    def acquire(self) -> None:
-        """Take the append lock (blocking) and adopt the current tail."""
+    def acquire(self, block: bool = True) -> bool:
+        """Take the append lock (waiting for it, unless ``block`` is false)
+        and adopt the current tail; whether this process holds it."""
         if self.holding:
-            return
+            return True
         if not _flock(self.append_fd, fcntl.LOCK_EX | fcntl.LOCK_NB):
+            if not block:
+                return False
             self.contended_at = time.monotonic()
             pause = 20e-6
             while True:
@@ -371,6 +374,7 @@ class Log:
         self.active.allocated = max(self.active.allocated, self.pos)
         self.end = self.active.allocated
         self.holding = True
+        return True
 
     def _upgrade_active(self) -> None:
         """The active segment is in an older format (a queue written by an
@@ -432,7 +436,7 @@ class Log:
             seg, pos, nxt = self.segment(later[0]), F.SEGMENT_HEADER_SIZE, later[0]
             seg.refresh_size()
         cut = _torn_extent(seg, pos, nxt)
-        if cut > pos and any(seg.mm[pos:cut]):
+        if cut > pos and seg.mm[pos:cut].count(0) != cut - pos:
             seg.mm[pos:cut] = bytes(cut - pos)
             log.warning("segment %s: process %d died while appending at offset %d; zeroed its "
                         "%d torn bytes at position %d (it had not returned: nothing durable is lost)",

@@ -471,11 +471,12 @@ class Queue(Producer):
                     # A process died holding the append lock, and no appender
                     # came since to repair what it left (its whole records
                     # kept, the torn one zeroed): the last one out does, so
-                    # that the shutdown is clean.
+                    # that the shutdown is clean.  (Not waiting: a process
+                    # forked by the dead one may hold its lock still.)
                     try:
                         with lg.w:
-                            lg.acquire()
-                            lg.release()
+                            if lg.acquire(block=False):
+                                lg.release()
                     except (OSError, LogqError) as e:   # the next open recovers instead
                         log.warning("queue %s: could not repair after a dead writer at close: %s",
                                     self.path, e)
