@@ -416,3 +416,25 @@ def test_a_batch_with_a_gone_record_settles_each_message_with_its_own_outcome(ap
     acks, write, nacks = Settler(app)(msgs, values[:1], {msgs[1].offset: _GONE})
     assert acks == [] and [n[0] for n in nacks] == msgs
     c.close()
+
+
+def test_a_retry_that_finishes_before_its_failed_attempt_commits_still_counts_as_retried(app, tmp_path) -> None:
+    """The failed attempt's nack and the retry's ack can commit together
+    (the retry was due at once and finished within the commit interval);
+    the acks' transaction goes first, so the failure arrives after the
+    final outcome.  It must not change the state, and the retry must
+    still be counted (the CI saw logq_task_retried_total 0 here)."""
+    p = app.pool("task_app:app", workers=1, backoff_base=0.001, backoff_max=0.001, commit_interval=2.0)
+    p.start()
+    try:
+        h = task_app.flaky.delay(str(tmp_path / "ctl"), 1)
+        assert h.result(timeout=60) == 2
+    finally:
+        p.stop()
+    st = h.status()
+    assert st.state == "succeeded" and st.attempts == 2
+    app.close()
+    m = _scrape(app.path)
+    n = (("name", "flaky"),)
+    assert m[("logq_task_retried_total", n)] == 1
+    assert m[("logq_task_succeeded_total", n)] == 1

@@ -292,6 +292,13 @@ def _align(msgs: list[Any], values: list[Any] | None,
     return [None] * len(msgs), lost
 
 
+def _later_final(txn: Any, db: Any, key: bytes, failed: Outcome) -> bool:
+    """Whether the final outcome stored for ``key`` is of a later attempt
+    than the ``failed`` one."""
+    raw = txn.get(key, db=db)
+    return raw is not None and Outcome.unpack(raw).attempts > failed.attempts
+
+
 class Settler:
     """The pool's ``on_outcome``: each message's ack or nack, and the
     outcome written in the transaction that commits it; expired outcomes
@@ -403,7 +410,11 @@ class Settler:
                     # It has one: the state machine decides (a final one absorbs).
                     out = Outcome.unpack(packed)
                     if not store.record(txn, key.decode(), event, out):
-                        absorbed.add(key)
+                        if event != S.FAIL or not _later_final(txn, db, key, out):
+                            absorbed.add(key)
+                        # (else the failure of an earlier attempt, whose nack
+                        # commits after the ack of the retry that finished
+                        # first: the state stands, the retry is counted)
                         continue
                 if hooks or many:
                     if out is None:
