@@ -646,3 +646,65 @@ def runs_of(runs_dir: str, token: str) -> list[tuple[int, float]]:
             return [(int(p), float(t)) for p, t in (line.split() for line in f if line.strip())]
     except FileNotFoundError:
         return []
+
+
+# -- kill points: a victim process that SIGKILLs itself at its k-th event -----------
+def kill_at_event(kill_at: int) -> Any:
+    """An event counter for a kill-point test's victim: each call counts one
+    event, and the ``kill_at``-th SIGKILLs this process (never, if 0).
+    ``.count`` is the number so far."""
+    def event() -> None:
+        event.count += 1    # type: ignore[attr-defined]
+        if event.count == kill_at:  # type: ignore[attr-defined]
+            os.kill(os.getpid(), signal.SIGKILL)
+    event.count = 0     # type: ignore[attr-defined]
+    return event
+
+
+def around_writes(event: Any) -> None:
+    """Count an event just before and just after each LMDB write
+    transaction of this process (the index's and the lease table's)."""
+    from logq import _index
+    write = _index._Env.write
+
+    def counted(self: Any, fn: Any) -> Any:
+        event()
+        out = write(self, fn)
+        event()
+        return out
+    _index._Env.write = counted     # type: ignore[method-assign]
+
+
+class Victim:
+    """A forked child for a kill-point test: it waits for ``go()``, then
+    runs ``fn(*args, report_fd)`` and exits.  Fork it before this process
+    opens a queue or starts a thread (a fork copies neither safely); the
+    parent opens the queue, then says ``go``.  ``finish()`` reads the
+    report to its end and reaps the child: (SIGKILLed, the report)."""
+
+    def __init__(self, fn: Any, *args: Any) -> None:
+        self._r, w = os.pipe()
+        go_r, self._go = os.pipe()
+        self.pid = os.fork()
+        if self.pid == 0:
+            try:
+                os.close(self._r)
+                os.close(self._go)
+                os.read(go_r, 1)
+                fn(*args, w)
+            finally:
+                os._exit(3)
+        os.close(w)
+        os.close(go_r)
+
+    def go(self) -> None:
+        os.write(self._go, b"g")
+
+    def finish(self) -> tuple[bool, str]:
+        data = b""
+        while chunk := os.read(self._r, 65536):
+            data += chunk
+        os.close(self._r)
+        os.close(self._go)
+        _, status = os.waitpid(self.pid, 0)
+        return os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL, data.decode()

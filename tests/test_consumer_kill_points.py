@@ -23,11 +23,10 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import time
 
 import logq
-from helpers import identity, payload
+from helpers import Victim, around_writes, identity, kill_at_event, payload
 
 N = 40
 OPTIONS = dict(visibility_timeout=300.0, max_attempts=1000, backoff_base=0.001, backoff_max=0.001, commit_interval=3600.0,
@@ -39,28 +38,14 @@ def _victim(qdir: str, kill_at: int, report_fd: int) -> None:
     commit and ``C`` once it returned; SIGKILL this process at event
     ``kill_at`` (2w - 1: before write transaction w, 2w: after it; never
     if 0).  Reports the number of events at the end."""
-    from logq import _index
-    events = [0]
-
-    def event() -> None:
-        events[0] += 1
-        if events[0] == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    write = _index._Env.write
-
-    def counted(self, fn):
-        event()
-        out = write(self, fn)
-        event()
-        return out
+    event = kill_at_event(kill_at)
 
     def say(line: str) -> None:
         os.write(report_fd, (line + "\n").encode())
 
     q = logq.open(qdir)
     c = q.consumer("g", **OPTIONS)
-    _index._Env.write = counted
+    around_writes(event)
 
     def commit(offsets: list[int]) -> None:
         say("A " + " ".join(map(str, offsets)))
@@ -86,39 +71,22 @@ def _victim(qdir: str, kill_at: int, report_fd: int) -> None:
     commit(list(b.offsets))
     c.close()
     q.close()
-    _index._Env.write = write
-    say(f"events {events[0]}")
+    say(f"events {event.count}")
     os._exit(0)
 
 
 def _round(root: str, kill_at: int) -> dict:
     qdir = os.path.join(root, f"q{kill_at}")
-    r, w = os.pipe()
-    go_r, go_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            os.close(go_w)
-            os.read(go_r, 1)
-            _victim(qdir, kill_at, w)
-        finally:
-            os._exit(3)
-    os.close(w)
-    os.close(go_r)
+    victim = Victim(_victim, qdir, kill_at)
     out: dict = {"k": kill_at}
     problems: list[str] = []
     with logq.open(qdir) as q:
         q.put_many([payload("m", i) for i in range(N)])
         q.consumer("g", **OPTIONS).close()
-        os.write(go_w, b"g")
-        data = b""
-        while chunk := os.read(r, 65536):
-            data += chunk
-        _, status = os.waitpid(pid, 0)
-        out["killed"] = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        victim.go()
+        out["killed"], text = victim.finish()
         committed, maybe, pending = set(), set(), None
-        for ln in data.decode().splitlines():
+        for ln in text.splitlines():
             if ln.startswith("A"):
                 pending = {int(x) for x in ln.split()[1:]}
             elif ln == "C":

@@ -27,14 +27,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 
 import pytest
 
 import logq
-from helpers import SEED, child_env, identity, payload
+from helpers import SEED, Victim, child_env, identity, kill_at_event, payload
 
 SEGMENT = 4096
 FILL = 30          # survivor records before the victim starts: the roll comes during its puts
@@ -49,12 +48,7 @@ def _victim(qdir: str, fsync: str, kill_at: int, report_fd: int) -> None:
     store or a record written; never, if 0).  Reports the number of events
     at the end."""
     from logq import _codec_py, _log
-    stores = [0]
-
-    def counted() -> None:
-        stores[0] += 1
-        if stores[0] == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
+    counted = kill_at_event(kill_at)
 
     write = _codec_py._put
 
@@ -96,14 +90,14 @@ def _victim(qdir: str, fsync: str, kill_at: int, report_fd: int) -> None:
     _codec_py._put = write_counted
     _log.Log.ctl_set = ctl_set_counted
     q = logq.open(qdir, segment_bytes=SEGMENT, fsync=fsync)
-    stores[0] = 0       # count from the first put on
+    counted.count = 0   # count from the first put on
     i = 0
     for op, n in SCRIPT:
         items = [payload("v", i + j) for j in range(n)]
         offs = [q.put(items[0])] if op == "p" else list(q.put_many(items))
         os.write(report_fd, "".join(f"{o} v {i + j}\n" for j, o in enumerate(offs)).encode())
         i += n
-    os.write(report_fd, f"stores {stores[0]}\n".encode())
+    os.write(report_fd, f"stores {counted.count}\n".encode())
     os._exit(0)
 
 
@@ -111,29 +105,13 @@ def _round(root: str, fsync: str, kill_at: int, append: bool = True) -> dict:
     """One victim killed at event ``kill_at``; the survivor's findings (it
     appends after the death, or only closes)."""
     qdir = os.path.join(root, f"q-{fsync}-{kill_at}")
-    r, w = os.pipe()
-    go_r, go_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            os.close(go_w)
-            os.read(go_r, 1)        # the survivor has the queue open
-            _victim(qdir, fsync, kill_at, w)
-        finally:
-            os._exit(3)
-    os.close(w)
-    os.close(go_r)
+    victim = Victim(_victim, qdir, fsync, kill_at)
     out: dict = {"k": kill_at}
     with logq.open(qdir, segment_bytes=SEGMENT, fsync=fsync) as q:
         mine = {o: payload("s", i) for i, o in enumerate(q.put_many([payload("s", i) for i in range(FILL)]))}
-        os.write(go_w, b"g")
-        data = b""
-        while chunk := os.read(r, 65536):
-            data += chunk
-        _, status = os.waitpid(pid, 0)
-        out["killed"] = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
-        lines = [ln.split() for ln in data.decode().splitlines()]
+        victim.go()         # the survivor has the queue open
+        out["killed"], text = victim.finish()
+        lines = [ln.split() for ln in text.splitlines()]
         out["stores"] = next((int(ln[1]) for ln in lines if ln[0] == "stores"), None)
         reported = {int(o): payload(t, int(i)) for o, t, i in (ln for ln in lines if len(ln) == 3)}
         if append:

@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 
 import logq
-from helpers import SEED, child_env, identity, payload
+from helpers import SEED, Victim, around_writes, child_env, identity, kill_at_event, payload
 
 SEGMENT = 4096
 OPTIONS = dict(visibility_timeout=300.0, commit_interval=3600.0, prefetch=16)
@@ -40,21 +39,8 @@ def _queue_options(variant: str, base: int = 0) -> dict:
 
 
 def _victim(qdir: str, variant: str, base: int, kill_at: int, report_fd: int) -> None:
-    from logq import _index
-    events = [0]
-
-    def event() -> None:
-        events[0] += 1
-        if events[0] == kill_at:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    write, unlink = _index._Env.write, os.unlink
-
-    def counted_write(self, fn):
-        event()
-        out = write(self, fn)
-        event()
-        return out
+    event = kill_at_event(kill_at)
+    unlink = os.unlink
 
     def counted_unlink(path, *a, **k):
         event()
@@ -67,7 +53,8 @@ def _victim(qdir: str, variant: str, base: int, kill_at: int, report_fd: int) ->
 
     q = logq.open(qdir, **_queue_options(variant, base))
     c1, c2 = q.consumer("g1", **OPTIONS), q.consumer("g2", **OPTIONS)
-    _index._Env.write, os.unlink = counted_write, counted_unlink
+    around_writes(event)
+    os.unlink = counted_unlink
     i = 0
     for r in range(6):
         offs = list(q.put_many([payload("p", i + j) for j in range(12)]))
@@ -79,8 +66,7 @@ def _victim(qdir: str, variant: str, base: int, kill_at: int, report_fd: int) ->
             say(f"A {name} " + " ".join(str(m.offset) for m in ms))
             c.commit()
             say(f"C {name}")
-    _index._Env.write, os.unlink = write, unlink
-    say(f"events {events[0]}")
+    say(f"events {event.count}")
     os._exit(0)
 
 
@@ -90,31 +76,15 @@ def _round(root: str, variant: str, kill_at: int) -> dict:
         for g in ("g1", "g2"):
             q.consumer(g, **OPTIONS).close()
         base = q.stats()["disk_bytes"]
-    r, w = os.pipe()
-    go_r, go_w = os.pipe()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            os.close(r)
-            os.close(go_w)
-            os.read(go_r, 1)
-            _victim(qdir, variant, base, kill_at, w)
-        finally:
-            os._exit(3)
-    os.close(w)
-    os.close(go_r)
+    victim = Victim(_victim, qdir, variant, base, kill_at)
     out: dict = {"k": kill_at}
     with logq.open(qdir, **_queue_options(variant, base)) as q:
-        os.write(go_w, b"g")
-        data = b""
-        while chunk := os.read(r, 65536):
-            data += chunk
-        _, status = os.waitpid(pid, 0)
-        out["killed"] = os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        victim.go()
+        out["killed"], text = victim.finish()
         puts: dict[int, int] = {}
         committed: dict[str, set[int]] = {"g1": set(), "g2": set()}
         pending: dict[str, set[int]] = {}
-        for ln in data.decode().splitlines():
+        for ln in text.splitlines():
             f = ln.split()
             if f[0] == "P":
                 puts.update((int(a), int(b)) for a, b in (x.split(":") for x in f[1:]))

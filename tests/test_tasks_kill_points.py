@@ -25,27 +25,14 @@ TASKS = 24
 ROUNDS = 4
 
 _POOL = r"""
-import os, signal, sys
-import task_app
-from logq import _index
+import sys
+import helpers, task_app
 task_app.app.path, kill_at = sys.argv[1], int(sys.argv[2])
-events = [0]
-write = _index._Env.write
-
-def counted(self, fn):
-    events[0] += 1
-    if events[0] == kill_at:
-        os.kill(os.getpid(), signal.SIGKILL)
-    out = write(self, fn)
-    events[0] += 1
-    if events[0] == kill_at:
-        os.kill(os.getpid(), signal.SIGKILL)
-    return out
-
+event = helpers.kill_at_event(kill_at)
 if kill_at >= 0:
-    _index._Env.write = counted
+    helpers.around_writes(event)
 task_app.app.pool("task_app:app", workers=2).run(until_idle=True)
-print("events", events[0], flush=True)
+print("events", event.count, flush=True)
 """
 
 
