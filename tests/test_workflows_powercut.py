@@ -224,9 +224,14 @@ def test_journal_torn_tail_and_rotation(tmp_path, monkeypatch) -> None:
     """The step journal of checkpoint="run" after a cut inside a write: the
     records before the torn one are found, the torn one and anything after
     it in that file are not (garbage is never returned as a step); a
-    process keeps two files, the oldest deleted when the third starts."""
+    process's older files go when a new one starts, but only once none of
+    their runs is current (a run that settles late keeps its records)."""
     from logq.workflows import _journal as J
-    j = J.Journal(str(tmp_path))
+    current: set[tuple[str, str]] = {("w1", "7-00000001"), ("w", "1-00000001")}
+
+    def any_current(runs: set[tuple[str, str]]) -> bool:
+        return bool(runs & current)
+    j = J.Journal(str(tmp_path), any_current)
     for k in range(5):
         j.append("w1", "7-00000001", k, b"packed-%d" % k)
     j.append("w2", "8-00000002", 0, b"other")
@@ -246,16 +251,20 @@ def test_journal_torn_tail_and_rotation(tmp_path, monkeypatch) -> None:
         assert j.find("w2", "8-00000002") == {}
     assert set(j.find("w1", "7-00000001")) == {0, 1, 2, 3}
     monkeypatch.setattr(J, "ROTATE", 1)
-    j2 = J.Journal(str(tmp_path / "r"))
-    for k in range(4):
+    j2 = J.Journal(str(tmp_path / "r"), any_current)
+    for k in range(4):      # a file per record: the run is current, all four stay
         j2.append("w", "1-00000001", k, b"x")
-    assert len(os.listdir(j2.dir)) == 2 and j2.find("w", "1-00000001") == {2: b"x", 3: b"x"}
+    assert len(os.listdir(j2.dir)) == 4 and j2.find("w", "1-00000001") == {k: b"x" for k in range(4)}
+    current.discard(("w", "1-00000001"))        # its outcome committed
+    j2.append("w", "2-00000002", 0, b"y")
+    assert len(os.listdir(j2.dir)) == 2 and j2.find("w", "1-00000001") == {3: b"x"}
     # A dead process's file goes once none of its runs is current, not before.
     import subprocess
     gone = subprocess.Popen(["true"])
     gone.wait()
     os.rename(j.files[-1], os.path.join(j.dir, f"{gone.pid}-1.log"))
-    j.sweep(lambda runs: ("w1", "7-00000001") in runs)
+    j.sweep()
     assert set(j.find("w1", "7-00000001")) == {0, 1, 2, 3}
-    j.sweep(lambda runs: False)
+    current.clear()
+    j.sweep()
     assert j.find("w1", "7-00000001") == {} and not os.path.exists(os.path.join(j.dir, f"{gone.pid}-1.log"))

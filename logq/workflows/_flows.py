@@ -148,9 +148,9 @@ class Flows:
         self.runs: set[str] = app.__dict__.setdefault("_wf_names", set())
         # Steps checkpointed per run (checkpoint="run") wait in this
         # process's journal (``_journal``) and travel in the run's outcome.
-        self.journal = Journal(self.store.q.path)
+        self.journal = Journal(self.store.q.path, self._any_current)
         if txn is None:
-            self.journal.sweep(self._any_current)   # (files of dead workers whose runs all settled)
+            self.journal.sweep()    # (files of dead workers whose runs all settled)
 
     # -- reads ------------------------------------------------------------------------
     def flow(self, wid: str, txn: Any = None) -> dict[str, Any] | None:

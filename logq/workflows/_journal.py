@@ -11,12 +11,14 @@ instead of running them again: so a kill re-runs only the step it
 interrupted.  Records carry a CRC32: a torn tail (a process killed inside
 its write, a power cut) ends a file's scan, nothing torn is returned.
 
-A process starts a new file after ``ROTATE`` bytes and deletes its file
-before that: a record is needed only until its run's outcome commits (the
-pool commits every 0.2 s; the records of a pool that died are in files that
-no longer grow).  A dead process's files are deleted (``sweep``) once none
-of the runs they hold is current any more: their outcomes committed, or
-their workflows moved on or ended.
+A process starts a new file after ``ROTATE`` bytes.  A record is needed
+until its run's outcome commits, which may come later than any number of
+bytes (a long run, a pool slow to commit): so a file is deleted only once
+none of the runs it holds is current any more (``any_current``, from the
+index: their outcomes committed, or their workflows moved on or ended).  A
+process looks at its older files when it starts a new one, keeping the
+newest two regardless; a dead process's files go the same way
+(``sweep``).
 """
 
 from __future__ import annotations
@@ -39,8 +41,11 @@ _K = struct.Struct(">I")
 class Journal:
     """This process's step journal for one queue directory."""
 
-    def __init__(self, qdir: str) -> None:
+    def __init__(self, qdir: str, any_current: Callable[[set[tuple[str, str]]], bool]) -> None:
+        """``any_current((wid, run) pairs)``: whether any of those runs is
+        still current (read from the index)."""
         self.dir = os.path.join(qdir, DIR)
+        self.any_current = any_current
         self.fd = -1
         self.pid = 0
         self.size = 0
@@ -56,9 +61,14 @@ class Journal:
         self.fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o644)
         self.pid, self.size = os.getpid(), 0
         self.files.append(name)
-        while len(self.files) > 2:
+        older, self.files = self.files[:-2], self.files[-2:]
+        for path in reversed(older):
+            runs = self._runs(path)
+            if runs and self.any_current(runs):
+                self.files.insert(0, path)      # a run in it has not settled: kept
+                continue
             try:
-                os.unlink(self.files.pop(0))
+                os.unlink(path)
             except FileNotFoundError:
                 pass
 
@@ -112,19 +122,23 @@ class Journal:
                     out.setdefault(_K.unpack_from(body, n)[0], body[n + 4:])
         return out
 
-    def sweep(self, any_current: Callable[[set[tuple[str, str]]], bool]) -> None:
-        """Delete the files of dead processes none of whose runs is current
-        (``any_current((wid, run) pairs)``, from the index)."""
+    def _runs(self, path: str) -> set[tuple[str, str]]:
+        """The (wid, run) pairs with records in a file."""
+        runs = set()
+        for body in self._records(path):
+            a = body.find(b"\0")
+            b = body.find(b"\0", a + 1)
+            if a > 0 and b > a:
+                runs.add((body[:a].decode(errors="replace"), body[a + 1:b].decode(errors="replace")))
+        return runs
+
+    def sweep(self) -> None:
+        """Delete the files of dead processes none of whose runs is current."""
         for path, dead in self._files():
             if not dead:
                 continue
-            runs = set()
-            for body in self._records(path):
-                a = body.find(b"\0")
-                b = body.find(b"\0", a + 1)
-                if a > 0 and b > a:
-                    runs.add((body[:a].decode(errors="replace"), body[a + 1:b].decode(errors="replace")))
-            if not runs or not any_current(runs):
+            runs = self._runs(path)
+            if not runs or not self.any_current(runs):
                 try:
                     os.unlink(path)
                 except FileNotFoundError:
