@@ -150,7 +150,7 @@ def _drain(q: logq.Queue, puts: dict[int, int], committed: dict[str, set[int]],
     return problems
 
 
-ROUNDS = 24        # kill points per variant, at most (spread, from a start the seed picks)
+ROUNDS = 16        # kill points per variant, at most (spread, from a start the seed picks)
 
 
 def driver(root: str, variant: str, seed: str) -> None:

@@ -22,7 +22,7 @@ import helpers
 from helpers import SEED, child_env
 
 TASKS = 24
-ROUNDS = 4
+ROUNDS = 3
 
 _POOL = r"""
 import sys

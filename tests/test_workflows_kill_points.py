@@ -31,7 +31,7 @@ from logq.tasks import App
 from logq.workflows import workflow
 
 app = App(os.environ.get("LOGQ_WF_KP_DIR", "/nonexistent"))
-ROUNDS = 3
+ROUNDS = 2
 FLOWS = 4
 
 
