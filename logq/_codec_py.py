@@ -18,7 +18,7 @@ import struct
 import sys
 import threading
 import time
-from typing import Any, Literal, overload
+from typing import Any, Callable, Literal, overload
 
 import crcmod.predefined
 
@@ -191,8 +191,7 @@ def _futex() -> Any:
 _FUTEX = _futex()
 _FUTEX_WAIT, _FUTEX_WAKE = 0, 1     # shared (not PRIVATE): the word is in a shared mapping
 _LOW = 0 if sys.byteorder == "little" else 4    # the low 32 bits of a native u64
-# WAITERS (a u32 at a u64's address) within that u64, as put() reads it
-_WAITERS_SHIFT = 0 if sys.byteorder == "little" else 32
+_WAITERS_SHIFT = _LOW * 8     # WAITERS (a u32 at a u64's address) within that u64, as put() reads it
 
 
 class _Timespec(ctypes.Structure):
@@ -243,27 +242,27 @@ def _counted(ctl: Any, at: int) -> bool:
         n.release()
 
 
-def _wait_word(ctl: Any, at: int, offset: int, timeout_ns: int, nap_ns: int,
+def _wait_word(ctl: Any, at: int, moved: Callable[[int], bool], timeout_ns: int, nap_ns: int,
                waiters: int | None, poll_ns: int) -> int:
-    """1 if the control block's word at ``at`` has passed ``offset``, else
-    after a sleep on it of at most ``nap_ns`` (and ``timeout_ns``; a nap of
-    at most ``poll_ns`` without a futex) 1 or 0 again; counted in the u32
-    at ``waiters`` while it sleeps."""
+    """1 if the control block's word at ``at`` has ``moved`` (a test of its
+    value), else after a sleep on it of at most ``nap_ns`` (and
+    ``timeout_ns``; a nap of at most ``poll_ns`` without a futex) 1 or 0
+    again; counted in the u32 at ``waiters`` while it sleeps."""
     words = memoryview(ctl).cast("B").cast("Q")
     try:
         now = words[at >> 3]
-        if now <= offset and timeout_ns > 0:
+        if not moved(now) and timeout_ns > 0:
             if waiters is not None:
                 _count(ctl, waiters, 1)
             try:
                 now = words[at >> 3]    # after counting: a writer that stored since wakes us
-                if now <= offset:
+                if not moved(now):
                     _sleep_on(ctl, at, now, min(timeout_ns, nap_ns), poll_ns)
             finally:
                 if waiters is not None:
                     _count(ctl, waiters, -1)
             now = words[at >> 3]
-        return 1 if now > offset else 0
+        return 1 if moved(now) else 0
     finally:
         words.release()
 
@@ -272,7 +271,7 @@ def wait(ctl: Any, offset: int, timeout_ns: int) -> int:
     """Wait (once, at most ``timeout_ns``) for the control block's next
     offset to pass ``offset``: 1 if it has, 0 if not yet.  A futex, woken by
     ``wake``; a sleep is at most 5 ms (see above)."""
-    return _wait_word(ctl, F.CTL_TAIL_NEXT, offset, timeout_ns, 5_000_000, F.CTL_WAITERS, 5_000_000)
+    return _wait_word(ctl, F.CTL_TAIL_NEXT, offset.__lt__, timeout_ns, 5_000_000, F.CTL_WAITERS, 5_000_000)
 
 
 def wake(ctl: Any) -> None:
@@ -286,7 +285,7 @@ def wait_synced(ctl: Any, offset: int, timeout_ns: int) -> int:
     SYNCED_NEXT to pass ``offset``: 1 if it has, 0 if not yet.  A futex
     that every ``wake_synced`` wakes (no count: one call per fdatasync);
     without one, a nap of at most 0.2 ms (a fraction of an fdatasync)."""
-    return _wait_word(ctl, F.CTL_SYNCED_NEXT, offset, timeout_ns, timeout_ns, None, 200_000)
+    return _wait_word(ctl, F.CTL_SYNCED_NEXT, offset.__lt__, timeout_ns, timeout_ns, None, 200_000)
 
 
 def wake_synced(ctl: Any) -> None:
@@ -307,21 +306,8 @@ def wait_written(ctl: Any, seen: int, timeout_ns: int) -> int:
     """Wait (once, at most ``timeout_ns``) for WRITTEN to differ from
     ``seen``: 1 if it does, 0 if not yet.  A futex woken by ``bump_written``;
     a sleep is at most 1 ms (a blocked ``result()`` is that late at most)."""
-    words = memoryview(ctl).cast("B").cast("Q")
-    try:
-        now = words[F.CTL_WRITTEN >> 3]
-        if now == seen and timeout_ns > 0:
-            _count(ctl, F.CTL_WRITTEN_WAITERS, 1)
-            try:
-                now = words[F.CTL_WRITTEN >> 3]
-                if now == seen:
-                    _sleep_on(ctl, F.CTL_WRITTEN, now, min(timeout_ns, 1_000_000), 1_000_000)
-            finally:
-                _count(ctl, F.CTL_WRITTEN_WAITERS, -1)
-            now = words[F.CTL_WRITTEN >> 3]
-        return 1 if now != seen else 0
-    finally:
-        words.release()
+    return _wait_word(ctl, F.CTL_WRITTEN, seen.__ne__, timeout_ns, 1_000_000, F.CTL_WRITTEN_WAITERS,
+                      1_000_000)
 
 
 def bump_written(ctl: Any) -> None:

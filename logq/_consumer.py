@@ -279,8 +279,7 @@ class Consumer:
             ms = [self._own(m)]
             if indices is not None:
                 raise TypeError("indices go with a Batch, not a Message")
-            with self._g.lock:
-                self._g.attach(ms)
+            self._g.attach_locked(ms)
         if delay is not None:
             _check_number("delay", delay)
         if error is not None and not isinstance(error, str):
@@ -301,8 +300,7 @@ class Consumer:
         ms = list(ms)  # type: ignore[arg-type]
         for m in ms:
             self._own(m)
-        with self._g.lock:
-            self._g.attach(ms)
+        self._g.attach_locked(ms)
         self._g.give_back(ms)
 
     def extend(self, m: Message | Batch, seconds: float) -> None:
@@ -318,8 +316,7 @@ class Consumer:
                 self._g.extend(one, seconds)
             return
         self._own(m)
-        with self._g.lock:
-            self._g.attach((m,))
+        self._g.attach_locked((m,))
         self._g.extend(m, seconds)  # type: ignore[arg-type]
 
     def commit(self) -> None:

@@ -162,6 +162,11 @@ class HandOut:
             if at is not None:
                 self.ledger.detach(at[0], [at[1]], partial(_same, m))
 
+    def attach_locked(self, ms: Iterable[Any]) -> None:
+        """``attach`` under the lock (a settlement of single messages)."""
+        with self.lock:
+            self.attach(ms)
+
     def holds(self, m: Any) -> bool:
         """Whether ``m`` is out with this process (a view or not)."""
         with self.lock:

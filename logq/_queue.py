@@ -466,33 +466,38 @@ class Queue(Producer):
             with lg.w:
                 lg.release()
             try:
-                last = lg.close_last()
-                if last and lg.ctl_get(F.CTL_HOLDER) != 0 and self._failed is None:
-                    # A process died holding the append lock, and no appender
-                    # came since to repair what it left (its whole records
-                    # kept, the torn one zeroed): the last one out does, so
-                    # that the shutdown is clean.  (Not waiting: a process
-                    # forked by the dead one may hold its lock still.)
-                    try:
-                        with lg.w:
-                            if lg.acquire(block=False):
-                                lg.release()
-                    except (OSError, LogqError) as e:   # the next open recovers instead
-                        log.warning("queue %s: could not repair after a dead writer at close: %s",
-                                    self.path, e)
-                if last and lg.ctl_get(F.CTL_HOLDER) == 0 and self._failed is None:
-                    lg.adopt_tail()
-                    stored = self._index.checkpoint()
-                    lg.sync_segments(stored[0] if stored else 0)
-                    # The active segment's index too: the next open reads its
-                    # newest records without scanning (and mapping) it all.
-                    lg.active.extend(lg.next - 1, lg.next)
-                    self._store_sparse(lg.active)
-                    self._index.set_checkpoint(lg.active.base, lg.pos, lg.next, clean=True)
+                if lg.close_last() and self._failed is None:
+                    self._last_out(lg)
             finally:
                 self._index.close()
                 lg.close()
         _open_queues.discard(self)
+
+    def _last_out(self, lg: Log) -> None:
+        """The last process to close the queue: a clean shutdown (the
+        checkpoint, and the active segment's index), unless a writer died
+        holding the append lock and its leftovers cannot be repaired now."""
+        if lg.ctl_get(F.CTL_HOLDER) != 0:
+            # No appender came since to repair what it left (its whole
+            # records kept, the torn one zeroed): the last one out does.
+            # (Not waiting: a process forked by the dead one may hold its
+            # lock still; then the next open recovers.)
+            try:
+                with lg.w:
+                    if lg.acquire(block=False):
+                        lg.release()
+            except (OSError, LogqError) as e:
+                log.warning("queue %s: could not repair after a dead writer at close: %s", self.path, e)
+            if lg.ctl_get(F.CTL_HOLDER) != 0:
+                return
+        lg.adopt_tail()
+        stored = self._index.checkpoint()
+        lg.sync_segments(stored[0] if stored else 0)
+        # The active segment's index too: the next open reads its newest
+        # records without scanning (and mapping) it all.
+        lg.active.extend(lg.next - 1, lg.next)
+        self._store_sparse(lg.active)
+        self._index.set_checkpoint(lg.active.base, lg.pos, lg.next, clean=True)
 
     def __enter__(self) -> "Queue":
         self._open_log()        # a closed queue raises, as every call but close does

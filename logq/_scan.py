@@ -168,6 +168,24 @@ def _data_end(seg: Segment, start: int) -> int:
     return start + len(tail)
 
 
+def _first_at(seg: Segment, pos: int, nxt: int) -> int:
+    """The offset the log goes on from at the published tail (``seg``,
+    ``pos``, ``nxt``) of a holder that died.  A tail is published next
+    first, then position, then base: killed between the stores, the holder
+    leaves ``nxt`` past the records that start at ``pos``: those of its
+    last append, or, in a roll, all of the segment it was leaving (``pos``
+    already at a header, the base not yet the new segment's).  They are
+    whole (records are written before they are published); their own
+    offsets are the log's if they run up to ``nxt``.  Otherwise ``nxt``."""
+    if seg.h is None or pos + F.RECORD_HEADER_SIZE > seg.size:
+        return nxt
+    first = seg.offset_at(pos)
+    if not 0 <= first < nxt:
+        return nxt
+    n, _, _, _ = C.scan(seg.h, pos, seg.size, first, nxt - first)
+    return first if n == nxt - first else nxt
+
+
 def _record_extent(seg: Segment, pos: int) -> int:
     """Where a record whose header may be torn, starting at ``pos``, ends."""
     if pos + F.RECORD_HEADER_SIZE > seg.size:

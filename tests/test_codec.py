@@ -878,7 +878,7 @@ def test_pure_waits_sleep_on_a_futex_that_the_writer_wakes(tmp_path, waiter, wak
     began = time.monotonic()
     t.start()
     got = getattr(P, waiter)(ctl, 10, 20_000_000_000) if waiter != "wait" else \
-        P._wait_word(ctl, word, 10, 20_000_000_000, 20_000_000_000, F.CTL_WAITERS, 5_000_000)
+        P._wait_word(ctl, word, (10).__lt__, 20_000_000_000, 20_000_000_000, F.CTL_WAITERS, 5_000_000)
     t.join()
     assert got == 1 and time.monotonic() - began < 10
     words.release()
